@@ -1,0 +1,52 @@
+// Kernel entry points of the fused BN-activation ops, one set per backend.
+//
+// The contract (shapes, layouts, per-channel rows, the relu mask) is the one
+// written down, executable, in resfused/ops/eager.py. The Python op layer
+// (resfused/ops/bn_act.py) guarantees it before calling these functions:
+//   * x is 4-D, NCHW-contiguous or channels_last-contiguous (x.is_contiguous()
+//     decides: true means NCHW, else channels_last);
+//   * grad_out / residual / out have x's shape, dtype and layout;
+//   * per-channel tensors are contiguous [k, C] in the accumulation dtype
+//     (double for double x, float otherwise) on x's device.
+// Outputs keep x's layout. numel() == 0 is legal.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+#include <tuple>
+
+namespace resfused {
+
+using OptTensor = c10::optional<at::Tensor>;
+
+// (mean, biased var), each [C] in the accumulation dtype. NaN for an empty batch.
+std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x);
+// out = act(x*scale + shift [+ residual | + residual*res_scale + res_shift])
+at::Tensor bn_act_fwd_cpu(const at::Tensor& x, const at::Tensor& affine, const OptTensor& residual,
+                          const OptTensor& res_affine, bool relu);
+// [2 or 3, C]: sum dz, sum dz*x_hat [, sum dz*res_hat when res_stats is given]
+at::Tensor bn_act_bwd_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& affine,
+                                 const at::Tensor& stats, const OptTensor& residual,
+                                 const OptTensor& res_affine, const OptTensor& res_stats,
+                                 const OptTensor& out, bool relu);
+// (dx, dres); dres is empty when residual is not given.
+std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& affine, const at::Tensor& coef,
+    const OptTensor& residual, const OptTensor& res_affine, const OptTensor& res_coef,
+    const OptTensor& out, bool relu);
+
+#ifdef RESFUSED_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x);
+at::Tensor bn_act_fwd_cuda(const at::Tensor& x, const at::Tensor& affine, const OptTensor& residual,
+                           const OptTensor& res_affine, bool relu);
+at::Tensor bn_act_bwd_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& affine,
+                                  const at::Tensor& stats, const OptTensor& residual,
+                                  const OptTensor& res_affine, const OptTensor& res_stats,
+                                  const OptTensor& out, bool relu);
+std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& affine, const at::Tensor& coef,
+    const OptTensor& residual, const OptTensor& res_affine, const OptTensor& res_coef,
+    const OptTensor& out, bool relu);
+#endif
+
+}  // namespace resfused

@@ -1,0 +1,56 @@
+// The one translation unit that includes torch/extension.h: registers the
+// backend kernels with the dispatcher (namespace resfused_C, one impl per
+// device) and exposes build facts to Python (resfused.info).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "bn_act.h"
+
+TORCH_LIBRARY(resfused_C, m) {
+  m.def("bn_stats(Tensor x) -> (Tensor, Tensor)");
+  m.def("bn_act_fwd(Tensor x, Tensor affine, Tensor? residual, Tensor? res_affine, bool relu) -> Tensor");
+  m.def(
+      "bn_act_bwd_reduce(Tensor grad_out, Tensor x, Tensor affine, Tensor stats, Tensor? residual, "
+      "Tensor? res_affine, Tensor? res_stats, Tensor? out, bool relu) -> Tensor");
+  m.def(
+      "bn_act_bwd_apply(Tensor grad_out, Tensor x, Tensor affine, Tensor coef, Tensor? residual, "
+      "Tensor? res_affine, Tensor? res_coef, Tensor? out, bool relu) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(resfused_C, CPU, m) {
+  m.impl("bn_stats", &resfused::bn_stats_cpu);
+  m.impl("bn_act_fwd", &resfused::bn_act_fwd_cpu);
+  m.impl("bn_act_bwd_reduce", &resfused::bn_act_bwd_reduce_cpu);
+  m.impl("bn_act_bwd_apply", &resfused::bn_act_bwd_apply_cpu);
+}
+
+#ifdef RESFUSED_WITH_CUDA
+TORCH_LIBRARY_IMPL(resfused_C, CUDA, m) {
+  m.impl("bn_stats", &resfused::bn_stats_cuda);
+  m.impl("bn_act_fwd", &resfused::bn_act_fwd_cuda);
+  m.impl("bn_act_bwd_reduce", &resfused::bn_act_bwd_reduce_cuda);
+  m.impl("bn_act_bwd_apply", &resfused::bn_act_bwd_apply_cuda);
+}
+#endif
+
+#ifndef RESFUSED_CUDA_ARCHS
+#define RESFUSED_CUDA_ARCHS ""
+#endif
+#ifndef RESFUSED_TORCH_VERSION
+#define RESFUSED_TORCH_VERSION ""
+#endif
+#ifndef RESFUSED_CUDA_VERSION
+#define RESFUSED_CUDA_VERSION ""
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.doc() = "resfused C++/CUDA kernels (ops are registered under torch.ops.resfused_C)";
+#ifdef RESFUSED_WITH_CUDA
+  mod.attr("with_cuda") = true;
+#else
+  mod.attr("with_cuda") = false;
+#endif
+  mod.attr("cuda_archs") = RESFUSED_CUDA_ARCHS;
+  mod.attr("cuda_version") = RESFUSED_CUDA_VERSION;
+  mod.attr("torch_version") = RESFUSED_TORCH_VERSION;
+}

@@ -1,0 +1,125 @@
+"""``BatchNormActFunction``: BatchNorm (+ residual, optionally BatchNorm'd) + activation
+as one autograd node over the ops of ``resfused.ops``.
+
+Forward (training): one statistics pass per BN, then one apply pass writing
+``out = act(bn(x) [+ residual | + bn_r(residual)])``; running statistics are
+updated here, exactly once per forward. Backward: one reduction pass (dbeta,
+dgamma, and dgamma_r for a BN'd residual) and one apply pass (dx, dresidual).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..ops import bn_act as ops
+from ..ops.eager import acc_dtype
+
+
+def channel_count(x: Tensor) -> int:
+    """Elements per channel, M = N*H*W."""
+    return x.numel() // x.shape[1] if x.shape[1] else 0
+
+
+def bn_coefficients(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                    running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                    training: bool, momentum: float, eps: float, backend: str) -> Tuple[Tensor, Tensor]:
+    """Per-channel ``affine = (scale, shift)`` and ``stats = (mean, invstd)`` of one BN,
+    updating the running statistics in training (exactly once; never on an empty batch)."""
+    acc = acc_dtype(x.dtype)
+    count = channel_count(x)
+    if training:
+        mean, var = ops.bn_stats(x, backend)
+        invstd = 1.0 / torch.sqrt(var + eps)
+        if running_mean is not None and count > 0:
+            with torch.no_grad():
+                unbiased = var * (count / max(count - 1, 1))
+                running_mean.copy_(momentum * mean + (1.0 - momentum) * running_mean.to(acc))
+                running_var.copy_(momentum * unbiased + (1.0 - momentum) * running_var.to(acc))
+    else:
+        mean = running_mean.detach().to(acc)
+        invstd = 1.0 / torch.sqrt(running_var.detach().to(acc) + eps)
+    scale = invstd if weight is None else weight.detach().to(acc) * invstd
+    shift = -mean * scale if bias is None else bias.detach().to(acc) - mean * scale
+    return torch.stack([scale, shift]), torch.stack([mean, invstd])
+
+
+def _grad_coefficients(stats: Tensor, affine: Tensor, sum_dz: Tensor, sum_dz_xhat: Tensor,
+                       training: bool, count: int) -> Tensor:
+    """``coef = (mean, k, mdz, p)`` such that ``dx = (dz - mdz - (x - mean)*p) * k``."""
+    mean, invstd = stats[0], stats[1]
+    scale = affine[0]
+    if not training:  # running statistics are constants: dx = dz * scale
+        zero = torch.zeros_like(mean)
+        return torch.stack([mean, scale, zero, zero])
+    m = float(max(count, 1))
+    return torch.stack([mean, scale, sum_dz / m, invstd * sum_dz_xhat / m])
+
+
+class BatchNormActFunction(torch.autograd.Function):
+    """out = act(bn(x) + r), r = residual, or bn_r(residual) when ``res_bn`` is set.
+
+    Tensors are positional (autograd tracks only those); settings follow them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var,
+                residual, res_weight, res_bias, res_running_mean, res_running_var,
+                training: bool, momentum: float, eps: float,
+                res_bn: bool, res_training: bool, res_momentum: float, res_eps: float,
+                relu: bool, backend: str):
+        backend = ops.resolve(backend, x)
+        affine, stats = bn_coefficients(x, weight, bias, running_mean, running_var,
+                                        training, momentum, eps, backend)
+        res_affine = res_stats = None
+        if res_bn:
+            res_affine, res_stats = bn_coefficients(residual, res_weight, res_bias, res_running_mean,
+                                                    res_running_var, res_training, res_momentum, res_eps, backend)
+        out = ops.bn_act_fwd(x, affine, residual, res_affine, relu, backend)
+
+        ctx.settings = (training, res_training, res_bn, relu, backend, channel_count(x))
+        ctx.has_residual = residual is not None
+        ctx.param_dtypes = tuple(None if t is None else t.dtype for t in (weight, bias, res_weight, res_bias))
+        # The relu mask comes from `out`; the residual is needed only when it is BN'd.
+        saved_out = out if relu else None
+        saved_res = residual if res_bn else None
+        ctx.save_for_backward(x, saved_res, saved_out, affine, stats, res_affine, res_stats)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        training, res_training, res_bn, relu, backend, count = ctx.settings
+        x, residual, out, affine, stats, res_affine, res_stats = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        need_w = needs[1] or needs[2]
+        need_res_w = res_bn and (needs[6] or needs[7])
+        need_sums = training or need_w or (res_bn and (res_training or need_res_w))
+
+        c = x.shape[1]
+        if need_sums:
+            sums = ops.bn_act_bwd_reduce(grad_out, x, affine, stats, residual, res_affine, res_stats,
+                                         out, relu, backend)
+        else:
+            sums = torch.zeros((3 if res_bn else 2, c), dtype=affine.dtype, device=x.device)
+        coef = _grad_coefficients(stats, affine, sums[0], sums[1], training, count)
+        res_coef = _grad_coefficients(res_stats, res_affine, sums[0], sums[2], res_training, count) if res_bn else None
+
+        dx = dres = None
+        if needs[0] or needs[5]:
+            # A plain residual only asks the apply pass for dres = dz; its values
+            # would be read for the relu mask alone, and that mask comes from `out`
+            # (saved whenever relu), so grad_out stands in for it.
+            res_arg = residual if res_bn else (grad_out if ctx.has_residual and needs[5] else None)
+            dx, dres = ops.bn_act_bwd_apply(grad_out, x, affine, coef, res_arg, res_affine, res_coef,
+                                            out, relu, backend)
+            dx = dx if needs[0] else None
+            dres = dres if (ctx.has_residual and needs[5]) else None
+
+        w_dtype, b_dtype, rw_dtype, rb_dtype = ctx.param_dtypes
+        dw = sums[1].to(w_dtype) if needs[1] else None
+        db = sums[0].to(b_dtype) if needs[2] else None
+        drw = sums[2].to(rw_dtype) if needs[6] else None
+        drb = sums[0].to(rb_dtype) if needs[7] else None
+        return (dx, dw, db, None, None, dres, drw, drb, None, None,
+                None, None, None, None, None, None, None, None, None)

@@ -1,0 +1,112 @@
+"""Functional API: fused BatchNorm (+ residual) + activation.
+
+``batch_norm_act`` has exactly the semantics of ``F.batch_norm`` followed by
+``+ residual`` and ReLU; ``dual_batch_norm_act`` is the downsample join
+``act(bn_a(x) + bn_b(residual))`` in one pass. Arguments are checked before
+anything is computed or written: a call that raises leaves every running
+statistic untouched.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .autograd.bn_act import BatchNormActFunction
+
+ACTIVATIONS = ("relu", "identity")
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_activation(activation: str) -> bool:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return activation == "relu"
+
+
+def check_bn_input(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
+                   prefix: str = "", name: str = "x") -> None:
+    """Every check of one BN's arguments, raised before anything runs."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{prefix}{name} must be a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{prefix}{name} must be 4-D [N, C, H, W], got {x.dim()}-D input of shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{prefix}{name} must be a floating-point tensor (float32, float64, float16, bfloat16), "
+                        f"got {x.dtype}")
+    c = x.shape[1]
+    for arg, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                   ("bias", bias)):
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise RuntimeError(f"{prefix}{arg} is on {t.device} but {name} is on {x.device}; "
+                               f"move both to the same device")
+        if t.dim() != 1 or t.numel() != c:
+            raise ValueError(f"{prefix}{arg} must have one value per channel of {name} ({c}), "
+                             f"got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{prefix}{arg} must be floating point, got {t.dtype}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{prefix}running_mean and running_var must both be given or both be None")
+    if not training and running_mean is None:
+        raise ValueError(f"{prefix}running_mean and running_var are required when training=False")
+    if training:
+        size_prods = x.shape[0] * x.shape[2] * x.shape[3]
+        if size_prods == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+
+
+def check_residual(x: Tensor, residual: Tensor) -> None:
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
+    if residual.device != x.device:
+        raise RuntimeError(f"residual is on {residual.device} but x is on {x.device}; move both to the same device")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"residual dtype {residual.dtype} does not match x dtype {x.dtype}")
+    if residual.shape != x.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} does not match x shape {tuple(x.shape)}")
+
+
+def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+                   momentum: float = 0.1, eps: float = 1e-5, residual: Optional[Tensor] = None,
+                   activation: str = "relu", backend: str = "auto") -> Tensor:
+    """``act(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps) + residual)``.
+
+    Training uses batch statistics (biased variance to normalise, unbiased into
+    ``running_var``) and updates the running statistics in place, when given;
+    eval uses the running statistics. ``activation`` is ``"relu"`` or ``"identity"``.
+    ``backend`` is ``"auto"`` (see ``resfused.use_backend``) or a backend name.
+    """
+    relu = _check_activation(activation)
+    check_bn_input(x, running_mean, running_var, weight, bias, training)
+    if residual is not None:
+        check_residual(x, residual)
+    return BatchNormActFunction.apply(x, weight, bias, running_mean, running_var,
+                                      residual, None, None, None, None,
+                                      training, momentum, eps, False, training, momentum, eps, relu, backend)
+
+
+def dual_batch_norm_act(x: Tensor, residual: Tensor, bn_x: Sequence[Optional[Tensor]],
+                        bn_residual: Sequence[Optional[Tensor]], training: bool = False,
+                        momentum: float = 0.1, eps: float = 1e-5, residual_momentum: Optional[float] = None,
+                        residual_eps: Optional[float] = None, activation: str = "relu",
+                        backend: str = "auto") -> Tensor:
+    """The downsample join ``act(bn_a(x) + bn_b(residual))`` in one apply pass.
+
+    ``bn_x`` and ``bn_residual`` are ``(running_mean, running_var, weight, bias)``
+    of each BN; ``residual_momentum``/``residual_eps`` default to ``momentum``/``eps``.
+    """
+    relu = _check_activation(activation)
+    rm, rv, w, b = bn_x
+    rrm, rrv, rw, rb = bn_residual
+    check_bn_input(x, rm, rv, w, b, training, prefix="bn_x: ")
+    check_residual(x, residual)
+    check_bn_input(residual, rrm, rrv, rw, rb, training, prefix="bn_residual: ", name="residual")
+    rmom = momentum if residual_momentum is None else residual_momentum
+    reps = eps if residual_eps is None else residual_eps
+    return BatchNormActFunction.apply(x, w, b, rm, rv, residual, rw, rb, rrm, rrv,
+                                      training, momentum, eps, True, training, rmom, reps, relu, backend)

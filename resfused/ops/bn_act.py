@@ -1,0 +1,144 @@
+"""The BN-activation ops: schemas under ``torch.ops.resfused``, fake kernels and
+backend dispatch.
+
+Four ops make up a fused BatchNorm(+add)+activation, forward and backward
+(DESIGN.md §1): ``bn_stats`` (one reduction pass), ``bn_act_fwd`` (one apply
+pass), ``bn_act_bwd_reduce`` (one reduction pass) and ``bn_act_bwd_apply`` (one
+apply pass). Their contract is written, executable, in ``resfused/ops/eager.py``.
+
+Each op takes a ``backend`` argument (``"auto"`` or a backend name); the autograd
+layer resolves it once per forward and hands the same name to backward. Before
+calling a backend the op brings every big tensor into x's memory format (NCHW or
+channels_last, contiguous) and checks the dtype is one the backend supports.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from . import eager
+
+OPS = ("bn_stats", "bn_act_fwd", "bn_act_bwd_reduce", "bn_act_bwd_apply")
+
+
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """The layout resfused keeps for x: NCHW unless x is (or suggests) channels_last."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return x.suggest_memory_format()
+
+
+def _like_x(t: Optional[Tensor], fmt: torch.memory_format) -> Optional[Tensor]:
+    if t is None:
+        return None
+    return t.contiguous(memory_format=fmt)
+
+
+def _per_channel(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _backend_impl(name: str, op: str) -> Callable:
+    if name == "eager":
+        return getattr(eager, op)
+    if name in ("cpu", "cuda"):
+        return getattr(torch.ops.resfused_C, op)
+    from ..triton import bn_act as triton_bn_act  # imports triton only when used
+
+    return getattr(triton_bn_act, op)
+
+
+def resolve(backend: str, x: Tensor) -> str:
+    """Turn ``"auto"`` into a concrete backend for x and check x's dtype is supported."""
+    name = _backend.select_backend(x.device) if backend == "auto" else backend
+    why = _backend.unavailable_reason(name, x.device)
+    if why:
+        raise RuntimeError(f"resfused backend {name!r} cannot run here: {why}")
+    if x.dtype not in _backend.SUPPORTED_DTYPES[name]:
+        supported = ", ".join(str(d).replace("torch.", "") for d in _backend.SUPPORTED_DTYPES[name])
+        raise TypeError(f"resfused backend {name!r} does not support input dtype {x.dtype}; supported: {supported}")
+    return name
+
+
+def _call(op: str, backend: str, x: Tensor, *args):
+    return _backend_impl(resolve(backend, x), op)(*args)
+
+
+@torch.library.custom_op("resfused::bn_stats", mutates_args=())
+def bn_stats(x: Tensor, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """(mean, biased var) per channel, fp32 (fp64 for fp64 x)."""
+    fmt = memory_format_of(x)
+    x = x.contiguous(memory_format=fmt)
+    return _call("bn_stats", backend, x, x)
+
+
+@bn_stats.register_fake
+def _(x, backend="auto"):
+    acc = eager.acc_dtype(x.dtype)
+    c = x.shape[1]
+    return x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+
+
+@torch.library.custom_op("resfused::bn_act_fwd", mutates_args=())
+def bn_act_fwd(x: Tensor, affine: Tensor, residual: Optional[Tensor], res_affine: Optional[Tensor],
+               relu: bool, backend: str = "auto") -> Tensor:
+    """act(x*scale + shift [+ residual | + residual*res_scale + res_shift]) in x's dtype and layout."""
+    fmt = memory_format_of(x)
+    x = x.contiguous(memory_format=fmt)
+    return _call("bn_act_fwd", backend, x, x, _per_channel(affine), _like_x(residual, fmt),
+                 _per_channel(res_affine), relu)
+
+
+@bn_act_fwd.register_fake
+def _(x, affine, residual, res_affine, relu, backend="auto"):
+    return torch.empty_like(x, memory_format=memory_format_of(x))
+
+
+@torch.library.custom_op("resfused::bn_act_bwd_reduce", mutates_args=())
+def bn_act_bwd_reduce(grad_out: Tensor, x: Tensor, affine: Tensor, stats: Tensor, residual: Optional[Tensor],
+                      res_affine: Optional[Tensor], res_stats: Optional[Tensor], out: Optional[Tensor],
+                      relu: bool, backend: str = "auto") -> Tensor:
+    """Rows (sum dz, sum dz*x_hat[, sum dz*res_hat]) as a [2 or 3, C] fp32 tensor."""
+    fmt = memory_format_of(x)
+    x = x.contiguous(memory_format=fmt)
+    return _call("bn_act_bwd_reduce", backend, x, _like_x(grad_out, fmt), x, _per_channel(affine),
+                 _per_channel(stats), _like_x(residual, fmt), _per_channel(res_affine), _per_channel(res_stats),
+                 _like_x(out, fmt), relu)
+
+
+@bn_act_bwd_reduce.register_fake
+def _(grad_out, x, affine, stats, residual, res_affine, res_stats, out, relu, backend="auto"):
+    rows = 3 if res_stats is not None else 2
+    return x.new_empty((rows, x.shape[1]), dtype=eager.acc_dtype(x.dtype))
+
+
+@torch.library.custom_op("resfused::bn_act_bwd_apply", mutates_args=())
+def bn_act_bwd_apply(grad_out: Tensor, x: Tensor, affine: Tensor, coef: Tensor, residual: Optional[Tensor],
+                     res_affine: Optional[Tensor], res_coef: Optional[Tensor], out: Optional[Tensor],
+                     relu: bool, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """(dx, dres): input gradients of the BN(+add)+activation; dres is empty without residual."""
+    fmt = memory_format_of(x)
+    x = x.contiguous(memory_format=fmt)
+    return _call("bn_act_bwd_apply", backend, x, _like_x(grad_out, fmt), x, _per_channel(affine),
+                 _per_channel(coef), _like_x(residual, fmt), _per_channel(res_affine), _per_channel(res_coef),
+                 _like_x(out, fmt), relu)
+
+
+@bn_act_bwd_apply.register_fake
+def _(grad_out, x, affine, coef, residual, res_affine, res_coef, out, relu, backend="auto"):
+    fmt = memory_format_of(x)
+    dres = torch.empty_like(x, memory_format=fmt) if residual is not None else x.new_empty((0,))
+    return torch.empty_like(x, memory_format=fmt), dres
+
+
+BY_NAME: Dict[str, Callable] = {
+    "bn_stats": bn_stats,
+    "bn_act_fwd": bn_act_fwd,
+    "bn_act_bwd_reduce": bn_act_bwd_reduce,
+    "bn_act_bwd_apply": bn_act_bwd_apply,
+}

@@ -1,0 +1,117 @@
+"""The ``eager`` backend: the four BN-activation kernels as plain PyTorch.
+
+This module is the executable contract every other backend (``cpu``, ``cuda``,
+``triton``) implements. It is also the test oracle and the last-resort backend.
+
+Conventions shared by all backends (the op layer in ``resfused.ops.bn_act``
+guarantees them before a backend kernel is called):
+
+* ``x`` is 4-D ``[N, C, H, W]`` and either NCHW-contiguous or channels_last-
+  contiguous. ``grad_out``, ``residual`` and ``out`` (when given) have the same
+  shape, dtype and memory layout as ``x``.
+* Per-channel tensors are contiguous ``[k, C]`` in the *accumulation dtype*:
+  float64 when ``x`` is float64, float32 otherwise. Their rows:
+
+  - ``affine``   ``[2, C]``: (scale, shift) — ``y = x * scale + shift``
+  - ``stats``    ``[2, C]``: (mean, invstd) — ``x_hat = (x - mean) * invstd``
+  - ``coef``     ``[4, C]``: (mean, k, mdz, p) — ``dx = (dz - mdz - (x - mean) * p) * k``
+
+* The pre-activation is ``z = x*scale + shift + r`` where ``r`` is ``residual``
+  (plain identity) or ``residual*res_scale + res_shift`` when ``res_affine`` is
+  given (the downsample join: two BNs in one pass). ``relu`` selects
+  ``out = relu(z)``; otherwise ``out = z``. ReLU propagates NaN as ``torch.relu``.
+* Backward: ``dz = grad_out * (out > 0)`` when ``relu`` (``out`` given), or with
+  the mask recomputed as ``z > 0`` when ``out`` is None; ``dz = grad_out``
+  otherwise. Computation in the accumulation dtype; results cast to x's dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for statistics and per-channel coefficients."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chan(v: Tensor) -> Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def _preact(x: Tensor, affine: Tensor, residual: Optional[Tensor], res_affine: Optional[Tensor]) -> Tensor:
+    acc = affine.dtype
+    z = x.to(acc) * _chan(affine[0]) + _chan(affine[1])
+    if residual is not None:
+        r = residual.to(acc)
+        if res_affine is not None:
+            r = r * _chan(res_affine[0]) + _chan(res_affine[1])
+        z = z + r
+    return z
+
+
+def _grad_preact(grad_out, x, affine, residual, res_affine, out, relu) -> Tensor:
+    acc = affine.dtype
+    dz = grad_out.to(acc)
+    if relu:
+        if out is not None:
+            mask = out > 0
+        else:
+            mask = _preact(x, affine, residual, res_affine) > 0
+        dz = torch.where(mask, dz, torch.zeros((), dtype=acc, device=dz.device))
+    return dz
+
+
+def bn_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel batch mean and biased variance, in the accumulation dtype."""
+    acc = acc_dtype(x.dtype)
+    if x.numel() == 0:
+        c = x.shape[1]
+        nan = torch.full((c,), float("nan"), dtype=acc, device=x.device)
+        return nan, nan.clone()
+    var, mean = torch.var_mean(x.to(acc), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def bn_act_fwd(x: Tensor, affine: Tensor, residual: Optional[Tensor], res_affine: Optional[Tensor],
+               relu: bool) -> Tensor:
+    z = _preact(x, affine, residual, res_affine)
+    if relu:
+        z = torch.relu(z)
+    return z.to(x.dtype)
+
+
+def bn_act_bwd_reduce(grad_out: Tensor, x: Tensor, affine: Tensor, stats: Tensor,
+                      residual: Optional[Tensor], res_affine: Optional[Tensor],
+                      res_stats: Optional[Tensor], out: Optional[Tensor], relu: bool) -> Tensor:
+    """Rows: (sum dz, sum dz*x_hat[, sum dz*res_hat when res_stats is given])."""
+    dz = _grad_preact(grad_out, x, affine, residual, res_affine, out, relu)
+    xhat = (x.to(dz.dtype) - _chan(stats[0])) * _chan(stats[1])
+    rows = [dz.sum((0, 2, 3)), (dz * xhat).sum((0, 2, 3))]
+    if res_stats is not None:
+        rhat = (residual.to(dz.dtype) - _chan(res_stats[0])) * _chan(res_stats[1])
+        rows.append((dz * rhat).sum((0, 2, 3)))
+    return torch.stack(rows)
+
+
+def _apply_coef(dz: Tensor, x: Tensor, coef: Tensor) -> Tensor:
+    mean, k, mdz, p = coef[0], coef[1], coef[2], coef[3]
+    return (dz - _chan(mdz) - (x.to(dz.dtype) - _chan(mean)) * _chan(p)) * _chan(k)
+
+
+def bn_act_bwd_apply(grad_out: Tensor, x: Tensor, affine: Tensor, coef: Tensor,
+                     residual: Optional[Tensor], res_affine: Optional[Tensor],
+                     res_coef: Optional[Tensor], out: Optional[Tensor], relu: bool) -> Tuple[Tensor, Tensor]:
+    """Returns (dx, dres). dres is ``dz`` for a plain residual, the BN input
+    gradient for a residual with ``res_coef``, and an empty tensor without residual."""
+    dz = _grad_preact(grad_out, x, affine, residual, res_affine, out, relu)
+    dx = _apply_coef(dz, x, coef).to(x.dtype)
+    if residual is None:
+        dres = x.new_empty(0)
+    elif res_coef is None:
+        dres = dz.to(x.dtype, copy=True)  # never an alias of grad_out
+    else:
+        dres = _apply_coef(dz, residual, res_coef).to(x.dtype)
+    return dx, dres

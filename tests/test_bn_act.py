@@ -1,0 +1,295 @@
+"""Fused BatchNorm(+residual)+activation against a float64 eager-PyTorch oracle, on every
+backend this machine can run (cuda and triton on a GPU, triton through the interpreter on
+a CPU-only machine, cpu, eager)."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from resfused import functional as RF
+from utils import (TOLERANCES, assert_close, assert_low_precision, backend_cases, case_id, interpreted)
+
+CASES = backend_cases()
+SHAPES = [(2, 1, 5, 3), (2, 3, 5, 7), (1, 7, 3, 5), (3, 64, 5, 5), (2, 65, 3, 3)]
+LAYOUTS = ["nchw", "channels_last", "noncontig"]
+RESIDUALS = [None, "plain", "bn"]
+
+
+def make_input(shape, layout, dtype, device):
+    """Fresh random data in the requested layout; 'noncontig' is a strided view."""
+    n, c, h, w = shape
+    if layout == "noncontig":
+        base = torch.randn(n, c, h, 2 * w, dtype=torch.float64) * 1.5 + 0.3
+        t = base[..., ::2]
+    else:
+        t = torch.randn(shape, dtype=torch.float64) * 1.5 + 0.3
+    t = t.to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def make_bn(c, affine, device, dtype=torch.float32):
+    """(running_mean, running_var, weight, bias), random, not 0/1."""
+    rm = (torch.randn(c, dtype=torch.float64) * 0.2).to(device, dtype)
+    rv = (torch.rand(c, dtype=torch.float64) + 0.5).to(device, dtype)
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).to(device, dtype) if affine else None
+    b = (torch.randn(c, dtype=torch.float64) * 0.3).to(device, dtype) if affine else None
+    return rm, rv, w, b
+
+
+def clone_bn(bn, device=None, dtype=None):
+    return tuple(None if t is None else t.detach().clone().to(device=device or t.device, dtype=dtype or t.dtype)
+                 for t in bn)
+
+
+def reference(x, residual, bn_x, bn_r, residual_kind, training, momentum, eps, relu):
+    """Eager PyTorch: F.batch_norm, + residual (or + F.batch_norm(residual)), ReLU."""
+    rm, rv, w, b = bn_x
+    out = F.batch_norm(x, rm, rv, w, b, training, momentum, eps)
+    if residual_kind == "plain":
+        out = out + residual
+    elif residual_kind == "bn":
+        rrm, rrv, rw, rb = bn_r
+        out = out + F.batch_norm(residual, rrm, rrv, rw, rb, training, momentum, eps)
+    return torch.relu(out) if relu else out
+
+
+def ours(x, residual, bn_x, bn_r, residual_kind, training, momentum, eps, relu, backend):
+    act = "relu" if relu else "identity"
+    if residual_kind == "bn":
+        return RF.dual_batch_norm_act(x, residual, bn_x, bn_r, training, momentum, eps, activation=act,
+                                      backend=backend)
+    rm, rv, w, b = bn_x
+    return RF.batch_norm_act(x, rm, rv, w, b, training, momentum, eps, residual=residual, activation=act,
+                             backend=backend)
+
+
+def run_case(backend, device, shape, layout, dtype, residual_kind, affine, training, relu, momentum=0.1,
+             eps=1e-5, param_dtype=torch.float32):
+    """Run ours, the fp64 oracle and (for low precision) eager in the same dtype; return all three."""
+    c = shape[1]
+    pdt = torch.float64 if dtype == torch.float64 else param_dtype
+    x = make_input(shape, layout, dtype, device)
+    res = make_input(shape, layout, dtype, device) if residual_kind else None
+    bn_x = make_bn(c, affine, device, pdt)
+    bn_r = make_bn(c, affine, device, pdt) if residual_kind == "bn" else (None,) * 4
+    grad = make_input(shape, layout, dtype, device)
+
+    def run(fn, to_dtype, to_device, **kw):
+        xx = x.detach().to(to_device, to_dtype).requires_grad_()
+        rr = None if res is None else res.detach().to(to_device, to_dtype).requires_grad_()
+        p_dtype = torch.float64 if to_dtype == torch.float64 else pdt
+        bx = clone_bn(bn_x, to_device, p_dtype)
+        br = clone_bn(bn_r, to_device, p_dtype)
+        params = [t for t in (bx[2], bx[3], br[2], br[3]) if t is not None]
+        for t in params:
+            t.requires_grad_()
+        out = fn(xx, rr, bx, br, residual_kind, training, momentum, eps, relu, **kw)
+        inputs = [xx] + ([rr] if rr is not None else []) + params
+        grads = torch.autograd.grad(out, inputs, grad.to(to_device, to_dtype))
+        running = [t for t in (bx[0], bx[1], br[0], br[1]) if t is not None]
+        return out, grads, running
+
+    mine = run(ours, dtype, device, backend=backend)
+    oracle = run(reference, torch.float64, "cpu")
+    eager = run(reference, dtype, device) if dtype in (torch.float16, torch.bfloat16) else None
+    return x, mine, oracle, eager
+
+
+def check_against_oracle(dtype, mine, oracle, eager, x):
+    out, grads, running = mine
+    o_out, o_grads, o_running = oracle
+    assert out.dtype == x.dtype
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        assert out.is_contiguous(memory_format=torch.channels_last), "output lost channels_last"
+    names = ["grad x", "grad residual", "grad params"]
+    if dtype in TOLERANCES:
+        tol = TOLERANCES[dtype]
+        assert_close(out, o_out, *tol["fwd"], what="forward")
+        for i, (g, og) in enumerate(zip(grads, o_grads)):
+            assert_close(g, og, *tol["bwd"], what=f"backward input {i} ({names[min(i, 2)]})")
+        for i, (r, orr) in enumerate(zip(running, o_running)):
+            assert_close(r, orr, *tol["fwd"], what=f"running stat {i}")
+    else:
+        e_out, e_grads, e_running = eager
+        assert_low_precision(out, e_out, o_out, "forward")
+        for i, (g, eg, og) in enumerate(zip(grads, e_grads, o_grads)):
+            assert_low_precision(g, eg, og, f"backward input {i}", floor=1e-6)
+        for i, (r, er, orr) in enumerate(zip(running, e_running, o_running)):
+            assert_low_precision(r, er, orr, f"running stat {i}", floor=1e-6)
+
+
+def _full_matrix():
+    return list(itertools.product(SHAPES, LAYOUTS, RESIDUALS, [True, False], [True, False], [True, False]))
+
+
+def _interpreter_matrix():
+    """The Triton interpreter is slow: every shape, layout and residual kind, the rest rotating."""
+    out = []
+    for i, (shape, layout, residual) in enumerate(itertools.product(SHAPES[1:], LAYOUTS, RESIDUALS)):
+        out.append((shape, layout, residual, i % 2 == 0, i % 3 != 1, i % 4 != 3))
+    return out
+
+
+def _matrix_for(case):
+    return _interpreter_matrix() if interpreted(*case) else _full_matrix()
+
+
+PARAMS = [pytest.param(case, *m, id=f"{case_id(case)}-{m[0]}-{m[1]}-{m[2]}-aff{int(m[3])}-tr{int(m[4])}-relu{int(m[5])}")
+          for case in CASES for m in _matrix_for(case)]
+
+
+@pytest.mark.parametrize("case,shape,layout,residual,affine,training,relu", PARAMS)
+def test_fp32_matches_oracle(case, shape, layout, residual, affine, training, relu):
+    backend, device = case
+    x, mine, oracle, eager = run_case(backend, device, shape, layout, torch.float32, residual, affine, training, relu)
+    check_against_oracle(torch.float32, mine, oracle, eager, x)
+
+
+LOWP = [pytest.param(case, dtype, shape, layout, residual,
+                     id=f"{case_id(case)}-{str(dtype)[6:]}-{shape}-{layout}-{residual}")
+        for case in CASES
+        for dtype in (torch.float64, torch.bfloat16, torch.float16)
+        for shape, layout, residual in ([((2, 7, 5, 3), "channels_last", "bn"), ((3, 65, 7, 5), "nchw", "plain")]
+                                        if interpreted(*case) else
+                                        itertools.product([(2, 7, 5, 3), (4, 64, 9, 7), (3, 65, 7, 5)],
+                                                          ["nchw", "channels_last"], RESIDUALS))]
+
+
+@pytest.mark.parametrize("case,dtype,shape,layout,residual", LOWP)
+def test_other_dtypes_match_oracle(case, dtype, shape, layout, residual):
+    backend, device = case
+    for training in (True, False):
+        x, mine, oracle, eager = run_case(backend, device, shape, layout, dtype, residual, True, training, True)
+        check_against_oracle(dtype, mine, oracle, eager, x)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False)])
+def test_module_matches_batchnorm2d_over_steps(case, momentum, affine, track):
+    """BatchNormAct2d vs nn.BatchNorm2d + add + ReLU: 5 training steps then eval; same
+    running statistics, num_batches_tracked, outputs and gradients throughout."""
+    import resfused
+    backend, device = case
+    steps = 2 if interpreted(*case) else 5
+    ref = torch.nn.BatchNorm2d(7, momentum=momentum, affine=affine, track_running_stats=track).double()
+    mine = resfused.BatchNormAct2d(7, momentum=momentum, affine=affine, track_running_stats=track).to(device)
+    if affine:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5)
+            ref.bias.uniform_(-0.5, 0.5)
+    mine.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ref.state_dict().items()})
+    assert set(mine.state_dict()) == set(ref.state_dict())
+    with resfused.use_backend(backend):
+        for step in range(steps + 1):
+            if step == steps:
+                ref.eval()
+                mine.eval()
+            x = torch.randn(4, 7, 5, 3, dtype=torch.float64) * 2 + 1
+            r = torch.randn(4, 7, 5, 3, dtype=torch.float64)
+            xo = x.float().to(device).requires_grad_()
+            xr = x.clone().requires_grad_()
+            out = mine(xo, r.float().to(device))
+            expected = torch.relu(ref(xr) + r)
+            assert_close(out, expected, 1e-5, 1e-5, what=f"step {step} output")
+            g = torch.randn_like(expected)
+            out.backward(g.float().to(device))
+            expected.backward(g)
+            assert_close(xo.grad, xr.grad, 1e-4, 1e-4, what=f"step {step} grad x")
+            if affine:
+                assert_close(mine.weight.grad, ref.weight.grad, 1e-4, 1e-4, what=f"step {step} grad weight")
+                assert_close(mine.bias.grad, ref.bias.grad, 1e-4, 1e-4, what=f"step {step} grad bias")
+                mine.weight.grad = mine.bias.grad = ref.weight.grad = ref.bias.grad = None
+    for name, buf in ref.named_buffers():
+        got = dict(mine.named_buffers())[name]
+        if buf.is_floating_point():
+            assert_close(got, buf, 1e-6, 1e-6, what=f"buffer {name}")
+        else:
+            assert torch.equal(got.cpu(), buf), f"buffer {name}: {got} != {buf}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_nan_and_inf_propagate_like_eager(case):
+    backend, device = case
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    x[1, 1, 2, 3] = float("nan")
+    x[0, 2, 0, 0] = float("inf")
+    r = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    r[2, 3, 1, 1] = float("-inf")
+    for training in (True, False):
+        rm, rv, w, b = make_bn(4, True, "cpu", torch.float64)
+        expected = torch.relu(F.batch_norm(x, rm.clone(), rv.clone(), w, b, training) + r)
+        got = RF.batch_norm_act(x.float().to(device), rm.float().to(device), rv.float().to(device),
+                                w.float().to(device), b.float().to(device), training, residual=r.float().to(device),
+                                backend=backend)
+        assert_close(got, expected, 1e-5, 1e-5, what=f"nan/inf training={training}")
+        assert torch.equal(torch.isinf(got.cpu()), torch.isinf(expected)), "inf positions differ"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_zero_size_batch_behaves_like_batchnorm2d(case, layout):
+    import resfused
+    backend, device = case
+    ref = torch.nn.BatchNorm2d(3)
+    mine = resfused.BatchNormAct2d(3, activation="identity").to(device)
+    with torch.no_grad():
+        for m in (ref, mine):
+            m.running_mean.fill_(0.5)
+            m.running_var.fill_(2.0)
+    x = torch.randn(0, 3, 4, 4)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    xo = x.to(device).requires_grad_()
+    with resfused.use_backend(backend):
+        out = mine(xo)
+        out.sum().backward()
+    expected = ref(x.requires_grad_())
+    expected.sum().backward()
+    assert out.shape == expected.shape
+    assert torch.equal(mine.running_mean.cpu(), ref.running_mean)
+    assert torch.equal(mine.running_var.cpu(), ref.running_var)
+    assert int(mine.num_batches_tracked) == int(ref.num_batches_tracked)
+    assert xo.grad.shape == x.shape
+    assert torch.equal(mine.weight.grad.cpu(), ref.weight.grad)
+
+
+# fp64 gradcheck on tiny shapes; under the (slow) Triton interpreter, training mode only
+GRADCHECK = [pytest.param(case, residual, training, layout,
+                          id=f"{case_id(case)}-{residual}-tr{int(training)}-{layout}")
+             for case in CASES
+             for residual in RESIDUALS
+             for training in ((True,) if interpreted(*case) else (True, False))
+             for layout in ("nchw", "channels_last")]
+
+
+@pytest.mark.parametrize("case,residual,training,layout", GRADCHECK)
+def test_gradcheck_fp64(case, residual, training, layout):
+    backend, device = case
+    shape = (2, 3, 3, 2)
+    x = make_input(shape, layout, torch.float64, device).requires_grad_()
+    r = make_input(shape, layout, torch.float64, device).requires_grad_() if residual else None
+    rm, rv, w, b = make_bn(3, True, device, torch.float64)
+    rrm, rrv, rw, rb = make_bn(3, True, device, torch.float64)
+    w.requires_grad_()
+    b.requires_grad_()
+    rw.requires_grad_()
+    rb.requires_grad_()
+
+    if residual == "bn":
+        def fn(x, r, w, b, rw, rb):
+            return RF.dual_batch_norm_act(x, r, (rm.clone(), rv.clone(), w, b), (rrm.clone(), rrv.clone(), rw, rb),
+                                          training, backend=backend)
+        inputs = (x, r, w, b, rw, rb)
+    else:
+        def fn(x, w, b, *r):
+            return RF.batch_norm_act(x, rm.clone(), rv.clone(), w, b, training, residual=r[0] if r else None,
+                                     backend=backend)
+        inputs = (x, w, b) + ((r,) if r is not None else ())
+    # the relu kink: keep inputs away from it so finite differences are meaningful
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)

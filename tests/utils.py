@@ -1,0 +1,82 @@
+"""Shared test helpers: the device/backend matrix, tolerance table and an explaining assert."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from resfused._backend import BACKENDS, unavailable_reason
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_cases(include=BACKENDS):
+    """(backend, device) pairs this machine can run; CUDA ones appear where a GPU exists."""
+    cases = []
+    for dev in DEVICES:
+        for name in include:
+            if not unavailable_reason(name, torch.device(dev)):
+                cases.append((name, dev))
+    return cases
+
+
+def case_id(case):
+    return f"{case[0]}-{case[1]}"
+
+
+# Tolerances per dtype, forward and backward (atol, rtol), against a float64 oracle.
+TOLERANCES = {
+    torch.float64: {"fwd": (1e-10, 1e-10), "bwd": (1e-9, 1e-9)},
+    torch.float32: {"fwd": (1e-5, 1e-5), "bwd": (1e-4, 1e-4)},
+}
+# bf16/fp16: our error against the oracle must be within this factor of eager PyTorch's own.
+LOW_PRECISION_FACTOR = 2.0
+
+
+def interpreted(backend: str, device: str) -> bool:
+    return backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str = ""):
+    """allclose that says where and how badly it fails (worst element, index, fraction out)."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    nan_a, nan_e = torch.isnan(a), torch.isnan(e)
+    assert torch.equal(nan_a, nan_e), f"{what}: NaN positions differ ({int(nan_a.sum())} vs {int(nan_e.sum())})"
+    a = torch.where(nan_a, torch.zeros_like(a), a)
+    e = torch.where(nan_e, torch.zeros_like(e), e)
+    if a.numel() == 0:
+        return
+    err = (a - e).abs()
+    bound = atol + rtol * e.abs()
+    bad = err > bound
+    if bad.any():
+        idx = int(torch.argmax(err - bound))
+        pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), a.shape))
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{a.numel()} ({100.0 * float(bad.float().mean()):.3f}%) elements out of "
+            f"tolerance atol={atol} rtol={rtol}; worst at {pos}: got {a.flatten()[idx].item():.9g}, "
+            f"expected {e.flatten()[idx].item():.9g} (|diff|={err.flatten()[idx].item():.3g})")
+
+
+def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    return float((a - e).abs().max()) if a.numel() else 0.0
+
+
+def assert_low_precision(ours: torch.Tensor, eager: torch.Tensor, oracle: torch.Tensor, what: str,
+                         floor: float = 0.0):
+    """Our error against the fp64 oracle is at most LOW_PRECISION_FACTOR x eager PyTorch's own.
+
+    Results that are themselves fp32 (parameter gradients, running statistics of a
+    low-precision input) may also sit within the fp32 tolerance of the oracle."""
+    if ours.dtype in TOLERANCES and ours.numel():
+        atol, rtol = TOLERANCES[ours.dtype]["bwd"]
+        floor = max(floor, atol + rtol * float(oracle.detach().abs().max()))
+    ours_err = max_abs_err(ours, oracle)
+    eager_err = max_abs_err(eager, oracle)
+    assert ours_err <= LOW_PRECISION_FACTOR * eager_err + floor, (
+        f"{what}: error vs fp64 oracle {ours_err:.4g} > {LOW_PRECISION_FACTOR} x eager's {eager_err:.4g}"
+        f" (+ {floor:.2g})")

@@ -30,6 +30,9 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         self._check_input_dim(x)
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__}({self.num_features}) expected input with {self.num_features} "
+                             f"channels, got input of shape {tuple(x.shape)}")
         # nn.BatchNorm2d's rules for the mode, the momentum and which buffers take part.
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats

@@ -1,0 +1,118 @@
+"""Bad input gets a clear error naming the argument, raised before anything is written:
+running statistics and num_batches_tracked are untouched by a call that raises."""
+import pytest
+import torch
+
+import resfused
+from resfused import functional as RF
+from utils import backend_cases, case_id
+
+CASES = backend_cases()
+
+
+def _module(device, c=4):
+    m = resfused.BatchNormAct2d(c).to(device)
+    with torch.no_grad():
+        m.running_mean.uniform_(-1, 1)
+        m.running_var.uniform_(0.5, 2)
+    return m
+
+
+def _snapshot(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def _assert_unchanged(m, before):
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a call that raised"
+
+
+BAD_MODULE_CALLS = {
+    # name: (callable(module, device) -> None, exception type, text the message must contain)
+    "wrong ndim": (lambda m, d: m(torch.randn(2, 4, 5, device=d)), ValueError, "4D"),
+    "wrong channels": (lambda m, d: m(torch.randn(2, 5, 3, 3, device=d)), ValueError, "expected input with 4 channels"),
+    "residual shape": (lambda m, d: m(torch.randn(2, 4, 3, 3, device=d), torch.randn(2, 4, 3, 2, device=d)),
+                       ValueError, "residual shape"),
+    "residual dtype": (lambda m, d: m(torch.randn(2, 4, 3, 3, device=d),
+                                      torch.randn(2, 4, 3, 3, device=d, dtype=torch.float64)),
+                       TypeError, "residual dtype"),
+    "residual device": (lambda m, d: m(torch.randn(2, 4, 3, 3, device=d), torch.randn(2, 4, 3, 3, device="meta")),
+                        RuntimeError, "residual is on meta"),
+    "integer dtype": (lambda m, d: m(torch.randint(0, 5, (2, 4, 3, 3), device=d)), TypeError, "floating-point"),
+    "one value per channel": (lambda m, d: m(torch.randn(1, 4, 1, 1, device=d)), ValueError,
+                              "Expected more than 1 value per channel when training"),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("bad", sorted(BAD_MODULE_CALLS))
+def test_module_rejects_bad_input_and_changes_nothing(case, bad):
+    backend, device = case
+    call, exc, text = BAD_MODULE_CALLS[bad]
+    m = _module(device)
+    before = _snapshot(m)
+    with resfused.use_backend(backend):
+        with pytest.raises(exc, match=text):
+            call(m, device)
+    _assert_unchanged(m, before)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_module_with_weight_on_another_device_changes_nothing(case):
+    backend, device = case
+    m = _module(device)
+    m.weight = torch.nn.Parameter(torch.ones(4, device="meta"))
+    before = {k: v for k, v in _snapshot(m).items() if k != "weight"}
+    with resfused.use_backend(backend), pytest.raises(RuntimeError, match="weight is on meta but x is on"):
+        m(torch.randn(2, 4, 3, 3, device=device))
+    for k, v in before.items():
+        assert torch.equal(m.state_dict()[k], v), f"{k} changed by a call that raised"
+
+
+@pytest.mark.parametrize("arg", ["running_mean", "running_var", "weight", "bias"])
+def test_functional_names_the_mismatched_argument(arg):
+    x = torch.randn(2, 4, 3, 3)
+    args = {"running_mean": torch.zeros(4), "running_var": torch.ones(4), "weight": torch.ones(4),
+            "bias": torch.zeros(4)}
+    snapshot = {k: v.clone() for k, v in args.items()}
+    args[arg] = torch.ones(3)
+    with pytest.raises(ValueError, match=f"{arg} must have one value per channel"):
+        RF.batch_norm_act(x, args["running_mean"], args["running_var"], args["weight"], args["bias"], True)
+    for k in ("running_mean", "running_var"):
+        if k != arg:
+            assert torch.equal(args[k], snapshot[k])
+    args[arg] = torch.ones(4, device="meta")
+    with pytest.raises(RuntimeError, match=f"{arg} is on meta but x is on cpu"):
+        RF.batch_norm_act(x, args["running_mean"], args["running_var"], args["weight"], args["bias"], True)
+
+
+def test_dual_form_names_the_branch():
+    x = torch.randn(2, 4, 3, 3)
+    r = torch.randn(2, 4, 3, 3)
+    good = (torch.zeros(4), torch.ones(4), torch.ones(4), torch.zeros(4))
+    bad = (torch.zeros(5), torch.ones(5), torch.ones(5), torch.zeros(5))
+    before = [t.clone() for t in good]
+    with pytest.raises(ValueError, match="bn_residual: running_mean must have one value per channel"):
+        RF.dual_batch_norm_act(x, r, good, bad, training=True)
+    assert all(torch.equal(a, b) for a, b in zip(good, before)), "bn_x running stats changed by a call that raised"
+
+
+def test_unknown_activation_and_eval_without_running_stats():
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match="activation"):
+        RF.batch_norm_act(x, None, None, training=True, activation="gelu")
+    with pytest.raises(ValueError, match="required when training=False"):
+        RF.batch_norm_act(x, None, None, training=False)
+
+
+def test_unsupported_dtype_for_backend_is_named():
+    x = torch.randn(2, 4, 3, 3).to(torch.float16)
+    saved = resfused._backend.SUPPORTED_DTYPES["eager"]
+    try:
+        resfused._backend.SUPPORTED_DTYPES["eager"] = (torch.float32,)
+        rm = torch.zeros(4)
+        with pytest.raises(TypeError, match="backend 'eager' does not support input dtype torch.float16"):
+            RF.batch_norm_act(x, rm, torch.ones(4), training=True, backend="eager")
+        assert torch.equal(rm, torch.zeros(4))
+    finally:
+        resfused._backend.SUPPORTED_DTYPES["eager"] = saved

@@ -1,0 +1,228 @@
+"""resfused benchmark: the fused residual join against eager PyTorch, measured in one run.
+
+    python -m benchmarks.bench --quick              # the quick run (CPU here, GPU when present)
+    python -m benchmarks.bench --device cuda --out results.json
+
+What is timed (median of repeated runs, after warm-up, in one process so ratios are fair):
+  * join_train_fwd_bwd: training forward + backward of ``relu(bn(x) + r)`` — eager is
+    ``torch.relu(F.batch_norm(x, ...) + r)`` then ``.backward``; resfused is
+    ``resfused.functional.batch_norm_act(..., residual=r)`` then ``.backward``.
+  * join_train_fwd: the training forward alone.
+  * apply_bandwidth (CUDA only): the forward apply pass ``relu(x*scale + shift + r)`` alone,
+    as GB/s and as a fraction of the device's measured copy bandwidth (``dst.copy_(src)``).
+Every record carries its context: device, versions, git commit, dtype, memory format, shape, date.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import resfused  # noqa: E402
+from resfused import functional as RF  # noqa: E402
+from resfused._backend import BACKENDS, unavailable_reason  # noqa: E402
+from resfused.ops import bn_act as ops  # noqa: E402
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device, warmup=3, reps=10, min_time=0.0):
+    """Median seconds per call of ``fn`` over ``reps`` timed runs (more if min_time asks)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples = []
+    start_all = time.perf_counter()
+    while len(samples) < reps or (time.perf_counter() - start_all) < min_time:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append(time.perf_counter() - t0)
+        if len(samples) >= 10 * reps:
+            break
+    return statistics.median(samples), len(samples)
+
+
+def context(device: torch.device) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except Exception:
+        commit = None
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        name = f"{name} ({torch.get_num_threads()} threads)"
+    return {
+        "device": name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _make(shape, dtype, device, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    r = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    g = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    c = shape[1]
+    p = dict(rm=torch.zeros(c, device=device), rv=torch.ones(c, device=device),
+             w=torch.rand(c, device=device).add_(0.5).requires_grad_(),
+             b=torch.randn(c, device=device).mul_(0.1).requires_grad_())
+    return x, r, g, p
+
+
+def bench_join(shape, dtype, device, channels_last, backends, reps, min_time):
+    """Training fwd and fwd+bwd of relu(bn(x)+r): eager vs each resfused backend."""
+    x, r, g, p = _make(shape, dtype, device, channels_last)
+    xg = x.detach().requires_grad_()
+    rg = r.detach().requires_grad_()
+
+    def eager_fwd():
+        return torch.relu(F.batch_norm(xg, p["rm"], p["rv"], p["w"], p["b"], True, 0.1, 1e-5) + rg)
+
+    def fused_fwd(backend):
+        return lambda: RF.batch_norm_act(xg, p["rm"], p["rv"], p["w"], p["b"], True, 0.1, 1e-5, residual=rg,
+                                         backend=backend)
+
+    def fwd_bwd(fwd):
+        def run():
+            out = fwd()
+            torch.autograd.backward(out, g)
+            xg.grad = rg.grad = p["w"].grad = p["b"].grad = None
+        return run
+
+    rows = []
+    eager_t = {}
+    for what, make in (("join_train_fwd", lambda f: f), ("join_train_fwd_bwd", fwd_bwd)):
+        t_eager, n = time_fn(make(eager_fwd), device, reps=reps, min_time=min_time)
+        eager_t[what] = t_eager
+        rows.append({"bench": what, "impl": "eager", "ms": 1e3 * t_eager, "samples": n, "speedup_vs_eager": 1.0})
+        for backend in backends:
+            t, n = time_fn(make(fused_fwd(backend)), device, reps=reps, min_time=min_time)
+            rows.append({"bench": what, "impl": f"resfused[{backend}]", "ms": 1e3 * t, "samples": n,
+                         "speedup_vs_eager": t_eager / t})
+    for row in rows:
+        row.update({"shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
+                    "memory_format": "channels_last" if channels_last else "nchw"})
+    return rows
+
+
+def bench_apply_bandwidth(shape, dtype, device, channels_last, backends, reps, min_time):
+    """Forward apply pass alone (reads x and r, writes out) vs the device's copy bandwidth."""
+    x, r, _, _ = _make(shape, dtype, device, channels_last)
+    c = shape[1]
+    affine = torch.stack([torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)])
+    src = torch.empty(x.numel() * 3 // 2, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    t_copy, _ = time_fn(lambda: dst.copy_(src), device, reps=reps, min_time=min_time)
+    copy_bw = 2 * src.numel() * src.element_size() / t_copy
+    rows = [{"bench": "copy_bandwidth", "impl": "torch.copy_", "GBps": copy_bw / 1e9, "ms": 1e3 * t_copy}]
+    moved = 3 * x.numel() * x.element_size()
+    for backend in backends:
+        t, _ = time_fn(lambda: ops.bn_act_fwd(x, affine, r, None, True, backend), device, reps=reps,
+                       min_time=min_time)
+        rows.append({"bench": "apply_bandwidth", "impl": f"resfused[{backend}]", "ms": 1e3 * t,
+                     "GBps": moved / t / 1e9, "fraction_of_copy": moved / t / copy_bw})
+    for row in rows:
+        row.update({"shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
+                    "memory_format": "channels_last" if channels_last else "nchw"})
+    return rows
+
+
+def plan(device: torch.device, quick: bool):
+    """(bench, shape, dtype, channels_last) for the device: the shapes the issues name."""
+    if device.type == "cpu":
+        shape = (32, 256, 28, 28)
+        return [("join", shape, torch.float32, False), ("join", shape, torch.float32, True)]
+    big = (128, 256, 56, 56) if not quick else (64, 256, 56, 56)
+    return [("join", big, torch.bfloat16, True), ("join", big, torch.float32, True),
+            ("join", big, torch.bfloat16, False), ("apply", big, torch.bfloat16, True),
+            ("apply", big, torch.float32, False)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (the README's first command)")
+    ap.add_argument("--out", default=None, help="write the JSON record here (default benchmarks/results/latest-<device>.json)")
+    ap.add_argument("--backends", default=None, help="comma-separated resfused backends (default: all that run)")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    if args.backends:
+        backends = args.backends.split(",")
+    else:
+        backends = [b for b in BACKENDS if not unavailable_reason(b, device) and b != "eager"
+                    and not (b == "triton" and device.type == "cpu")]
+    for b in backends:
+        why = unavailable_reason(b, device)
+        if why:
+            print(f"backend {b} cannot run: {why}", file=sys.stderr)
+            return 2
+    reps, min_time = (5, 0.5) if args.quick else (20, 2.0)
+    ctx = context(device)
+    print(f"# resfused benchmark on {ctx['device']} — torch {ctx['torch']}, triton {ctx['triton']}, "
+          f"commit {ctx['commit']}, {ctx['date']}")
+    print(f"# backends: {', '.join(backends)}; median of >= {reps} runs")
+    rows = []
+    for kind, shape, dtype, cl in plan(device, args.quick):
+        fn = bench_join if kind == "join" else bench_apply_bandwidth
+        new = fn(shape, dtype, device, cl, backends, reps, min_time)
+        for row in new:
+            extra = (f"speedup {row['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in row else
+                     f"{row['GBps']:.0f} GB/s" + (f" ({100 * row['fraction_of_copy']:.0f}% of copy)"
+                                                  if "fraction_of_copy" in row else ""))
+            print(f"{row['bench']:20s} {row['impl']:18s} {row['dtype']:9s} {row['memory_format']:13s} "
+                  f"{str(tuple(row['shape'])):20s} {row['ms']:9.3f} ms  {extra}")
+        rows += new
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    record = {"context": ctx, "quick": args.quick, "backends": backends, "results": rows}
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"latest-{device.type}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"# wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

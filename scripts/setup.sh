@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up resfused from a clean checkout and build its extension in place.
+#   * Installs torch/torchvision (pinned, CUDA 13.0 build) when torch is missing, and the
+#     test tools (pytest, hypothesis, ninja) when missing. On a machine with torch
+#     already installed and no network (the GPU machine), nothing is installed.
+#   * Builds resfused._C (CPU kernels always; CUDA kernels when torch is a CUDA build and
+#     a toolkit is found). ninja makes a rebuild with no source change take seconds.
+# Knobs: PYTHON, TORCH_CUDA_ARCH_LIST, RESFUSED_SKIP_CUDA_BUILD, MAX_JOBS, CUDA_HOME.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+have() { "$PY" -c "import $1" >/dev/null 2>&1; }
+
+if ! have torch; then
+  echo "[setup] installing torch==2.14.1 torchvision==0.29.1"
+  "$PY" -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+fi
+missing=()
+have torchvision || missing+=("torchvision")
+have ninja || missing+=("ninja")
+have pytest || missing+=("pytest")
+have hypothesis || missing+=("hypothesis")
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "[setup] installing ${missing[*]}"
+  if ! "$PY" -m pip install --quiet "${missing[@]}"; then
+    # Offline machines (the GPU machine) may lack optional test tools; only pytest is required.
+    have pytest || { echo "[setup] pytest is required and could not be installed" >&2; exit 1; }
+    echo "[setup] warning: could not install ${missing[*]}; continuing without" >&2
+  fi
+fi
+
+echo "[setup] building resfused._C"
+start=$(date +%s)
+"$PY" setup.py build_ext --inplace > build.log 2>&1 || { tail -n 60 build.log >&2; echo "[setup] build failed; full log in build.log" >&2; exit 1; }
+grep -E "^\[resfused setup\]" build.log || true
+echo "[setup] build finished in $(( $(date +%s) - start )) s"
+"$PY" -m resfused.info

@@ -90,7 +90,7 @@ def build_ext_modules():
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     define = [("RESFUSED_TORCH_VERSION", f'"{torch.__version__}"')]
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]  # torch picks the C++ standard its headers need
     if cuda_home is None:
         return [cpp_extension.CppExtension("resfused._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
                                            define_macros=define, extra_compile_args={"cxx": cxx})], False
@@ -102,7 +102,7 @@ def build_ext_modules():
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     define += [("RESFUSED_WITH_CUDA", None), ("RESFUSED_CUDA_ARCHS", f'"{archs}"'),
                ("RESFUSED_CUDA_VERSION", f'"{torch.version.cuda}"')]
-    nvcc = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     return [cpp_extension.CUDAExtension("resfused._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
                                         define_macros=define, extra_compile_args={"cxx": cxx, "nvcc": nvcc})], True
 

@@ -259,17 +259,12 @@ def test_zero_size_batch_behaves_like_batchnorm2d(case, layout):
     assert torch.equal(mine.weight.grad.cpu(), ref.weight.grad)
 
 
-# fp64 gradcheck on tiny shapes; under the (slow) Triton interpreter, training mode only
-GRADCHECK = [pytest.param(case, residual, training, layout,
-                          id=f"{case_id(case)}-{residual}-tr{int(training)}-{layout}")
-             for case in CASES
-             for residual in RESIDUALS
-             for training in ((True,) if interpreted(*case) else (True, False))
-             for layout in ("nchw", "channels_last")]
-
-
-@pytest.mark.parametrize("case,residual,training,layout", GRADCHECK)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("residual", RESIDUALS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_gradcheck_fp64(case, residual, training, layout):
+    """fp64 gradcheck on tiny shapes, every backend (Triton through the interpreter here)."""
     backend, device = case
     shape = (2, 3, 3, 2)
     x = make_input(shape, layout, torch.float64, device).requires_grad_()

@@ -1,0 +1,1164 @@
+// CUDA kernels of the fused BN-activation ops (see csrc/bn_act.h and the
+// executable contract in resfused/ops/eager.py).
+//
+// Kernels
+//   ew_nchw_kernel<Op, V>   flat grid-stride elementwise pass (forward apply or
+//                           backward apply). Serves NCHW (channel = (i / HW) % C)
+//                           and, with HW = 1, channels_last tensors whose C is not
+//                           a multiple of the vector width. The (row offset,
+//                           channel) of a thread's position is tracked
+//                           incrementally: two 64-bit divisions per thread, none
+//                           per element; per-channel parameters are reloaded only
+//                           when the channel changes.
+//   ew_nhwc_kernel<Op, V>   channels_last elementwise pass, 2-D blocks: threads
+//                           along C own V channels each (parameters in registers,
+//                           loaded once per thread), rows split over threads.y and
+//                           grid.y (grid-stride).
+//   stats_nchw/nhwc_kernel  per-block Welford partials (count, mean, M2) per
+//                           channel, written to a workspace [3, S, C].
+//   reduce_nchw/nhwc_kernel per-block partial sums (sum dz, sum dz*x_hat[, sum
+//                           dz*r_hat]) per channel, workspace [K, S, C].
+//   stats_finalize_kernel / sum_finalize_kernel: one warp per channel merges the
+//                           S partials in a fixed order (deterministic, no atomics).
+//
+// Accumulation is in float (double for double input). Every index that can
+// exceed 2^31 is int64. Vector width V = 16 bytes / sizeof(scalar) when all base
+// pointers are aligned (and, for the channels_last and NCHW-reduction paths, C
+// resp. HW is a multiple of V); otherwise V = 1.
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+
+#include "bn_act.h"
+
+namespace resfused {
+namespace {
+
+constexpr int kThreads = 256;  // threads per block, every kernel
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+// Vector width for 16-byte accesses.
+template <typename T>
+constexpr int vec16() {
+  return static_cast<int>(16 / sizeof(T));
+}
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <int V, typename T>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* p, int64_t i) {
+  return *reinterpret_cast<const Pack<T, V>*>(p + i);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_pack(T* p, int64_t i, const Pack<T, V>& v) {
+  *reinterpret_cast<Pack<T, V>*>(p + i) = v;
+}
+
+__device__ __forceinline__ float fma_(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fma_(double a, double b, double c) { return ::fma(a, b, c); }
+
+// torch.relu: NaN propagates (NaN < 0 is false).
+template <typename A>
+__device__ __forceinline__ A relu_(A z) {
+  return z < A(0) ? A(0) : z;
+}
+
+// Pre-activation z = x*scale + shift [+ r | + r*rscale + rshift]. The same
+// function is used by the forward pass and by the mask recompute of backward.
+template <typename A>
+__device__ __forceinline__ A preact(A x, A r, A sc, A sh, A rsc, A rsh, bool has_res, bool res_aff) {
+  A z = fma_(x, sc, sh);
+  if (has_res) z += res_aff ? fma_(r, rsc, rsh) : r;
+  return z;
+}
+
+// ---------------------------------------------------------------------------
+// Elementwise ops. Op::load<V>(e) loads the inputs of elements [e, e+V);
+// Op::finish<V>(e, regs, get) computes and stores them, calling get(j) exactly
+// once per element, in order j = 0..V-1, for that element's channel params.
+// ---------------------------------------------------------------------------
+
+template <typename T, typename A>
+struct FwdOp {
+  const T* x;
+  const T* res;
+  T* out;
+  const A* affine;      // [2, C]
+  const A* res_affine;  // [2, C] or nullptr
+  int64_t C;
+  bool relu, has_res, res_aff;
+
+  // vector width of the channels_last 2-D kernel
+  static constexpr int kNhwcVec = vec16<T>();
+
+  struct Chan {
+    A sc, sh, rsc, rsh;
+  };
+
+  __device__ __forceinline__ Chan chan(int64_t c) const {
+    Chan p;
+    p.sc = affine[c];
+    p.sh = affine[C + c];
+    if (res_aff) {
+      p.rsc = res_affine[c];
+      p.rsh = res_affine[C + c];
+    } else {
+      p.rsc = A(1);
+      p.rsh = A(0);
+    }
+    return p;
+  }
+
+  template <int V>
+  struct Regs {
+    Pack<T, V> x, r;
+  };
+
+  template <int V>
+  __device__ __forceinline__ Regs<V> load(int64_t e) const {
+    Regs<V> R{};
+    R.x = load_pack<V>(x, e);
+    if (has_res) R.r = load_pack<V>(res, e);
+    return R;
+  }
+
+  template <int V, typename Get>
+  __device__ __forceinline__ void finish(int64_t e, const Regs<V>& R, Get&& get) const {
+    Pack<T, V> ov;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const Chan p = get(j);
+      A z = preact(static_cast<A>(R.x.v[j]), static_cast<A>(R.r.v[j]), p.sc, p.sh, p.rsc, p.rsh, has_res, res_aff);
+      if (relu) z = relu_(z);
+      ov.v[j] = static_cast<T>(z);
+    }
+    store_pack<V>(out, e, ov);
+  }
+};
+
+template <typename T, typename A>
+struct ApplyOp {
+  const T* g;
+  const T* x;
+  const T* res;  // nullptr when no residual
+  const T* out;  // nullptr unless the mask is read from out
+  T* dx;
+  T* dres;              // nullptr when no residual
+  const A* affine;      // [2, C]
+  const A* res_affine;  // [2, C] or nullptr
+  const A* coef;        // [4, C]: mean, k, mdz, p
+  const A* res_coef;    // [4, C] or nullptr
+  int64_t C;
+  bool relu, use_out, has_res, res_aff, has_rcoef, need_r;
+
+  // 12 parameters per owned channel live in registers in the channels_last
+  // kernel: 8-byte accesses for 16-bit types keep it under ~90 registers.
+  static constexpr int kNhwcVec = sizeof(T) == 2 ? 4 : vec16<T>();
+
+  struct Chan {
+    A sc, sh, rsc, rsh, mean, k, mdz, p, rmean, rk, rmdz, rp;
+  };
+
+  __device__ __forceinline__ Chan chan(int64_t c) const {
+    Chan q;
+    q.sc = affine[c];
+    q.sh = affine[C + c];
+    q.rsc = A(1);
+    q.rsh = A(0);
+    if (res_aff) {
+      q.rsc = res_affine[c];
+      q.rsh = res_affine[C + c];
+    }
+    q.mean = coef[c];
+    q.k = coef[C + c];
+    q.mdz = coef[2 * C + c];
+    q.p = coef[3 * C + c];
+    q.rmean = q.rk = q.rmdz = q.rp = A(0);
+    if (has_rcoef) {
+      q.rmean = res_coef[c];
+      q.rk = res_coef[C + c];
+      q.rmdz = res_coef[2 * C + c];
+      q.rp = res_coef[3 * C + c];
+    }
+    return q;
+  }
+
+  template <int V>
+  struct Regs {
+    Pack<T, V> g, x, r, o;
+  };
+
+  template <int V>
+  __device__ __forceinline__ Regs<V> load(int64_t e) const {
+    Regs<V> R{};
+    R.g = load_pack<V>(g, e);
+    R.x = load_pack<V>(x, e);
+    if (need_r) R.r = load_pack<V>(res, e);
+    if (use_out) R.o = load_pack<V>(out, e);
+    return R;
+  }
+
+  template <int V, typename Get>
+  __device__ __forceinline__ void finish(int64_t e, const Regs<V>& R, Get&& get) const {
+    Pack<T, V> dxv, drv;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const Chan q = get(j);
+      const A xj = static_cast<A>(R.x.v[j]);
+      const A rj = static_cast<A>(R.r.v[j]);
+      A dz = static_cast<A>(R.g.v[j]);
+      if (relu) {
+        const bool m = use_out ? (static_cast<A>(R.o.v[j]) > A(0))
+                               : (preact(xj, rj, q.sc, q.sh, q.rsc, q.rsh, has_res, res_aff) > A(0));
+        dz = m ? dz : A(0);
+      }
+      dxv.v[j] = static_cast<T>(((dz - q.mdz) - (xj - q.mean) * q.p) * q.k);
+      drv.v[j] = static_cast<T>(has_rcoef ? ((dz - q.rmdz) - (rj - q.rmean) * q.rp) * q.rk : dz);
+    }
+    store_pack<V>(dx, e, dxv);
+    if (has_res) store_pack<V>(dres, e, drv);
+  }
+};
+
+// Flat elementwise kernel. Element i has channel (i / HW) % C (NCHW; HW = 1 for
+// channels_last). Vectors of V elements may straddle rows/channels.
+template <typename Op, int V>
+__global__ void __launch_bounds__(kThreads) ew_nchw_kernel(Op op, int64_t numel, int64_t HW, int C) {
+  using Chan = typename Op::Chan;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nthr = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t nvec = numel / V;
+  // The numel % V (< V <= 8) trailing elements, one per thread: the grid has at
+  // least kThreads >= V threads (a loop here costs a spill on sm_80).
+  static_assert(kThreads >= 16, "tail handling needs blockDim >= V");
+  if (V > 1) {
+    const int64_t i = nvec * V + tid;
+    if (i < numel) {
+      const Chan p = op.chan((i / HW) % C);
+      op.template finish<1>(i, op.template load<1>(i), [&](int) -> Chan { return p; });
+    }
+  }
+  if (tid >= nvec) return;
+  // Each iteration handles the vectors v and v + nthr (loads of both issued
+  // before either is computed), then advances by 2*nthr vectors.
+  const int64_t step = nthr * V;  // elements between the two vectors
+  const int64_t step_r = step % HW;
+  const int step_c = static_cast<int>((step / HW) % C);
+  // (off, c) += step elements; c + step_c + 1 <= 2C - 1
+  auto advance = [&](int64_t& off, int& c) {
+    off += step_r;
+    c += step_c;
+    if (off >= HW) {
+      off -= HW;
+      ++c;
+    }
+    if (c >= C) c -= C;
+  };
+  int64_t off = (tid * V) % HW;                        // position inside the (n, c) row
+  int c = static_cast<int>(((tid * V) / HW) % C);      // channel of element tid*V
+  int cur_c = -1;
+  Chan cur{};
+  // channel params for elements e, e+1, ... starting at (o, cc); reloaded on change
+  auto run = [&](int64_t e, const typename Op::template Regs<V>& R, int64_t o, int cc) {
+    op.template finish<V>(e, R, [&](int) -> Chan {
+      if (cc != cur_c) {
+        cur = op.chan(cc);
+        cur_c = cc;
+      }
+      if (++o == HW) {
+        o = 0;
+        if (++cc == C) cc = 0;
+      }
+      return cur;
+    });
+  };
+  for (int64_t v = tid; v < nvec; v += 2 * nthr) {
+    const int64_t e0 = v * V, e1 = e0 + step;
+    const bool two = v + nthr < nvec;
+    const auto R0 = op.template load<V>(e0);
+    typename Op::template Regs<V> R1{};
+    if (two) R1 = op.template load<V>(e1);
+    int64_t off1 = off;
+    int c1 = c;
+    advance(off1, c1);
+    run(e0, R0, off, c);
+    if (two) run(e1, R1, off1, c1);
+    off = off1;
+    c = c1;
+    advance(off, c);
+  }
+}
+
+// channels_last elementwise kernel: element (m, c) at m*C + c, C % V == 0.
+template <typename Op, int V>
+__global__ void __launch_bounds__(kThreads) ew_nhwc_kernel(Op op, int64_t M, int C) {
+  using Chan = typename Op::Chan;
+  const int Cv = C / V;
+  const int cg = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (cg >= Cv) return;
+  const int c0 = cg * V;
+  Chan ps[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) ps[j] = op.chan(c0 + j);
+  auto get = [&](int j) -> Chan { return ps[j]; };
+  // rows m and m + rstride per iteration, loads of both issued first
+  const int64_t rstride = static_cast<int64_t>(gridDim.y) * blockDim.y;
+  for (int64_t m = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; m < M; m += 2 * rstride) {
+    const int64_t e0 = m * C + c0, e1 = e0 + rstride * C;
+    const bool two = m + rstride < M;
+    const auto R0 = op.template load<V>(e0);
+    typename Op::template Regs<V> R1{};
+    if (two) R1 = op.template load<V>(e1);
+    op.template finish<V>(e0, R0, get);
+    if (two) op.template finish<V>(e1, R1, get);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Reductions
+// ---------------------------------------------------------------------------
+
+template <typename A>
+struct Welford {
+  A n, mean, m2;
+};
+
+// Chan et al. merge; empty sides are exact no-ops.
+template <typename A>
+__device__ __forceinline__ Welford<A> wf_merge(const Welford<A>& a, const Welford<A>& b) {
+  if (b.n == A(0)) return a;
+  if (a.n == A(0)) return b;
+  const A n = a.n + b.n;
+  const A f = b.n / n;
+  const A d = b.mean - a.mean;
+  Welford<A> r;
+  r.n = n;
+  r.mean = a.mean + d * f;
+  r.m2 = a.m2 + b.m2 + d * d * a.n * f;
+  return r;
+}
+
+template <typename A>
+__device__ __forceinline__ Welford<A> wf_warp_reduce(Welford<A> s) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    Welford<A> o;
+    o.n = __shfl_down_sync(kFullMask, s.n, off);
+    o.mean = __shfl_down_sync(kFullMask, s.mean, off);
+    o.m2 = __shfl_down_sync(kFullMask, s.m2, off);
+    s = wf_merge(s, o);
+  }
+  return s;  // valid in lane 0
+}
+
+// 1-D block of kThreads; result valid in thread 0.
+template <typename A>
+__device__ __forceinline__ Welford<A> wf_block_reduce(Welford<A> s) {
+  __shared__ A sm[3][kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  s = wf_warp_reduce(s);
+  if (lane == 0) {
+    sm[0][warp] = s.n;
+    sm[1][warp] = s.mean;
+    sm[2][warp] = s.m2;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    if (lane < kWarps) {
+      s.n = sm[0][lane];
+      s.mean = sm[1][lane];
+      s.m2 = sm[2][lane];
+    } else {
+      s.n = s.mean = s.m2 = A(0);
+    }
+    s = wf_warp_reduce(s);
+  }
+  return s;
+}
+
+// 1-D block of kThreads; sums of K values, result valid in thread 0.
+template <typename A, int K>
+__device__ __forceinline__ void sum_block_reduce(A (&v)[K]) {
+  __shared__ A sm[K][kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v[k] += __shfl_down_sync(kFullMask, v[k], off);
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) sm[k][warp] = v[k];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      v[k] = lane < kWarps ? sm[k][lane] : A(0);
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) v[k] += __shfl_down_sync(kFullMask, v[k], off);
+    }
+  }
+}
+
+__device__ __forceinline__ int pow2_ceil(int v) {
+  int p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+// ---- statistics ----------------------------------------------------------
+
+// NCHW: block (c = blockIdx.x, split s = blockIdx.y) reduces vectors
+// [s*chunk, min(nvc, (s+1)*chunk)) of channel c, where the channel's vector v
+// is (n = v / HWv, hv = v % HWv), at element n*C*HW + c*HW + hv*V. HW % V == 0.
+template <typename T, typename A, int V>
+__global__ void __launch_bounds__(kThreads)
+    stats_nchw_kernel(const T* __restrict__ x, int C, int64_t HW, int64_t nvc, int64_t chunk, A* __restrict__ ws) {
+  const int c = blockIdx.x;
+  const int s = blockIdx.y;
+  const int S = gridDim.y;
+  const int64_t HWv = HW / V;
+  const int64_t CHW = static_cast<int64_t>(C) * HW;
+  const T* xc = x + static_cast<int64_t>(c) * HW;
+  const int64_t v0 = static_cast<int64_t>(s) * chunk;
+  const int64_t v1 = min(nvc, v0 + chunk);
+  const int64_t q = kThreads / HWv, r = kThreads % HWv;
+  Welford<A> st{A(0), A(0), A(0)};
+  int64_t v = v0 + threadIdx.x;
+  int64_t n = v / HWv, hv = v - n * HWv;
+  for (; v < v1; v += kThreads) {
+    const Pack<T, V> p = load_pack<V>(xc, n * CHW + hv * V);
+    // exact-ish stats of the V values, then one Chan merge
+    A vals[V];
+    A sum = A(0);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      vals[j] = static_cast<A>(p.v[j]);
+      sum += vals[j];
+    }
+    const A mv = sum * (A(1) / A(V));  // V is a power of two: exact
+    A m2v = A(0);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const A d = vals[j] - mv;
+      m2v += d * d;
+    }
+    const A nn = st.n + A(V);
+    const A f = A(V) / nn;
+    const A d = mv - st.mean;
+    st.mean += d * f;
+    st.m2 += m2v + d * d * st.n * f;
+    st.n = nn;
+    hv += r;
+    n += q;
+    if (hv >= HWv) {
+      hv -= HWv;
+      ++n;
+    }
+  }
+  st = wf_block_reduce(st);
+  if (threadIdx.x == 0) {
+    const int64_t o = static_cast<int64_t>(s) * C + c;
+    const int64_t SC = static_cast<int64_t>(S) * C;
+    ws[o] = st.n;
+    ws[SC + o] = st.mean;
+    ws[2 * SC + o] = st.m2;
+  }
+}
+
+// channels_last: block (bdx, bdy); thread (tx, ty) of block (bx, by) owns channels
+// [cg*V, cg*V+V), cg = bx*bdx + tx, and rows by*bdy + ty + k*gridDim.y*bdy.
+template <typename T, typename A, int V>
+__global__ void __launch_bounds__(kThreads)
+    stats_nhwc_kernel(const T* __restrict__ x, int C, int64_t M, A* __restrict__ ws) {
+  __shared__ A sm_n[kThreads];
+  __shared__ A sm_mean[kThreads * V];
+  __shared__ A sm_m2[kThreads * V];
+  const int tx = threadIdx.x, ty = threadIdx.y, bdx = blockDim.x, bdy = blockDim.y;
+  const int Cv = C / V;
+  const int cg = static_cast<int>(blockIdx.x) * bdx + tx;
+  const bool active = cg < Cv;
+  const int64_t c0 = static_cast<int64_t>(cg) * V;
+  int cnt = 0;
+  A mean[V], m2[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) mean[j] = m2[j] = A(0);
+  if (active) {
+    const int64_t rstride = static_cast<int64_t>(gridDim.y) * bdy;
+    for (int64_t m = static_cast<int64_t>(blockIdx.y) * bdy + ty; m < M; m += rstride) {
+      const Pack<T, V> p = load_pack<V>(x, m * C + c0);
+      ++cnt;
+      const A rc = A(1) / static_cast<A>(cnt);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const A xv = static_cast<A>(p.v[j]);
+        const A d = xv - mean[j];
+        mean[j] += d * rc;
+        m2[j] += d * (xv - mean[j]);
+      }
+    }
+  }
+  const int t = ty * bdx + tx;
+  sm_n[t] = static_cast<A>(cnt);
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    sm_mean[t * V + j] = mean[j];
+    sm_m2[t * V + j] = m2[j];
+  }
+  __syncthreads();
+  for (int off = pow2_ceil(bdy) >> 1; off > 0; off >>= 1) {
+    if (ty < off && ty + off < bdy) {
+      const int u = (ty + off) * bdx + tx;
+      const A na = sm_n[t], nb = sm_n[u];
+      if (nb != A(0)) {
+        if (na == A(0)) {
+          sm_n[t] = nb;
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            sm_mean[t * V + j] = sm_mean[u * V + j];
+            sm_m2[t * V + j] = sm_m2[u * V + j];
+          }
+        } else {
+          const A nn = na + nb;
+          const A f = nb / nn;
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            const A d = sm_mean[u * V + j] - sm_mean[t * V + j];
+            sm_mean[t * V + j] += d * f;
+            sm_m2[t * V + j] += sm_m2[u * V + j] + d * d * na * f;
+          }
+          sm_n[t] = nn;
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if (ty == 0 && active) {
+    const int64_t SC = static_cast<int64_t>(gridDim.y) * C;
+    const int64_t o = static_cast<int64_t>(blockIdx.y) * C + c0;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      ws[o + j] = sm_n[t];
+      ws[SC + o + j] = sm_mean[t * V + j];
+      ws[2 * SC + o + j] = sm_m2[t * V + j];
+    }
+  }
+}
+
+// One warp per channel merges the S partials (count, mean, M2) of ws [3, S, C].
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    stats_finalize_kernel(const A* __restrict__ ws, int S, int C, A count, A* __restrict__ mean, A* __restrict__ var) {
+  const int lane = threadIdx.x & 31;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (c >= C) return;  // uniform per warp
+  const int64_t SC = static_cast<int64_t>(S) * C;
+  Welford<A> st{A(0), A(0), A(0)};
+  for (int i = lane; i < S; i += 32) {
+    const int64_t o = static_cast<int64_t>(i) * C + c;
+    Welford<A> b{ws[o], ws[SC + o], ws[2 * SC + o]};
+    st = wf_merge(st, b);
+  }
+  st = wf_warp_reduce(st);
+  if (lane == 0) {
+    mean[c] = st.mean;
+    var[c] = st.m2 / count;
+  }
+}
+
+// ---- backward reduction -------------------------------------------------------
+
+template <typename T, typename A>
+struct RedArgs {
+  const T* g;
+  const T* x;
+  const T* res;  // needed for the mask recompute or res_stats, else nullptr
+  const T* out;  // nullptr unless use_out
+  const A* affine;      // [2, C]
+  const A* stats;       // [2, C]: mean, invstd
+  const A* res_affine;  // [2, C] or nullptr
+  const A* res_stats;   // [2, C] or nullptr
+  int C;
+  bool relu, use_out, has_res, res_aff, has_rstats, need_r;
+};
+
+template <typename T, typename A>
+struct RedChan {
+  A mean, inv, sc, sh, rsc, rsh, rmean, rinv;
+};
+
+template <typename T, typename A>
+__device__ __forceinline__ RedChan<T, A> red_chan(const RedArgs<T, A>& a, int64_t c) {
+  RedChan<T, A> q;
+  const int64_t C = a.C;
+  q.mean = a.stats[c];
+  q.inv = a.stats[C + c];
+  q.sc = a.affine[c];
+  q.sh = a.affine[C + c];
+  q.rsc = A(1);
+  q.rsh = A(0);
+  if (a.res_aff) {
+    q.rsc = a.res_affine[c];
+    q.rsh = a.res_affine[C + c];
+  }
+  q.rmean = q.rinv = A(0);
+  if (a.has_rstats) {
+    q.rmean = a.res_stats[c];
+    q.rinv = a.res_stats[C + c];
+  }
+  return q;
+}
+
+// Accumulate one element into (s0, s1, s2).
+template <typename T, typename A>
+__device__ __forceinline__ void red_elem(const RedArgs<T, A>& a, const RedChan<T, A>& q, A g, A x, A r, A o, A& s0,
+                                         A& s1, A& s2) {
+  A dz = g;
+  if (a.relu) {
+    const bool m = a.use_out ? (o > A(0)) : (preact(x, r, q.sc, q.sh, q.rsc, q.rsh, a.has_res, a.res_aff) > A(0));
+    dz = m ? dz : A(0);
+  }
+  s0 += dz;
+  s1 += dz * ((x - q.mean) * q.inv);
+  if (a.has_rstats) s2 += dz * ((r - q.rmean) * q.rinv);
+}
+
+// Same partition as stats_nchw_kernel; ws is [3, S, C] (row 2 zero when unused).
+template <typename T, typename A, int V>
+__global__ void __launch_bounds__(kThreads)
+    reduce_nchw_kernel(RedArgs<T, A> a, int64_t HW, int64_t nvc, int64_t chunk, A* __restrict__ ws) {
+  const int C = a.C;
+  const int c = blockIdx.x;
+  const int s = blockIdx.y;
+  const int S = gridDim.y;
+  const int64_t HWv = HW / V;
+  const int64_t CHW = static_cast<int64_t>(C) * HW;
+  const int64_t cbase = static_cast<int64_t>(c) * HW;
+  const int64_t v0 = static_cast<int64_t>(s) * chunk;
+  const int64_t v1 = min(nvc, v0 + chunk);
+  const int64_t q = kThreads / HWv, r = kThreads % HWv;
+  const RedChan<T, A> cp = red_chan(a, c);
+  A acc[3] = {A(0), A(0), A(0)};
+  int64_t v = v0 + threadIdx.x;
+  int64_t n = v / HWv, hv = v - n * HWv;
+  for (; v < v1; v += kThreads) {
+    const int64_t e = n * CHW + cbase + hv * V;
+    const Pack<T, V> gv = load_pack<V>(a.g, e);
+    const Pack<T, V> xv = load_pack<V>(a.x, e);
+    Pack<T, V> rv{}, ov{};
+    if (a.need_r) rv = load_pack<V>(a.res, e);
+    if (a.use_out) ov = load_pack<V>(a.out, e);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      red_elem(a, cp, static_cast<A>(gv.v[j]), static_cast<A>(xv.v[j]), static_cast<A>(rv.v[j]),
+               static_cast<A>(ov.v[j]), acc[0], acc[1], acc[2]);
+    }
+    hv += r;
+    n += q;
+    if (hv >= HWv) {
+      hv -= HWv;
+      ++n;
+    }
+  }
+  sum_block_reduce(acc);
+  if (threadIdx.x == 0) {
+    const int64_t o = static_cast<int64_t>(s) * C + c;
+    const int64_t SC = static_cast<int64_t>(S) * C;
+    ws[o] = acc[0];
+    ws[SC + o] = acc[1];
+    ws[2 * SC + o] = acc[2];
+  }
+}
+
+// channels_last, same block shape as stats_nhwc_kernel.
+template <typename T, typename A, int V>
+__global__ void __launch_bounds__(kThreads) reduce_nhwc_kernel(RedArgs<T, A> a, int64_t M, A* __restrict__ ws) {
+  __shared__ A sm[3][kThreads * V];
+  const int C = a.C;
+  const int tx = threadIdx.x, ty = threadIdx.y, bdx = blockDim.x, bdy = blockDim.y;
+  const int Cv = C / V;
+  const int cg = static_cast<int>(blockIdx.x) * bdx + tx;
+  const bool active = cg < Cv;
+  const int64_t c0 = static_cast<int64_t>(cg) * V;
+  A s0[V], s1[V], s2[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) s0[j] = s1[j] = s2[j] = A(0);
+  if (active) {
+    RedChan<T, A> ps[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) ps[j] = red_chan(a, c0 + j);
+    const int64_t rstride = static_cast<int64_t>(gridDim.y) * bdy;
+    for (int64_t m = static_cast<int64_t>(blockIdx.y) * bdy + ty; m < M; m += rstride) {
+      const int64_t e = m * C + c0;
+      const Pack<T, V> gv = load_pack<V>(a.g, e);
+      const Pack<T, V> xv = load_pack<V>(a.x, e);
+      Pack<T, V> rv{}, ov{};
+      if (a.need_r) rv = load_pack<V>(a.res, e);
+      if (a.use_out) ov = load_pack<V>(a.out, e);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        red_elem(a, ps[j], static_cast<A>(gv.v[j]), static_cast<A>(xv.v[j]), static_cast<A>(rv.v[j]),
+                 static_cast<A>(ov.v[j]), s0[j], s1[j], s2[j]);
+      }
+    }
+  }
+  const int t = ty * bdx + tx;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    sm[0][t * V + j] = s0[j];
+    sm[1][t * V + j] = s1[j];
+    sm[2][t * V + j] = s2[j];
+  }
+  __syncthreads();
+  for (int off = pow2_ceil(bdy) >> 1; off > 0; off >>= 1) {
+    if (ty < off && ty + off < bdy) {
+      const int u = (ty + off) * bdx + tx;
+#pragma unroll
+      for (int k = 0; k < 3; ++k) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) sm[k][t * V + j] += sm[k][u * V + j];
+      }
+    }
+    __syncthreads();
+  }
+  if (ty == 0 && active) {
+    const int64_t SC = static_cast<int64_t>(gridDim.y) * C;
+    const int64_t o = static_cast<int64_t>(blockIdx.y) * C + c0;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      ws[o + j] = sm[0][t * V + j];
+      ws[SC + o + j] = sm[1][t * V + j];
+      ws[2 * SC + o + j] = sm[2][t * V + j];
+    }
+  }
+}
+
+// out[k, c] = sum over s of ws[k, s, c], k < K; one warp per channel, fixed order.
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    sum_finalize_kernel(const A* __restrict__ ws, int S, int C, int K, A* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (c >= C) return;  // uniform per warp
+  const int64_t SC = static_cast<int64_t>(S) * C;
+  for (int k = 0; k < K; ++k) {
+    A v = A(0);
+    for (int i = lane; i < S; i += 32) v += ws[k * SC + static_cast<int64_t>(i) * C + c];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(kFullMask, v, off);
+    if (lane == 0) out[static_cast<int64_t>(k) * C + c] = v;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Shape {
+  int64_t N, C, HW, numel;
+  bool nchw;
+};
+
+// x: CUDA, 4-D, NCHW-contiguous or channels_last-contiguous, supported dtype.
+Shape check_x(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, op,
+              ": unsupported dtype ", st);
+  Shape s;
+  s.N = x.size(0);
+  s.C = x.size(1);
+  s.HW = x.size(2) * x.size(3);
+  s.numel = x.numel();
+  s.nchw = x.is_contiguous();
+  TORCH_CHECK(s.nchw || x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
+              ": x must be NCHW-contiguous or channels_last-contiguous");
+  TORCH_CHECK(s.C < (int64_t(1) << 30), op, ": too many channels (", s.C, ")");
+  return s;
+}
+
+// A big tensor sharing x's shape, dtype, device and layout.
+void check_like_x(const at::Tensor& t, const at::Tensor& x, const Shape& s, const char* op, const char* name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have dtype ", x.scalar_type(), ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have shape ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(s.nchw ? t.is_contiguous() : t.is_contiguous(at::MemoryFormat::ChannelsLast), op, ": ", name,
+              " must have x's memory layout (", s.nchw ? "NCHW" : "channels_last", "-contiguous)");
+}
+
+// A per-channel tensor: contiguous [k, C] in the accumulation dtype on x's device.
+void check_chan(const at::Tensor& t, const at::Tensor& x, int64_t k, int64_t C, const char* op, const char* name) {
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == acc, op, ": ", name, " must have dtype ", acc, ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == k && t.size(1) == C, op, ": ", name, " must have shape [", k, ", ", C,
+              "], got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+inline bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+int sm_count(int dev) {
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
+  return std::max(v, 1);
+}
+
+// Blocks that fit on the whole device at once.
+template <typename K>
+int64_t resident_blocks(K kernel, int threads, int dev) {
+  int nb = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, threads, 0));
+  return static_cast<int64_t>(std::max(nb, 1)) * sm_count(dev);
+}
+
+template <typename T>
+inline bool aligned(const void* p, int V) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % (sizeof(T) * static_cast<size_t>(V)) == 0;
+}
+
+template <typename T>
+bool all_aligned(std::initializer_list<const void*> ps, int V) {
+  for (const void* p : ps)
+    if (!aligned<T>(p, V)) return false;
+  return true;
+}
+
+// channels_last block shape: bdx threads along the Cv channel groups, bdy rows.
+void nhwc_block(int64_t Cv, int& bdx, int& bdy, int64_t& gx) {
+  if (Cv <= 32) {
+    gx = 1;
+    bdx = static_cast<int>(Cv);
+  } else {
+    gx = ceil_div(Cv, 32);
+    bdx = static_cast<int>(ceil_div(Cv, gx));
+  }
+  bdy = kThreads / bdx;
+}
+
+constexpr int64_t kMaxGridY = 65535;
+
+template <typename Op, int V>
+void launch_ew_flat(const Op& op, int64_t numel, int64_t HW, int64_t C, int dev, cudaStream_t stream) {
+  auto kernel = ew_nchw_kernel<Op, V>;
+  const int64_t nvec = numel / V;
+  const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(nvec, kThreads), resident_blocks(kernel, kThreads, dev)));
+  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(op, numel, HW, static_cast<int>(C));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Op, int V>
+void launch_ew_nhwc(const Op& op, int64_t M, int64_t C, int dev, cudaStream_t stream) {
+  auto kernel = ew_nhwc_kernel<Op, V>;
+  int bdx, bdy;
+  int64_t gx;
+  nhwc_block(C / V, bdx, bdy, gx);
+  const int64_t target = resident_blocks(kernel, bdx * bdy, dev);
+  const int64_t gy = std::max<int64_t>(1, std::min({ceil_div(M, bdy), std::max<int64_t>(1, target / gx), kMaxGridY}));
+  kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), dim3(bdx, bdy), 0, stream>>>(
+      op, M, static_cast<int>(C));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Elementwise dispatch over layout and vector width. ptrs: every big-tensor base.
+template <typename T, typename Op>
+void launch_ew(const Op& op, const Shape& s, std::initializer_list<const void*> ptrs, int dev, cudaStream_t stream) {
+  constexpr int VV = vec16<T>();
+  constexpr int VN = Op::kNhwcVec;
+  if (!s.nchw && s.C % VN == 0 && all_aligned<T>(ptrs, VN)) {
+    launch_ew_nhwc<Op, VN>(op, s.N * s.HW, s.C, dev, stream);
+    return;
+  }
+  const bool al = all_aligned<T>(ptrs, VV);
+  const int64_t HW = s.nchw ? s.HW : 1;  // channels_last: channel = i % C
+  if (al)
+    launch_ew_flat<Op, VV>(op, s.numel, HW, s.C, dev, stream);
+  else
+    launch_ew_flat<Op, 1>(op, s.numel, HW, s.C, dev, stream);
+}
+
+// Split count for the NCHW reductions: fill the device, >= ~8 vectors per thread.
+int64_t nchw_splits(int64_t nvc, int64_t C, int64_t target, int64_t& chunk) {
+  int64_t S = std::max<int64_t>(1, ceil_div(target, C));
+  S = std::min({S, std::max<int64_t>(1, ceil_div(nvc, int64_t(kThreads) * 8)), kMaxGridY});
+  chunk = ceil_div(nvc, S);
+  return ceil_div(nvc, chunk);
+}
+
+int64_t nhwc_splits(int64_t M, int bdy, int64_t gx, int64_t target) {
+  const int64_t by_fill = std::max<int64_t>(1, ceil_div(target, gx));
+  const int64_t by_work = std::max<int64_t>(1, ceil_div(M, int64_t(bdy) * 8));
+  return std::min({by_fill, by_work, kMaxGridY});
+}
+
+template <typename T>
+void stats_impl(const at::Tensor& x, const Shape& s, at::Tensor& mean, at::Tensor& var, int dev, cudaStream_t stream) {
+  using A = typename AccOf<T>::type;
+  constexpr int VV = vec16<T>();
+  const T* xp = x.const_data_ptr<T>();
+  constexpr int VM = VV > 4 ? 4 : VV;  // middle width for 16-bit types (HW = 14*14, ...)
+  const bool al = aligned<T>(xp, VV);
+  at::Tensor ws;
+  int64_t S;
+  if (s.nchw) {
+    const int V = (al && s.HW % VV == 0) ? VV : (aligned<T>(xp, VM) && s.HW % VM == 0) ? VM : 1;
+    auto kernel = V == VV ? stats_nchw_kernel<T, A, VV> : V == VM ? stats_nchw_kernel<T, A, VM> : stats_nchw_kernel<T, A, 1>;
+    const int64_t nvc = s.N * s.HW / V;
+    int64_t chunk;
+    S = nchw_splits(nvc, s.C, resident_blocks(kernel, kThreads, dev), chunk);
+    ws = at::empty({3, S, s.C}, x.options().dtype(c10::CppTypeToScalarType<A>::value));
+    kernel<<<dim3(static_cast<unsigned>(s.C), static_cast<unsigned>(S)), kThreads, 0, stream>>>(
+        xp, static_cast<int>(s.C), s.HW, nvc, chunk, ws.mutable_data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    const bool vec = al && s.C % VV == 0;
+    auto kernel = vec ? stats_nhwc_kernel<T, A, VV> : stats_nhwc_kernel<T, A, 1>;
+    const int V = vec ? VV : 1;
+    const int64_t M = s.N * s.HW;
+    int bdx, bdy;
+    int64_t gx;
+    nhwc_block(s.C / V, bdx, bdy, gx);
+    S = nhwc_splits(M, bdy, gx, resident_blocks(kernel, bdx * bdy, dev));
+    ws = at::empty({3, S, s.C}, x.options().dtype(c10::CppTypeToScalarType<A>::value));
+    kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(S)), dim3(bdx, bdy), 0, stream>>>(
+        xp, static_cast<int>(s.C), M, ws.mutable_data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  stats_finalize_kernel<A><<<static_cast<unsigned>(ceil_div(s.C, kWarps)), kThreads, 0, stream>>>(
+      ws.const_data_ptr<A>(), static_cast<int>(S), static_cast<int>(s.C), static_cast<A>(s.N * s.HW),
+      mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void reduce_impl(const RedArgs<T, typename AccOf<T>::type>& a, const Shape& s, const at::TensorOptions& acc_opts,
+                 at::Tensor& out, int K, int dev, cudaStream_t stream) {
+  using A = typename AccOf<T>::type;
+  constexpr int VV = vec16<T>();
+  // channels_last keeps 8 parameters + 3 sums per owned channel in registers:
+  // 8-byte accesses for 16-bit types.
+  constexpr int VN = sizeof(T) == 2 ? 4 : VV;
+  at::Tensor ws;
+  int64_t S;
+  if (s.nchw) {
+    constexpr int VM = VV > 4 ? 4 : VV;  // middle width for 16-bit types (HW = 14*14, ...)
+    const int V = (s.HW % VV == 0 && all_aligned<T>({a.g, a.x, a.res, a.out}, VV))   ? VV
+                  : (s.HW % VM == 0 && all_aligned<T>({a.g, a.x, a.res, a.out}, VM)) ? VM
+                                                                                    : 1;
+    auto kernel = V == VV ? reduce_nchw_kernel<T, A, VV> : V == VM ? reduce_nchw_kernel<T, A, VM> : reduce_nchw_kernel<T, A, 1>;
+    const int64_t nvc = s.N * s.HW / V;
+    int64_t chunk;
+    S = nchw_splits(nvc, s.C, resident_blocks(kernel, kThreads, dev), chunk);
+    ws = at::empty({3, S, s.C}, acc_opts);
+    kernel<<<dim3(static_cast<unsigned>(s.C), static_cast<unsigned>(S)), kThreads, 0, stream>>>(
+        a, s.HW, nvc, chunk, ws.mutable_data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    const bool vec = s.C % VN == 0 && all_aligned<T>({a.g, a.x, a.res, a.out}, VN);
+    auto kernel = vec ? reduce_nhwc_kernel<T, A, VN> : reduce_nhwc_kernel<T, A, 1>;
+    const int V = vec ? VN : 1;
+    const int64_t M = s.N * s.HW;
+    int bdx, bdy;
+    int64_t gx;
+    nhwc_block(s.C / V, bdx, bdy, gx);
+    S = nhwc_splits(M, bdy, gx, resident_blocks(kernel, bdx * bdy, dev));
+    ws = at::empty({3, S, s.C}, acc_opts);
+    kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(S)), dim3(bdx, bdy), 0, stream>>>(
+        a, M, ws.mutable_data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  sum_finalize_kernel<A><<<static_cast<unsigned>(ceil_div(s.C, kWarps)), kThreads, 0, stream>>>(
+      ws.const_data_ptr<A>(), static_cast<int>(S), static_cast<int>(s.C), K, out.mutable_data_ptr<A>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x) {
+  const char* op = "resfused bn_stats (cuda)";
+  const Shape s = check_x(x, op);
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor mean = at::empty({s.C}, x.options().dtype(acc));
+  at::Tensor var = at::empty({s.C}, x.options().dtype(acc));
+  if (s.C == 0) return {mean, var};
+  if (s.numel == 0) {  // empty batch: NaN, as eager
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {mean, var};
+  }
+  const int dev = x.get_device();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stats_cuda",
+                                  [&] { stats_impl<scalar_t>(x, s, mean, var, dev, stream); });
+  return {mean, var};
+}
+
+at::Tensor bn_act_fwd_cuda(const at::Tensor& x, const at::Tensor& affine, const OptTensor& residual,
+                           const OptTensor& res_affine, bool relu) {
+  const char* op = "resfused bn_act_fwd (cuda)";
+  const Shape s = check_x(x, op);
+  check_chan(affine, x, 2, s.C, op, "affine");
+  const bool has_res = has(residual);
+  const bool res_aff = has_res && has(res_affine);
+  if (has_res) check_like_x(*residual, x, s, op, "residual");
+  if (res_aff) check_chan(*res_affine, x, 2, s.C, op, "res_affine");
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty_like(x);
+  if (s.numel == 0) return out;
+  const int dev = x.get_device();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_fwd_cuda", [&] {
+    using A = typename AccOf<scalar_t>::type;
+    FwdOp<scalar_t, A> fop;
+    fop.x = x.const_data_ptr<scalar_t>();
+    fop.res = has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
+    fop.out = out.mutable_data_ptr<scalar_t>();
+    fop.affine = affine.const_data_ptr<A>();
+    fop.res_affine = res_aff ? res_affine->const_data_ptr<A>() : nullptr;
+    fop.C = s.C;
+    fop.relu = relu;
+    fop.has_res = has_res;
+    fop.res_aff = res_aff;
+    launch_ew<scalar_t>(fop, s, {fop.x, fop.res, fop.out}, dev, stream);
+  });
+  return out;
+}
+
+at::Tensor bn_act_bwd_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& affine,
+                                  const at::Tensor& stats, const OptTensor& residual, const OptTensor& res_affine,
+                                  const OptTensor& res_stats, const OptTensor& out, bool relu) {
+  const char* op = "resfused bn_act_bwd_reduce (cuda)";
+  const Shape s = check_x(x, op);
+  check_like_x(grad_out, x, s, op, "grad_out");
+  check_chan(affine, x, 2, s.C, op, "affine");
+  check_chan(stats, x, 2, s.C, op, "stats");
+  const bool has_res = has(residual);
+  const bool res_aff = has_res && has(res_affine);
+  const bool has_rstats = has(res_stats);
+  const bool use_out = relu && has(out);
+  TORCH_CHECK(!has_rstats || has_res, op, ": res_stats needs residual");
+  if (has_res) check_like_x(*residual, x, s, op, "residual");
+  if (res_aff) check_chan(*res_affine, x, 2, s.C, op, "res_affine");
+  if (has_rstats) check_chan(*res_stats, x, 2, s.C, op, "res_stats");
+  if (use_out) check_like_x(*out, x, s, op, "out");
+  const int K = has_rstats ? 3 : 2;
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto acc_opts = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor result = at::empty({K, s.C}, acc_opts);
+  if (s.C == 0) return result;
+  if (s.numel == 0) {  // sums over an empty batch
+    result.zero_();
+    return result;
+  }
+  const int dev = x.get_device();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_bwd_reduce_cuda", [&] {
+    using A = typename AccOf<scalar_t>::type;
+    RedArgs<scalar_t, A> a;
+    a.relu = relu;
+    a.use_out = use_out;
+    a.has_res = has_res;
+    a.res_aff = res_aff;
+    a.has_rstats = has_rstats;
+    a.need_r = has_res && ((relu && !use_out) || has_rstats);
+    a.g = grad_out.const_data_ptr<scalar_t>();
+    a.x = x.const_data_ptr<scalar_t>();
+    a.res = a.need_r ? residual->const_data_ptr<scalar_t>() : nullptr;
+    a.out = use_out ? out->const_data_ptr<scalar_t>() : nullptr;
+    a.affine = affine.const_data_ptr<A>();
+    a.stats = stats.const_data_ptr<A>();
+    a.res_affine = res_aff ? res_affine->const_data_ptr<A>() : nullptr;
+    a.res_stats = has_rstats ? res_stats->const_data_ptr<A>() : nullptr;
+    a.C = static_cast<int>(s.C);
+    reduce_impl<scalar_t>(a, s, acc_opts, result, K, dev, stream);
+  });
+  return result;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                                         const at::Tensor& affine, const at::Tensor& coef,
+                                                         const OptTensor& residual, const OptTensor& res_affine,
+                                                         const OptTensor& res_coef, const OptTensor& out, bool relu) {
+  const char* op = "resfused bn_act_bwd_apply (cuda)";
+  const Shape s = check_x(x, op);
+  check_like_x(grad_out, x, s, op, "grad_out");
+  check_chan(affine, x, 2, s.C, op, "affine");
+  check_chan(coef, x, 4, s.C, op, "coef");
+  const bool has_res = has(residual);
+  const bool res_aff = has_res && has(res_affine);
+  const bool has_rcoef = has_res && has(res_coef);
+  const bool use_out = relu && has(out);
+  if (has_res) check_like_x(*residual, x, s, op, "residual");
+  if (res_aff) check_chan(*res_affine, x, 2, s.C, op, "res_affine");
+  if (has_rcoef) check_chan(*res_coef, x, 4, s.C, op, "res_coef");
+  if (use_out) check_like_x(*out, x, s, op, "out");
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor dres = has_res ? at::empty_like(x) : at::empty({0}, x.options());
+  if (s.numel == 0) return {dx, dres};
+  const int dev = x.get_device();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_bwd_apply_cuda", [&] {
+    using A = typename AccOf<scalar_t>::type;
+    ApplyOp<scalar_t, A> aop;
+    aop.relu = relu;
+    aop.use_out = use_out;
+    aop.has_res = has_res;
+    aop.res_aff = res_aff;
+    aop.has_rcoef = has_rcoef;
+    aop.need_r = has_res && ((relu && !use_out) || has_rcoef);
+    aop.g = grad_out.const_data_ptr<scalar_t>();
+    aop.x = x.const_data_ptr<scalar_t>();
+    aop.res = aop.need_r ? residual->const_data_ptr<scalar_t>() : nullptr;
+    aop.out = use_out ? out->const_data_ptr<scalar_t>() : nullptr;
+    aop.dx = dx.mutable_data_ptr<scalar_t>();
+    aop.dres = has_res ? dres.mutable_data_ptr<scalar_t>() : nullptr;
+    aop.affine = affine.const_data_ptr<A>();
+    aop.res_affine = res_aff ? res_affine->const_data_ptr<A>() : nullptr;
+    aop.coef = coef.const_data_ptr<A>();
+    aop.res_coef = has_rcoef ? res_coef->const_data_ptr<A>() : nullptr;
+    aop.C = s.C;
+    launch_ew<scalar_t>(aop, s, {aop.g, aop.x, aop.res, aop.out, aop.dx, aop.dres}, dev, stream);
+  });
+  return {dx, dres};
+}
+
+}  // namespace resfused

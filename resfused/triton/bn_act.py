@@ -1,0 +1,694 @@
+"""Triton backend of the four BN-activation ops.
+
+Same signatures and semantics as the executable contract ``resfused/ops/eager.py``:
+``bn_stats``, ``bn_act_fwd``, ``bn_act_bwd_reduce``, ``bn_act_bwd_apply``.
+
+Layouts (chosen from ``x.is_contiguous()``; otherwise x is channels_last-contiguous):
+
+* NCHW: the tensor is ``N*C`` rows of ``HW`` contiguous elements. Every kernel works
+  on tiles ``[ROWS, BLOCK_HW]`` (``ROWS*BLOCK_HW`` = ``TILE``, ``TILE_FP64`` for fp64)
+  of ``ROWS`` images of ONE channel, so per-channel values are scalars in the program
+  (a tile across channels replicates them per row and costs ~2x the registers).
+* NHWC: the tensor is a ``[N*H*W, C]`` matrix; tiles ``[BLOCK_M, BLOCK_C]`` are
+  coalesced along C.
+
+Statistics use shifted sums around a per-channel pivot (the channel's first element,
+``x[0, c, 0, 0]``) accumulated in fp32 (fp64 for fp64 x). Reductions are two-stage and
+deterministic: each program writes its partial sums to a workspace ``[P, rows, C]``;
+a small finalize kernel sums the ``P`` partials in a fixed order. No atomics.
+
+Optional operands (residual, its affine, the mask source, the residual's stats or
+coefficients) are runtime flags, not constexprs: an absent operand is a masked-off load
+(no memory traffic) whose neutral value makes the arithmetic exact (``r*1 + 0``), so
+each kernel has one compiled variant per (dtype, tile shape). The variants the
+launchers can use are listed in ``KERNELS`` / ``BLOCKS`` / ``DTYPES`` below; the AOT
+check (``resfused.triton.aot``) compiles exactly those.
+
+Arithmetic is in the accumulation dtype (fp32, fp64 for fp64 x); ``x*scale + shift``
+may be contracted to an FMA by the compiler (ulp-level difference to eager).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# --------------------------------------------------------------------------------------
+# variants: everything the launchers can compile lives here (aot.py iterates over it)
+# --------------------------------------------------------------------------------------
+
+#: elements per tile of every layout kernel (8 per thread at 8 warps); half that for
+#: float64, whose registers are twice as wide (sm_80's ptxas spilled at 2048)
+TILE = 2048
+TILE_FP64 = 1024
+#: candidate tile widths: BLOCK_HW for NCHW (ROWS = tile // BLOCK_HW),
+#: BLOCK_C for NHWC (BLOCK_M = tile // BLOCK_C)
+BLOCKS = {"nchw": (64, 256, 1024), "nhwc": (32, 64, 128)}
+#: tile of the finalize kernels ([BLOCK_P partials, BLOCK_C channels])
+FIN_BLOCK_P = 16
+FIN_BLOCK_C = 128
+#: data dtypes the kernels are compiled for
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: programs per SM aimed at by the partial-reduction grids
+_PROGRAMS_PER_SM = 4
+#: stand-in SM count for CPU tensors (Triton interpreter); small, to keep it quick
+CPU_SMS = 2
+
+#: pointer arguments that carry x's dtype; every other ``*_ptr`` is in the
+#: accumulation dtype (per-channel tensors and workspaces)
+DATA_PTRS = frozenset({"x_ptr", "g_ptr", "res_ptr", "out_ptr", "dx_ptr", "dres_ptr"})
+#: runtime 0/1 (relu_mode: 0/1/2) flag arguments; every other non-constexpr scalar is a size
+#: @triton.jit helpers that are inlined into kernels, never launched on their own
+JIT_HELPERS = frozenset({"_relu_keep", "_cast_out"})
+FLAG_ARGS = frozenset({"has_res", "res_aff", "relu", "use_res", "res_st", "res_coef", "relu_mode"})
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tile_constexprs(layout: str, block: int, dtype: torch.dtype) -> Dict[str, int]:
+    """The constexpr tile arguments of a layout kernel for one entry of ``BLOCKS``."""
+    if block not in BLOCKS[layout]:
+        raise ValueError(f"block {block} is not a {layout} variant {BLOCKS[layout]}")
+    tile = TILE_FP64 if dtype == torch.float64 else TILE
+    if layout == "nchw":
+        return {"ROWS": tile // block, "BLOCK_HW": block}
+    return {"BLOCK_M": tile // block, "BLOCK_C": block}
+
+
+FIN_CONSTEXPRS = {"BLOCK_P": FIN_BLOCK_P, "BLOCK_C": FIN_BLOCK_C}
+
+
+# --------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------
+
+#: The Triton interpreter (3.8) casts fp32 -> bf16 by truncation; GPUs round to nearest
+#: even. Under the interpreter, round by hand so CPU results match what a GPU stores.
+_EXACT_BF16_CAST = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _cast_out(v, ptr):
+    """v (accumulation dtype) cast to ptr's element type, round-to-nearest-even."""
+    ty = ptr.dtype.element_ty
+    if _EXACT_BF16_CAST:
+        if ty == tl.bfloat16:
+            v = v.to(tl.float32)
+            b = v.to(tl.uint32, bitcast=True)
+            r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+            b = tl.where(v != v, b | 0x400000, r)  # NaN stays (quiet) NaN
+            v = b.to(tl.float32, bitcast=True)  # exactly representable in bf16 now
+    return v.to(ty)
+
+
+
+@triton.jit
+def _relu_keep(x, o, r, scale, shift, rs, rb, relu_mode):
+    """Backward ReLU mask: everything (mode 0), ``out > 0`` (1) or ``z > 0`` recomputed (2)."""
+    z = x * scale + shift + (r * rs + rb)
+    return (relu_mode == 0) | ((relu_mode == 1) & (o > 0)) | ((relu_mode == 2) & (z > 0))
+
+
+# ---- statistics: partial shifted sums ------------------------------------------------
+
+
+@triton.jit
+def _stats_part_nchw(x_ptr, ws_ptr, N, C, HW, n_hwb, n_units, units_per_prog,
+                     ROWS: tl.constexpr, BLOCK_HW: tl.constexpr):
+    # grid (C, P); a unit is (group of ROWS images, block of BLOCK_HW pixels) of channel c
+    acc_ty = ws_ptr.dtype.element_ty
+    c = tl.program_id(0)
+    p = tl.program_id(1)
+    pivot = tl.load(x_ptr + c.to(tl.int64) * HW).to(acc_ty)
+    s1 = tl.zeros([ROWS, BLOCK_HW], dtype=acc_ty)
+    s2 = tl.zeros([ROWS, BLOCK_HW], dtype=acc_ty)
+    u0 = p * units_per_prog
+    u1 = tl.minimum(u0 + units_per_prog, n_units)
+    for u in range(u0, u1):
+        ng = u // n_hwb
+        n = ng * ROWS + tl.arange(0, ROWS)
+        hw = (u - ng * n_hwb) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+        m = (n < N)[:, None] & (hw < HW)[None, :]
+        offs = ((n.to(tl.int64) * C + c) * HW)[:, None] + hw[None, :]
+        x = tl.load(x_ptr + offs, mask=m, other=0).to(acc_ty)
+        d = tl.where(m, x - pivot, 0)
+        s1 += d
+        s2 += d * d
+    base = ws_ptr + p * 3 * C + c
+    tl.store(base, tl.sum(tl.sum(s1, axis=1), axis=0))
+    tl.store(base + C, tl.sum(tl.sum(s2, axis=1), axis=0))
+    tl.store(base + 2 * C, pivot)
+
+
+@triton.jit
+def _stats_part_nhwc(x_ptr, ws_ptr, M, C, rows_per_prog,
+                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    # grid (cdiv(C, BLOCK_C), P); program p reduces rows [p*rows_per_prog, +rows_per_prog)
+    acc_ty = ws_ptr.dtype.element_ty
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.program_id(1)
+    cmask = cols < C
+    pivot = tl.load(x_ptr + cols, mask=cmask, other=0).to(acc_ty)
+    s1 = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
+    s2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
+    r0 = p * rows_per_prog
+    r1 = tl.minimum(r0 + rows_per_prog, M)
+    for m0 in range(r0, r1, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        m = (rows < r1)[:, None] & cmask[None, :]
+        offs = (rows.to(tl.int64) * C)[:, None] + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=m, other=0).to(acc_ty)
+        d = tl.where(m, x - pivot[None, :], 0)
+        s1 += d
+        s2 += d * d
+    base = ws_ptr + p * 3 * C + cols
+    tl.store(base, tl.sum(s1, axis=0), mask=cmask)
+    tl.store(base + C, tl.sum(s2, axis=0), mask=cmask)
+    tl.store(base + 2 * C, pivot, mask=cmask)
+
+
+@triton.jit
+def _stats_finalize(ws_ptr, mean_ptr, var_ptr, P, C, count,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # ws [P, 3, C]: (sum(x - pivot), sum((x - pivot)^2), pivot)
+    acc_ty = ws_ptr.dtype.element_ty
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    s1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    s2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    for p0 in range(0, P, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        m = (ps < P)[:, None] & cmask[None, :]
+        offs = (ps * 3 * C)[:, None] + cols[None, :]
+        s1 += tl.load(ws_ptr + offs, mask=m, other=0)
+        s2 += tl.load(ws_ptr + offs + C, mask=m, other=0)
+    pivot = tl.load(ws_ptr + 2 * C + cols, mask=cmask, other=0)
+    cnt = count.to(acc_ty)
+    d = tl.sum(s1, axis=0) / cnt
+    var = tl.sum(s2, axis=0) / cnt - d * d
+    var = tl.where(var < 0, 0, var)  # keeps NaN (tl.maximum would drop it)
+    tl.store(mean_ptr + cols, pivot + d, mask=cmask)
+    tl.store(var_ptr + cols, var, mask=cmask)
+
+
+@triton.jit
+def _colsum(ws_ptr, out_ptr, P, K, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # out[k] = sum_p ws[p, k], in order p = 0..P-1 blocks (deterministic)
+    acc_ty = ws_ptr.dtype.element_ty
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < K
+    s = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    for p0 in range(0, P, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        m = (ps < P)[:, None] & cmask[None, :]
+        s += tl.load(ws_ptr + (ps.to(tl.int64) * K)[:, None] + cols[None, :], mask=m, other=0)
+    tl.store(out_ptr + cols, tl.sum(s, axis=0), mask=cmask)
+
+
+# ---- forward apply -------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_nchw(x_ptr, aff_ptr, res_ptr, raff_ptr, out_ptr, N, C, HW, n_hwb, has_res, res_aff, relu,
+              ROWS: tl.constexpr, BLOCK_HW: tl.constexpr):
+    # grid (cdiv(N, ROWS) * n_hwb, C): ROWS images x BLOCK_HW pixels of one channel, so the
+    # per-channel values are scalars (a tile across channels would replicate them per row)
+    acc_ty = aff_ptr.dtype.element_ty
+    u = tl.program_id(0)
+    c = tl.program_id(1)
+    ng = u // n_hwb
+    n = ng * ROWS + tl.arange(0, ROWS)
+    hw = (u - ng * n_hwb) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    scale = tl.load(aff_ptr + c)
+    shift = tl.load(aff_ptr + C + c)
+    rs = tl.load(raff_ptr + c, mask=res_aff != 0, other=1)
+    rb = tl.load(raff_ptr + C + c, mask=res_aff != 0, other=0)
+    m = (n < N)[:, None] & (hw < HW)[None, :]
+    offs = ((n.to(tl.int64) * C + c) * HW)[:, None] + hw[None, :]
+    x = tl.load(x_ptr + offs, mask=m, other=0).to(acc_ty)
+    r = tl.load(res_ptr + offs, mask=m & (has_res != 0), other=0).to(acc_ty)
+    z = x * scale + shift + (r * rs + rb)
+    z = tl.where((z < 0) & (relu != 0), 0, z)  # NaN stays NaN, like torch.relu
+    tl.store(out_ptr + offs, _cast_out(z, out_ptr), mask=m)
+
+
+@triton.jit
+def _fwd_nhwc(x_ptr, aff_ptr, res_ptr, raff_ptr, out_ptr, M, C, has_res, res_aff, relu,
+              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    # grid (cdiv(M, BLOCK_M), cdiv(C, BLOCK_C))
+    acc_ty = aff_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    scale = tl.load(aff_ptr + cols, mask=cmask, other=0)
+    shift = tl.load(aff_ptr + C + cols, mask=cmask, other=0)
+    ra = cmask & (res_aff != 0)
+    rs = tl.load(raff_ptr + cols, mask=ra, other=1)
+    rb = tl.load(raff_ptr + C + cols, mask=ra, other=0)
+    m = (rows < M)[:, None] & cmask[None, :]
+    offs = (rows.to(tl.int64) * C)[:, None] + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=m, other=0).to(acc_ty)
+    r = tl.load(res_ptr + offs, mask=m & (has_res != 0), other=0).to(acc_ty)
+    z = x * scale[None, :] + shift[None, :] + (r * rs[None, :] + rb[None, :])
+    z = tl.where((z < 0) & (relu != 0), 0, z)
+    tl.store(out_ptr + offs, _cast_out(z, out_ptr), mask=m)
+
+
+# ---- backward reduction: partial (sum dz, sum dz*x_hat, sum dz*r_hat) -----------------
+
+
+@triton.jit
+def _bwd_reduce_part_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, st_ptr, raff_ptr, rst_ptr, ws_ptr,
+                          N, C, HW, n_hwb, n_units, units_per_prog,
+                          use_res, res_aff, res_st, relu_mode,
+                          ROWS: tl.constexpr, BLOCK_HW: tl.constexpr):
+    # grid (C, P); ws [P, 2 + res_st, C]
+    acc_ty = ws_ptr.dtype.element_ty
+    c = tl.program_id(0)
+    p = tl.program_id(1)
+    scale = tl.load(aff_ptr + c)
+    shift = tl.load(aff_ptr + C + c)
+    mean = tl.load(st_ptr + c)
+    invstd = tl.load(st_ptr + C + c)
+    rs = tl.load(raff_ptr + c, mask=res_aff != 0, other=1)
+    rb = tl.load(raff_ptr + C + c, mask=res_aff != 0, other=0)
+    rmean = tl.load(rst_ptr + c, mask=res_st != 0, other=0)
+    rinv = tl.load(rst_ptr + C + c, mask=res_st != 0, other=0)
+    a0 = tl.zeros([ROWS, BLOCK_HW], dtype=acc_ty)
+    a1 = tl.zeros([ROWS, BLOCK_HW], dtype=acc_ty)
+    a2 = tl.zeros([ROWS, BLOCK_HW], dtype=acc_ty)
+    u0 = p * units_per_prog
+    u1 = tl.minimum(u0 + units_per_prog, n_units)
+    for u in range(u0, u1):
+        ng = u // n_hwb
+        n = ng * ROWS + tl.arange(0, ROWS)
+        hw = (u - ng * n_hwb) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+        m = (n < N)[:, None] & (hw < HW)[None, :]
+        offs = ((n.to(tl.int64) * C + c) * HW)[:, None] + hw[None, :]
+        g = tl.load(g_ptr + offs, mask=m, other=0).to(acc_ty)
+        x = tl.load(x_ptr + offs, mask=m, other=0).to(acc_ty)
+        o = tl.load(out_ptr + offs, mask=m & (relu_mode == 1), other=0).to(acc_ty)
+        r = tl.load(res_ptr + offs, mask=m & (use_res != 0), other=0).to(acc_ty)
+        keep = _relu_keep(x, o, r, scale, shift, rs, rb, relu_mode)
+        dz = tl.where(keep & m, g, 0)
+        a0 += dz
+        a1 += dz * ((x - mean) * invstd)
+        a2 += dz * ((r - rmean) * rinv)
+    base = ws_ptr + p * (2 + res_st) * C + c
+    tl.store(base, tl.sum(tl.sum(a0, axis=1), axis=0))
+    tl.store(base + C, tl.sum(tl.sum(a1, axis=1), axis=0))
+    tl.store(base + 2 * C, tl.sum(tl.sum(a2, axis=1), axis=0), mask=res_st != 0)
+
+
+@triton.jit
+def _bwd_reduce_part_nhwc(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, st_ptr, raff_ptr, rst_ptr, ws_ptr,
+                          M, C, rows_per_prog, use_res, res_aff, res_st, relu_mode,
+                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    # grid (cdiv(C, BLOCK_C), P); ws [P, 2 + res_st, C]
+    acc_ty = ws_ptr.dtype.element_ty
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.program_id(1)
+    cmask = cols < C
+    scale = tl.load(aff_ptr + cols, mask=cmask, other=0)[None, :]
+    shift = tl.load(aff_ptr + C + cols, mask=cmask, other=0)[None, :]
+    mean = tl.load(st_ptr + cols, mask=cmask, other=0)[None, :]
+    invstd = tl.load(st_ptr + C + cols, mask=cmask, other=0)[None, :]
+    ra = cmask & (res_aff != 0)
+    rs = tl.load(raff_ptr + cols, mask=ra, other=1)[None, :]
+    rb = tl.load(raff_ptr + C + cols, mask=ra, other=0)[None, :]
+    rsm = cmask & (res_st != 0)
+    rmean = tl.load(rst_ptr + cols, mask=rsm, other=0)[None, :]
+    rinv = tl.load(rst_ptr + C + cols, mask=rsm, other=0)[None, :]
+    a0 = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
+    a1 = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
+    a2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
+    r0 = p * rows_per_prog
+    r1 = tl.minimum(r0 + rows_per_prog, M)
+    for m0 in range(r0, r1, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        m = (rows < r1)[:, None] & cmask[None, :]
+        offs = (rows.to(tl.int64) * C)[:, None] + cols[None, :]
+        g = tl.load(g_ptr + offs, mask=m, other=0).to(acc_ty)
+        x = tl.load(x_ptr + offs, mask=m, other=0).to(acc_ty)
+        o = tl.load(out_ptr + offs, mask=m & (relu_mode == 1), other=0).to(acc_ty)
+        r = tl.load(res_ptr + offs, mask=m & (use_res != 0), other=0).to(acc_ty)
+        keep = _relu_keep(x, o, r, scale, shift, rs, rb, relu_mode)
+        dz = tl.where(keep & m, g, 0)
+        a0 += dz
+        a1 += dz * ((x - mean) * invstd)
+        a2 += dz * ((r - rmean) * rinv)
+    base = ws_ptr + p * (2 + res_st) * C + cols
+    tl.store(base, tl.sum(a0, axis=0), mask=cmask)
+    tl.store(base + C, tl.sum(a1, axis=0), mask=cmask)
+    tl.store(base + 2 * C, tl.sum(a2, axis=0), mask=rsm)
+
+
+# ---- backward apply ------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_apply_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, coef_ptr, raff_ptr, rcoef_ptr, dx_ptr, dres_ptr,
+                    N, C, HW, n_hwb, use_res, res_aff, res_coef, has_res, relu_mode,
+                    ROWS: tl.constexpr, BLOCK_HW: tl.constexpr):
+    # grid (cdiv(N, ROWS) * n_hwb, C), as _fwd_nchw; coef rows (mean, k, mdz, p)
+    acc_ty = aff_ptr.dtype.element_ty
+    u = tl.program_id(0)
+    c = tl.program_id(1)
+    ng = u // n_hwb
+    n = ng * ROWS + tl.arange(0, ROWS)
+    hw = (u - ng * n_hwb) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    scale = tl.load(aff_ptr + c)
+    shift = tl.load(aff_ptr + C + c)
+    mean = tl.load(coef_ptr + c)
+    k = tl.load(coef_ptr + C + c)
+    mdz = tl.load(coef_ptr + 2 * C + c)
+    pc = tl.load(coef_ptr + 3 * C + c)
+    rs = tl.load(raff_ptr + c, mask=res_aff != 0, other=1)
+    rb = tl.load(raff_ptr + C + c, mask=res_aff != 0, other=0)
+    rmean = tl.load(rcoef_ptr + c, mask=res_coef != 0, other=0)
+    rk = tl.load(rcoef_ptr + C + c, mask=res_coef != 0, other=0)
+    rmdz = tl.load(rcoef_ptr + 2 * C + c, mask=res_coef != 0, other=0)
+    rpc = tl.load(rcoef_ptr + 3 * C + c, mask=res_coef != 0, other=0)
+    m = (n < N)[:, None] & (hw < HW)[None, :]
+    offs = ((n.to(tl.int64) * C + c) * HW)[:, None] + hw[None, :]
+    g = tl.load(g_ptr + offs, mask=m, other=0).to(acc_ty)
+    x = tl.load(x_ptr + offs, mask=m, other=0).to(acc_ty)
+    o = tl.load(out_ptr + offs, mask=m & (relu_mode == 1), other=0).to(acc_ty)
+    r = tl.load(res_ptr + offs, mask=m & (use_res != 0), other=0).to(acc_ty)
+    keep = _relu_keep(x, o, r, scale, shift, rs, rb, relu_mode)
+    dz = tl.where(keep, g, 0)
+    dx = (dz - mdz - (x - mean) * pc) * k
+    tl.store(dx_ptr + offs, _cast_out(dx, dx_ptr), mask=m)
+    dres = tl.where(res_coef != 0, (dz - rmdz - (r - rmean) * rpc) * rk, dz)
+    tl.store(dres_ptr + offs, _cast_out(dres, dres_ptr), mask=m & (has_res != 0))
+
+
+@triton.jit
+def _bwd_apply_nhwc(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, coef_ptr, raff_ptr, rcoef_ptr, dx_ptr, dres_ptr,
+                    M, C, use_res, res_aff, res_coef, has_res, relu_mode,
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    # grid (cdiv(M, BLOCK_M), cdiv(C, BLOCK_C)); coef rows (mean, k, mdz, p)
+    acc_ty = aff_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    scale = tl.load(aff_ptr + cols, mask=cmask, other=0)[None, :]
+    shift = tl.load(aff_ptr + C + cols, mask=cmask, other=0)[None, :]
+    mean = tl.load(coef_ptr + cols, mask=cmask, other=0)[None, :]
+    k = tl.load(coef_ptr + C + cols, mask=cmask, other=0)[None, :]
+    mdz = tl.load(coef_ptr + 2 * C + cols, mask=cmask, other=0)[None, :]
+    pc = tl.load(coef_ptr + 3 * C + cols, mask=cmask, other=0)[None, :]
+    ra = cmask & (res_aff != 0)
+    rs = tl.load(raff_ptr + cols, mask=ra, other=1)[None, :]
+    rb = tl.load(raff_ptr + C + cols, mask=ra, other=0)[None, :]
+    rc = cmask & (res_coef != 0)
+    rmean = tl.load(rcoef_ptr + cols, mask=rc, other=0)[None, :]
+    rk = tl.load(rcoef_ptr + C + cols, mask=rc, other=0)[None, :]
+    rmdz = tl.load(rcoef_ptr + 2 * C + cols, mask=rc, other=0)[None, :]
+    rpc = tl.load(rcoef_ptr + 3 * C + cols, mask=rc, other=0)[None, :]
+    m = (rows < M)[:, None] & cmask[None, :]
+    offs = (rows.to(tl.int64) * C)[:, None] + cols[None, :]
+    g = tl.load(g_ptr + offs, mask=m, other=0).to(acc_ty)
+    x = tl.load(x_ptr + offs, mask=m, other=0).to(acc_ty)
+    o = tl.load(out_ptr + offs, mask=m & (relu_mode == 1), other=0).to(acc_ty)
+    r = tl.load(res_ptr + offs, mask=m & (use_res != 0), other=0).to(acc_ty)
+    keep = _relu_keep(x, o, r, scale, shift, rs, rb, relu_mode)
+    dz = tl.where(keep, g, 0)
+    dx = (dz - mdz - (x - mean) * pc) * k
+    tl.store(dx_ptr + offs, _cast_out(dx, dx_ptr), mask=m)
+    dres = tl.where(res_coef != 0, (dz - rmdz - (r - rmean) * rpc) * rk, dz)
+    tl.store(dres_ptr + offs, _cast_out(dres, dres_ptr), mask=m & (has_res != 0))
+
+
+# --------------------------------------------------------------------------------------
+# kernel registry (the single source of variants for launchers and aot.py)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    name: str
+    fn: Callable
+    layout: Optional[str]  # "nchw" / "nhwc": one variant per BLOCKS[layout] entry; None: FIN_CONSTEXPRS
+    num_warps: int
+    per_data_dtype: bool  # False: compiled per accumulation dtype only (finalize kernels)
+
+
+KERNELS: Dict[str, KernelSpec] = {
+    s.name: s
+    for s in (
+        KernelSpec("stats_part_nchw", _stats_part_nchw, "nchw", 8, True),
+        KernelSpec("stats_part_nhwc", _stats_part_nhwc, "nhwc", 8, True),
+        KernelSpec("stats_finalize", _stats_finalize, None, 4, False),
+        KernelSpec("colsum", _colsum, None, 4, False),
+        KernelSpec("fwd_nchw", _fwd_nchw, "nchw", 8, True),
+        KernelSpec("fwd_nhwc", _fwd_nhwc, "nhwc", 8, True),
+        KernelSpec("bwd_reduce_part_nchw", _bwd_reduce_part_nchw, "nchw", 8, True),
+        KernelSpec("bwd_reduce_part_nhwc", _bwd_reduce_part_nhwc, "nhwc", 8, True),
+        KernelSpec("bwd_apply_nchw", _bwd_apply_nchw, "nchw", 8, True),
+        KernelSpec("bwd_apply_nhwc", _bwd_apply_nhwc, "nhwc", 8, True),
+    )
+}
+
+
+def variants() -> List[Tuple[KernelSpec, torch.dtype, Dict[str, int]]]:
+    """Every (kernel, dtype, constexprs) the launchers can launch. For finalize kernels
+    the dtype is the accumulation dtype (the workspace's)."""
+    out = []
+    for spec in KERNELS.values():
+        if spec.per_data_dtype:
+            for dt in DTYPES:
+                for b in BLOCKS[spec.layout]:
+                    out.append((spec, dt, tile_constexprs(spec.layout, b, dt)))
+        else:
+            for dt in sorted({acc_dtype(d) for d in DTYPES}, key=str):
+                out.append((spec, dt, dict(FIN_CONSTEXPRS)))
+    return out
+
+
+def _launch(name: str, grid, args, geo: Optional["_Geom"] = None) -> None:
+    spec = KERNELS[name]
+    cx = tile_constexprs(spec.layout, geo.block, geo.dtype) if spec.layout is not None else FIN_CONSTEXPRS
+    spec.fn[grid](*args, **cx, num_warps=spec.num_warps)
+
+
+# --------------------------------------------------------------------------------------
+# launch geometry
+# --------------------------------------------------------------------------------------
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pick_block(layout: str, extent: int) -> int:
+    """Widest tile whose lanes are >= 75% used along the contiguous extent (HW for NCHW,
+    C for NHWC); failing that, the one with the least padding (ties: the wider)."""
+    cands = sorted(BLOCKS[layout], reverse=True)
+    if extent <= 0:
+        return cands[-1]
+    eff = {b: extent / (_cdiv(extent, b) * b) for b in cands}
+    for b in cands:
+        if eff[b] >= 0.75:
+            return b
+    return max(cands, key=lambda b: (eff[b], b))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(x: Tensor) -> int:
+    sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+        if x.is_cuda else CPU_SMS
+    return sms * _PROGRAMS_PER_SM
+
+
+class _Geom:
+    """Shape facts shared by the launchers."""
+
+    def __init__(self, x: Tensor):
+        if x.dim() != 4:
+            raise ValueError(f"resfused triton: expected a 4-D tensor, got shape {tuple(x.shape)}")
+        self.N, self.C, H, W = x.shape
+        self.HW = H * W
+        self.M = self.N * self.HW  # elements per channel
+        if x.is_contiguous():
+            self.layout = "nchw"
+        elif x.is_contiguous(memory_format=torch.channels_last):
+            self.layout = "nhwc"
+        else:
+            raise ValueError("resfused triton: x must be NCHW- or channels_last-contiguous")
+        self.dtype = x.dtype
+        self.block = _pick_block(self.layout, self.HW if self.layout == "nchw" else self.C)
+        cx = tile_constexprs(self.layout, self.block, self.dtype)
+        self.rows = cx["ROWS"] if self.layout == "nchw" else cx["BLOCK_M"]
+
+    # elementwise grid
+    def apply_grid(self):
+        if self.layout == "nchw":
+            if self.C > 65535:
+                raise ValueError("resfused triton: more than 65535 channels in NCHW layout")
+            return (_cdiv(self.N, self.rows) * _cdiv(self.HW, self.block), self.C)
+        return (_cdiv(self.M, self.rows), _cdiv(self.C, self.block))
+
+    # partial-reduction split: (P, layout-specific ints)
+    def reduce_split(self, x: Tensor):
+        target = _target_programs(x)
+        if self.layout == "nchw":
+            n_hwb = _cdiv(self.HW, self.block)
+            n_units = _cdiv(self.N, self.rows) * n_hwb
+            p = max(1, min(n_units, _cdiv(target, self.C)))
+            upp = _cdiv(n_units, p)
+            p = _cdiv(n_units, upp)
+            return p, (n_hwb, n_units, upp)
+        n_cb = _cdiv(self.C, self.block)
+        n_mb = _cdiv(self.M, self.rows)
+        p = max(1, min(n_mb, _cdiv(target, n_cb)))
+        rpp = _cdiv(n_mb, p) * self.rows
+        p = _cdiv(self.M, rpp)
+        return p, (rpp,)
+
+
+def _check_like(name: str, t: Optional[Tensor], x: Tensor) -> None:
+    if t is None:
+        return
+    if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
+        raise ValueError(f"resfused triton: {name} must match x in shape, dtype and device")
+    if t.is_contiguous() != x.is_contiguous():
+        raise ValueError(f"resfused triton: {name} must have x's memory layout")
+
+
+def _check_chan(name: str, t: Optional[Tensor], rows: int, x: Tensor) -> None:
+    if t is None:
+        return
+    acc = acc_dtype(x.dtype)
+    if t.dtype != acc or not t.is_contiguous() or t.dim() != 2 or t.shape[0] < rows or t.shape[1] != x.shape[1]:
+        raise ValueError(f"resfused triton: {name} must be a contiguous [{rows}, C] {acc} tensor")
+
+
+# --------------------------------------------------------------------------------------
+# launchers (the backend API)
+# --------------------------------------------------------------------------------------
+
+
+def bn_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel batch mean and biased variance, in the accumulation dtype."""
+    geo = _Geom(x)
+    acc = acc_dtype(x.dtype)
+    C = geo.C
+    if x.numel() == 0:
+        nan = torch.full((C,), float("nan"), dtype=acc, device=x.device)
+        return nan, nan.clone()
+    P, extra = geo.reduce_split(x)
+    ws = torch.empty((P, 3, C), dtype=acc, device=x.device)
+    if geo.layout == "nchw":
+        _launch("stats_part_nchw", (C, P), (x, ws, geo.N, C, geo.HW, *extra), geo)
+    else:
+        _launch("stats_part_nhwc", (_cdiv(C, geo.block), P), (x, ws, geo.M, C, *extra), geo)
+    mean = torch.empty((C,), dtype=acc, device=x.device)
+    var = torch.empty((C,), dtype=acc, device=x.device)
+    _launch("stats_finalize", (_cdiv(C, FIN_BLOCK_C),), (ws, mean, var, P, C, geo.M))
+    return mean, var
+
+
+def bn_act_fwd(x: Tensor, affine: Tensor, residual: Optional[Tensor], res_affine: Optional[Tensor],
+               relu: bool) -> Tensor:
+    geo = _Geom(x)
+    _check_like("residual", residual, x)
+    _check_chan("affine", affine, 2, x)
+    _check_chan("res_affine", res_affine, 2, x)
+    if res_affine is not None and residual is None:
+        raise ValueError("resfused triton: res_affine given without residual")
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    args = (x, affine, residual if residual is not None else x, res_affine if res_affine is not None else affine,
+            out)
+    flags = (int(residual is not None), int(res_affine is not None), int(bool(relu)))
+    if geo.layout == "nchw":
+        _launch("fwd_nchw", geo.apply_grid(), (*args, geo.N, geo.C, geo.HW, _cdiv(geo.HW, geo.block), *flags),
+                geo)
+    else:
+        _launch("fwd_nhwc", geo.apply_grid(), (*args, geo.M, geo.C, *flags), geo)
+    return out
+
+
+def _relu_mode(relu: bool, out: Optional[Tensor]) -> int:
+    if not relu:
+        return 0
+    return 1 if out is not None else 2
+
+
+def bn_act_bwd_reduce(grad_out: Tensor, x: Tensor, affine: Tensor, stats: Tensor,
+                      residual: Optional[Tensor], res_affine: Optional[Tensor],
+                      res_stats: Optional[Tensor], out: Optional[Tensor], relu: bool) -> Tensor:
+    """Rows: (sum dz, sum dz*x_hat[, sum dz*res_hat when res_stats is given])."""
+    geo = _Geom(x)
+    for nm, t in (("grad_out", grad_out), ("residual", residual), ("out", out)):
+        _check_like(nm, t, x)
+    for nm, t, k in (("affine", affine, 2), ("stats", stats, 2), ("res_affine", res_affine, 2),
+                     ("res_stats", res_stats, 2)):
+        _check_chan(nm, t, k, x)
+    if residual is None and (res_affine is not None or res_stats is not None):
+        raise ValueError("resfused triton: res_affine/res_stats given without residual")
+    acc = acc_dtype(x.dtype)
+    C = geo.C
+    R = 3 if res_stats is not None else 2
+    if x.numel() == 0:
+        return torch.zeros((R, C), dtype=acc, device=x.device)
+    mode = _relu_mode(relu, out)
+    use_res = residual is not None and (mode == 2 or res_stats is not None)
+    P, extra = geo.reduce_split(x)
+    ws = torch.empty((P, R, C), dtype=acc, device=x.device)
+    ptrs = (grad_out, x, out if mode == 1 else x, residual if residual is not None else x,
+            affine, stats, res_affine if res_affine is not None else affine,
+            res_stats if res_stats is not None else stats, ws)
+    flags = (int(use_res), int(res_affine is not None), int(res_stats is not None), mode)
+    if geo.layout == "nchw":
+        _launch("bwd_reduce_part_nchw", (C, P), (*ptrs, geo.N, C, geo.HW, *extra, *flags), geo)
+    else:
+        _launch("bwd_reduce_part_nhwc", (_cdiv(C, geo.block), P), (*ptrs, geo.M, C, *extra, *flags), geo)
+    res = torch.empty((R, C), dtype=acc, device=x.device)
+    _launch("colsum", (_cdiv(R * C, FIN_BLOCK_C),), (ws, res, P, R * C))
+    return res
+
+
+def bn_act_bwd_apply(grad_out: Tensor, x: Tensor, affine: Tensor, coef: Tensor,
+                     residual: Optional[Tensor], res_affine: Optional[Tensor],
+                     res_coef: Optional[Tensor], out: Optional[Tensor], relu: bool) -> Tuple[Tensor, Tensor]:
+    """Returns (dx, dres). dres is ``dz`` for a plain residual, the BN input
+    gradient for a residual with ``res_coef``, and an empty tensor without residual."""
+    geo = _Geom(x)
+    for nm, t in (("grad_out", grad_out), ("residual", residual), ("out", out)):
+        _check_like(nm, t, x)
+    for nm, t, k in (("affine", affine, 2), ("coef", coef, 4), ("res_affine", res_affine, 2),
+                     ("res_coef", res_coef, 4)):
+        _check_chan(nm, t, k, x)
+    if residual is None and (res_affine is not None or res_coef is not None):
+        raise ValueError("resfused triton: res_affine/res_coef given without residual")
+    dx = torch.empty_like(x)
+    dres = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    if x.numel() == 0:
+        return dx, dres
+    mode = _relu_mode(relu, out)
+    use_res = residual is not None and (mode == 2 or res_coef is not None)
+    ptrs = (grad_out, x, out if mode == 1 else x, residual if residual is not None else x,
+            affine, coef, res_affine if res_affine is not None else affine,
+            res_coef if res_coef is not None else coef, dx, dres if residual is not None else dx)
+    flags = (int(use_res), int(res_affine is not None), int(res_coef is not None), int(residual is not None), mode)
+    if geo.layout == "nchw":
+        _launch("bwd_apply_nchw", geo.apply_grid(), (*ptrs, geo.N, geo.C, geo.HW, _cdiv(geo.HW, geo.block), *flags),
+                geo)
+    else:
+        _launch("bwd_apply_nhwc", geo.apply_grid(), (*ptrs, geo.M, geo.C, *flags), geo)
+    return dx, dres

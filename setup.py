@@ -90,7 +90,9 @@ def build_ext_modules():
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     define = [("RESFUSED_TORCH_VERSION", f'"{torch.__version__}"')]
-    cxx = ["-O3"]  # torch picks the C++ standard its headers need
+    # torch picks the C++ standard its headers need; -fopenmp (compile only: libtorch
+    # already loads its OpenMP runtime) makes at::parallel_for use the OpenMP pool.
+    cxx = ["-O3", "-fopenmp"]
     if cuda_home is None:
         return [cpp_extension.CppExtension("resfused._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
                                            define_macros=define, extra_compile_args={"cxx": cxx})], False

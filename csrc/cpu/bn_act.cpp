@@ -1,0 +1,361 @@
+// CPU backend of the fused BN-activation ops (contract: resfused/ops/eager.py).
+//
+// This file holds the entry points (argument checks, allocation, mode
+// selection), the thread-slot runner, and the baseline-ISA copy of the kernel
+// bodies (bn_act_kernels.h). bn_act_avx2.cpp holds an AVX2+FMA copy of the same
+// bodies; it is chosen at run time when the CPU supports it.
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "bn_act.h"
+#include "bn_act_cpu.h"
+
+#include <ATen/cpu/vec/vec.h>
+#define RESFUSED_KNS generic
+#include "bn_act_kernels.h"
+#undef RESFUSED_KNS
+
+namespace resfused {
+namespace cpu {
+
+// ------------------------------------------------------------------ threads
+// Work is cut into slots that depend only on the problem size (never on the
+// thread count), so every reduction is combined in the same order however many
+// threads run it: results are bitwise reproducible across thread counts.
+namespace {
+constexpr int64_t kGrain = 32768;       // below this many elements: one slot
+constexpr int64_t kSlotWork = 1 << 18;  // elements per slot above it
+constexpr int64_t kMaxSlots = 64;
+
+#ifndef _OPENMP
+// The extension is normally compiled without -fopenmp, and then at::parallel_for
+// (a header template) runs serially. Two fallbacks, in order:
+//  1. libgomp's entry point for `#pragma omp parallel` (GOMP_parallel), which
+//     is what at::parallel_for compiles to with -fopenmp: the same, already warm
+//     thread team that ATen's own kernels use (libtorch_cpu links libgomp). It
+//     is declared weak, so a torch built with another OpenMP runtime that
+//     lacks it leaves it null and we go on to 2.
+//  2. ATen's inter-op pool (at::launch).
+// Either way slots are claimed dynamically by whoever gets to them first, the
+// calling thread included, so a late or busy helper only costs parallelism,
+// never progress.
+extern "C" void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags)
+    __attribute__((weak));
+
+struct SlotState {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t n = 0;
+  const std::function<void(int64_t)>* f = nullptr;
+  std::mutex m;
+  std::condition_variable cv;
+  std::exception_ptr err;
+  std::atomic<bool> failed{false};
+};
+
+void work_slots(SlotState* st) {
+  for (;;) {
+    const int64_t k = st->next.fetch_add(1);
+    if (k >= st->n) return;
+    try {
+      (*st->f)(k);
+    } catch (...) {
+      if (!st->failed.exchange(true)) st->err = std::current_exception();
+    }
+    if (st->done.fetch_add(1) + 1 == st->n) {
+      std::lock_guard<std::mutex> lk(st->m);
+      st->cv.notify_all();
+    }
+  }
+}
+
+void gomp_body(void* p) { work_slots(static_cast<SlotState*>(p)); }
+#endif
+}  // namespace
+
+int64_t num_slots(int64_t work) {
+  if (work <= kGrain) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(kMaxSlots, (work + kSlotWork - 1) / kSlotWork));
+}
+
+void run_slots(int64_t n, const std::function<void(int64_t)>& f) {
+  if (n <= 0) return;
+  const int64_t nt = (n == 1 || at::in_parallel_region()) ? 1 : std::max(1, at::get_num_threads());
+  if (nt == 1) {
+    for (int64_t k = 0; k < n; ++k) f(k);
+    return;
+  }
+#ifdef _OPENMP
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) f(k);
+  });
+#else
+  static const bool use_gomp = GOMP_parallel != nullptr && !std::getenv("RESFUSED_CPU_NO_GOMP");
+  if (use_gomp) {
+    SlotState st;
+    st.n = n;
+    st.f = &f;
+    // num_threads 0: the team size ATen set (at::set_num_threads -> omp_set_num_threads)
+    GOMP_parallel(&gomp_body, &st, 0, 0);
+    if (st.err) std::rethrow_exception(st.err);
+    return;
+  }
+  auto st = std::make_shared<SlotState>();
+  st->n = n;
+  st->f = &f;
+  const int64_t helpers = std::min(nt, n) - 1;
+  for (int64_t i = 0; i < helpers; ++i) at::launch([st] { work_slots(st.get()); });
+  work_slots(st.get());
+  {
+    std::unique_lock<std::mutex> lk(st->m);
+    st->cv.wait(lk, [&] { return st->done.load() >= st->n; });
+  }
+  if (st->err) std::rethrow_exception(st->err);
+#endif
+}
+
+const KernelTable* kernels_default() {
+  static const KernelTable t{&generic::k_stats, &generic::k_fwd, &generic::k_bwd_reduce, &generic::k_bwd_apply};
+  return &t;
+}
+
+namespace {
+const KernelTable* pick() {
+  static const KernelTable* t = [] {
+    const char* env = std::getenv("RESFUSED_CPU_ISA");
+    const bool force_default = env && (std::strcmp(env, "default") == 0 || std::strcmp(env, "DEFAULT") == 0);
+    const KernelTable* k = force_default ? nullptr : kernels_avx2();
+    return k ? k : kernels_default();
+  }();
+  return t;
+}
+
+c10::ScalarType acc_type(c10::ScalarType t) {
+  return t == c10::ScalarType::Double ? c10::ScalarType::Double : c10::ScalarType::Float;
+}
+
+struct Layout {
+  bool cl;
+  at::MemoryFormat fmt;
+};
+
+Layout layout_of(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "resfused cpu: x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
+  TORCH_CHECK(x.device().is_cpu(), "resfused cpu: x must be a CPU tensor");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "resfused cpu: unsupported dtype ", dt);
+  if (x.is_contiguous()) return {false, at::MemoryFormat::Contiguous};
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "resfused cpu: x must be NCHW-contiguous or channels_last-contiguous");
+  return {true, at::MemoryFormat::ChannelsLast};
+}
+
+// A big tensor in x's layout (a no-op for tensors the op layer prepared).
+at::Tensor big(const at::Tensor& t, const at::Tensor& x, const Layout& L, const char* name) {
+  TORCH_CHECK(t.sizes() == x.sizes(), "resfused cpu: ", name, " must have x's shape ", x.sizes(), ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "resfused cpu: ", name, " must have x's dtype");
+  TORCH_CHECK(t.device().is_cpu(), "resfused cpu: ", name, " must be a CPU tensor");
+  return t.contiguous(L.fmt);
+}
+
+at::Tensor chan(const at::Tensor& t, const at::Tensor& x, int64_t rows, const char* name) {
+  const int64_t C = x.size(1);
+  TORCH_CHECK(t.dim() == 2 && t.size(0) >= rows && t.size(1) == C, "resfused cpu: ", name, " must be [",
+              rows, ", ", C, "], got ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), "resfused cpu: ", name, " must be a CPU tensor");
+  return t.to(acc_type(x.scalar_type())).contiguous();
+}
+
+at::Tensor out_like(const at::Tensor& x, const Layout& L) {
+  return at::empty(x.sizes(), x.options().memory_format(L.fmt));
+}
+
+void set_rows(BnArgs& a, int first, const at::Tensor& t, int rows) {
+  const int64_t C = t.size(1);
+  const auto es = t.element_size();
+  for (int i = 0; i < rows; ++i) a.p[first + i] = static_cast<const char*>(t.data_ptr()) + i * C * es;
+}
+
+BnArgs base_args(const at::Tensor& x, const Layout& L) {
+  BnArgs a;
+  a.dtype = x.scalar_type();
+  a.N = x.size(0);
+  a.C = x.size(1);
+  a.HW = x.size(2) * x.size(3);
+  a.cl = L.cl;
+  a.x = x.data_ptr();
+  return a;
+}
+
+// res_affine, or the identity (1, 0) for a plain residual in the recomputed mask.
+at::Tensor res_affine_or_identity(const OptTensor& res_affine, const at::Tensor& x) {
+  if (res_affine.has_value() && res_affine->defined()) return chan(*res_affine, x, 2, "res_affine");
+  const auto opt = x.options().dtype(acc_type(x.scalar_type()));
+  const int64_t C = x.size(1);
+  return at::stack({at::ones({C}, opt), at::zeros({C}, opt)});
+}
+
+bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
+}  // namespace
+}  // namespace cpu
+
+using cpu::BnArgs;
+
+std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x_) {
+  const auto L = cpu::layout_of(x_);
+  const at::Tensor x = x_.contiguous(L.fmt);
+  const int64_t C = x.size(1);
+  const auto opt = x.options().dtype(cpu::acc_type(x.scalar_type()));
+  at::Tensor mean = at::empty({C}, opt), var = at::empty({C}, opt);
+  if (x.numel() == 0) {
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+  } else {
+    BnArgs a = cpu::base_args(x, L);
+    a.red = mean.data_ptr();
+    a.red2 = var.data_ptr();
+    cpu::pick()->stats(a);
+  }
+  return std::make_tuple(mean, var);
+}
+
+at::Tensor bn_act_fwd_cpu(const at::Tensor& x_, const at::Tensor& affine_, const OptTensor& residual,
+                          const OptTensor& res_affine, bool relu) {
+  const auto L = cpu::layout_of(x_);
+  const at::Tensor x = x_.contiguous(L.fmt);
+  const at::Tensor affine = cpu::chan(affine_, x, 2, "affine");
+  const bool has_res = cpu::given(residual);
+  at::Tensor r, ra;
+  if (has_res) {
+    r = cpu::big(*residual, x, L, "residual");
+    ra = cpu::res_affine_or_identity(res_affine, x);
+  }
+  at::Tensor out = cpu::out_like(x, L);
+  if (x.numel() == 0) return out;
+  BnArgs a = cpu::base_args(x, L);
+  a.y = out.data_ptr();
+  a.has_res = has_res;
+  a.relu = relu;
+  cpu::set_rows(a, 0, affine, 2);
+  if (has_res) {
+    a.r = r.data_ptr();
+    cpu::set_rows(a, 2, ra, 2);
+  }
+  cpu::pick()->fwd(a);
+  return out;
+}
+
+namespace cpu {
+namespace {
+// Common setup of the two backward ops: dz's mask source.
+struct BwdCommon {
+  at::Tensor g, x, r, o, affine, ra;
+  bool has_res = false;
+  int mask = 0;
+};
+
+BwdCommon bwd_common(const at::Tensor& grad_out, const at::Tensor& x_, const at::Tensor& affine,
+                     const OptTensor& residual, const OptTensor& res_affine, const OptTensor& out, bool relu,
+                     const Layout& L) {
+  BwdCommon b;
+  b.x = x_.contiguous(L.fmt);
+  b.g = big(grad_out, b.x, L, "grad_out");
+  b.has_res = given(residual);
+  if (b.has_res) b.r = big(*residual, b.x, L, "residual");
+  if (!relu) {
+    b.mask = 0;
+  } else if (given(out)) {
+    b.mask = 1;
+    b.o = big(*out, b.x, L, "out");
+  } else {
+    b.mask = 2;
+    b.affine = chan(affine, b.x, 2, "affine");
+    if (b.has_res) b.ra = res_affine_or_identity(res_affine, b.x);
+  }
+  return b;
+}
+
+void fill_common(BnArgs& a, const BwdCommon& b) {
+  a.g = b.g.data_ptr();
+  a.mask = b.mask;
+  a.has_res = b.has_res;
+  if (b.has_res) a.r = b.r.data_ptr();
+  if (b.mask == 1) a.o_in = b.o.data_ptr();
+  if (b.mask == 2) {
+    set_rows(a, 0, b.affine, 2);
+    if (b.has_res) set_rows(a, 2, b.ra, 2);
+  }
+}
+}  // namespace
+}  // namespace cpu
+
+at::Tensor bn_act_bwd_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& x_, const at::Tensor& affine,
+                                 const at::Tensor& stats_, const OptTensor& residual, const OptTensor& res_affine,
+                                 const OptTensor& res_stats, const OptTensor& out, bool relu) {
+  const auto L = cpu::layout_of(x_);
+  const auto b = cpu::bwd_common(grad_out, x_, affine, residual, res_affine, out, relu, L);
+  const bool rst = cpu::given(res_stats);
+  TORCH_CHECK(!rst || b.has_res, "resfused cpu: res_stats needs a residual");
+  const int64_t C = b.x.size(1);
+  at::Tensor red = at::empty({rst ? 3 : 2, C}, b.x.options().dtype(cpu::acc_type(b.x.scalar_type())));
+  const at::Tensor stats = cpu::chan(stats_, b.x, 2, "stats");
+  at::Tensor rstats;
+  if (rst) rstats = cpu::chan(*res_stats, b.x, 2, "res_stats");
+  if (b.x.numel() == 0) {
+    red.zero_();
+    return red;
+  }
+  BnArgs a = cpu::base_args(b.x, L);
+  cpu::fill_common(a, b);
+  a.red = red.data_ptr();
+  a.rstats = rst ? 1 : 0;
+  cpu::set_rows(a, 4, stats, 2);
+  if (rst) cpu::set_rows(a, 8, rstats, 2);
+  cpu::pick()->bwd_reduce(a);
+  return red;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cpu(const at::Tensor& grad_out, const at::Tensor& x_,
+                                                        const at::Tensor& affine, const at::Tensor& coef_,
+                                                        const OptTensor& residual, const OptTensor& res_affine,
+                                                        const OptTensor& res_coef, const OptTensor& out,
+                                                        bool relu) {
+  const auto L = cpu::layout_of(x_);
+  const auto b = cpu::bwd_common(grad_out, x_, affine, residual, res_affine, out, relu, L);
+  const bool rc = cpu::given(res_coef);
+  TORCH_CHECK(!rc || b.has_res, "resfused cpu: res_coef needs a residual");
+  const at::Tensor coef = cpu::chan(coef_, b.x, 4, "coef");
+  at::Tensor rcoef;
+  if (rc) rcoef = cpu::chan(*res_coef, b.x, 4, "res_coef");
+  at::Tensor dx = cpu::out_like(b.x, L);
+  at::Tensor dres = b.has_res ? cpu::out_like(b.x, L) : at::empty({0}, b.x.options());
+  if (b.x.numel() == 0) return std::make_tuple(dx, dres);
+  BnArgs a = cpu::base_args(b.x, L);
+  cpu::fill_common(a, b);
+  a.y = dx.data_ptr();
+  if (b.has_res) a.dres = dres.data_ptr();
+  a.dres_mode = !b.has_res ? 0 : (rc ? 2 : 1);
+  cpu::set_rows(a, 4, coef, 4);
+  if (rc) cpu::set_rows(a, 8, rcoef, 4);
+  cpu::pick()->bwd_apply(a);
+  return std::make_tuple(dx, dres);
+}
+
+}  // namespace resfused

@@ -1,0 +1,767 @@
+// Kernel bodies of the CPU backend. Not a public header: included once by
+// bn_act.cpp (baseline ISA) and once by bn_act_avx2.cpp (AVX2+FMA), each time
+// after <ATen/cpu/vec/vec.h> and with RESFUSED_KNS naming a namespace private
+// to that translation unit, so the two copies never meet (no ODR mixing).
+//
+// Layouts: NCHW = N*C rows of HW contiguous elements (per-channel values are
+// broadcast per row); channels_last = N*H*W rows of C contiguous channels
+// (per-channel values are loaded as vectors). Work is split into contiguous
+// slots whose number depends only on the size (bn_act.cpp: num_slots); the
+// reductions keep one partial per slot and channel, in double, and combine them
+// in slot order, so every result is bitwise the same for any thread count.
+//
+// Statistics: each piece of at most kPiece elements of one channel is reduced
+// in two passes (sum, then sums of deviations about the piece mean) in the
+// compute dtype while it is hot in L1, and pieces are merged in double with
+// Chan's formula. No Σx² − M·mean² anywhere.
+
+#ifndef RESFUSED_KNS
+#error "define RESFUSED_KNS before including bn_act_kernels.h"
+#endif
+
+namespace resfused {
+namespace cpu {
+namespace RESFUSED_KNS {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename T> struct AccT { using type = float; };
+template <> struct AccT<double> { using type = double; };
+
+constexpr int64_t kPiece = 2048;   // elements of one channel reduced in the compute dtype
+// channels_last rows per step of the channel loop. 1 keeps the access strictly
+// sequential; interleaving 4 rows (to share the per-channel loads) measured
+// 2-3x slower on the target machine (hardware prefetch), so it stays 1.
+constexpr int64_t kRowGroup = 1;
+
+template <typename scalar_t>
+struct IO {
+  using acc_t = typename AccT<scalar_t>::type;
+  using V = Vectorized<acc_t>;
+  static constexpr int64_t L = V::size();
+  static constexpr int64_t B = Vectorized<scalar_t>::size();  // elements per block
+  static constexpr int NV = static_cast<int>(B / L);          // compute vectors per block
+  static_assert(NV == 1 || NV == 2, "unexpected vector widths");
+
+  static inline void load(const scalar_t* p, V* v) {
+    if constexpr (NV == 1) {
+      v[0] = V::loadu(p);
+    } else {
+      auto t = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
+      v[0] = std::get<0>(t);
+      v[1] = std::get<1>(t);
+    }
+  }
+  static inline void store(scalar_t* p, const V* v) {
+    if constexpr (NV == 1) {
+      v[0].store(p);
+    } else {
+      at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
+    }
+  }
+  static inline acc_t ld(const scalar_t* p) { return static_cast<acc_t>(*p); }
+  static inline void st(scalar_t* p, acc_t v) { *p = static_cast<scalar_t>(v); }
+};
+
+// relu that propagates NaN (like torch.relu): z < 0 ? 0 : z
+template <typename V> inline V vrelu(const V& z) {
+  const V zero(typename V::value_type(0));
+  return V::blendv(z, zero, z < zero);
+}
+template <typename A> inline A srelu(A z) { return z < A(0) ? A(0) : z; }
+// m > 0 ? g : 0 (NaN m gives 0; NaN g with m > 0 stays NaN)
+template <typename V> inline V vmask(const V& g, const V& m) {
+  const V zero(typename V::value_type(0));
+  return V::blendv(zero, g, m > zero);
+}
+template <typename A> inline A smask(A g, A m) { return m > A(0) ? g : A(0); }
+
+// Keeps a product rounded on its own: the compiler may not contract
+// `nc(a * b) + c` into an FMA. The elementwise maths (pre-activation, relu mask,
+// input gradients) thus rounds exactly like eager PyTorch's separate mul and
+// add, so fp32/fp64 outputs and relu masks match eager bit for bit (an FMA
+// flips the mask of the rare z within an ulp of 0). Only the AVX2 copy can
+// contract (the baseline x86-64 ISA has no FMA).
+template <typename T> inline T nc(T v) {
+#if defined(RESFUSED_CAN_CONTRACT)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    asm("" : "+x"(v));
+  } else if constexpr (std::is_same_v<T, Vectorized<float>>) {
+    __m256 r = v;
+    asm("" : "+x"(r));
+    v = T(r);
+  } else if constexpr (std::is_same_v<T, Vectorized<double>>) {
+    __m256d r = v;
+    asm("" : "+x"(r));
+    v = T(r);
+  }
+#endif
+  return v;
+}
+
+template <typename V> inline double hsum(const V& v) {
+  using A = typename V::value_type;
+  A buf[V::size()];
+  v.store(buf);
+  double s = 0;
+  for (int64_t i = 0; i < V::size(); ++i) s += static_cast<double>(buf[i]);
+  return s;
+}
+
+inline void chan_merge(double& n, double& mean, double& m2, double nb, double meanb, double m2b) {
+  if (nb <= 0) return;
+  const double nn = n + nb;
+  const double delta = meanb - mean;
+  mean += delta * (nb / nn);
+  m2 += m2b + delta * delta * (n * nb / nn);
+  n = nn;
+}
+
+inline void slot_range(int64_t total, int64_t nslots, int64_t k, int64_t align, int64_t& b, int64_t& e) {
+  int64_t per = (total + nslots - 1) / nslots;
+  per = (per + align - 1) / align * align;
+  b = std::min(total, k * per);
+  e = std::min(total, b + per);
+}
+
+// Calls f(row, flat_offset, len) for each piece of a row that lies in [e0, e1).
+template <typename F>
+inline void for_segments(int64_t e0, int64_t e1, int64_t len_row, const F& f) {
+  if (e0 >= e1 || len_row <= 0) return;
+  int64_t row = e0 / len_row;
+  int64_t e = e0;
+  while (e < e1) {
+    const int64_t row_end = (row + 1) * len_row;
+    const int64_t len = std::min(row_end, e1) - e;
+    f(row, e, len);
+    e += len;
+    ++row;
+  }
+}
+
+template <typename scalar_t>
+struct K {
+  using io = IO<scalar_t>;
+  using acc_t = typename io::acc_t;
+  using V = typename io::V;
+  static constexpr int64_t L = io::L;
+  static constexpr int64_t B = io::B;
+  static constexpr int NV = io::NV;
+
+  static const acc_t* P(const BnArgs& a, int i) { return static_cast<const acc_t*>(a.p[i]); }
+
+  // ---------------------------------------------------------------- stats
+  // mean and M2 of n contiguous elements (two passes, compute dtype).
+  static void piece_stats(const scalar_t* x, int64_t n, double& mean, double& m2, double& total) {
+    V s0(0), s1(0);
+    int64_t i = 0;
+    V v[NV];
+    for (; i + 2 * B <= n; i += 2 * B) {
+      io::load(x + i, v);
+      for (int j = 0; j < NV; ++j) s0 = s0 + v[j];
+      io::load(x + i + B, v);
+      for (int j = 0; j < NV; ++j) s1 = s1 + v[j];
+    }
+    for (; i + B <= n; i += B) {
+      io::load(x + i, v);
+      for (int j = 0; j < NV; ++j) s0 = s0 + v[j];
+    }
+    double sum = hsum(s0 + s1);
+    for (; i < n; ++i) sum += static_cast<double>(io::ld(x + i));
+    total = sum;
+    const acc_t m = static_cast<acc_t>(sum / static_cast<double>(n));
+    const V mv(m);
+    V d1(0), d2(0), e1(0), e2(0);
+    i = 0;
+    for (; i + 2 * B <= n; i += 2 * B) {
+      io::load(x + i, v);
+      for (int j = 0; j < NV; ++j) {
+        V d = v[j] - mv;
+        d1 = d1 + d;
+        d2 = at::vec::fmadd(d, d, d2);
+      }
+      io::load(x + i + B, v);
+      for (int j = 0; j < NV; ++j) {
+        V d = v[j] - mv;
+        e1 = e1 + d;
+        e2 = at::vec::fmadd(d, d, e2);
+      }
+    }
+    for (; i + B <= n; i += B) {
+      io::load(x + i, v);
+      for (int j = 0; j < NV; ++j) {
+        V d = v[j] - mv;
+        d1 = d1 + d;
+        d2 = at::vec::fmadd(d, d, d2);
+      }
+    }
+    double sd1 = hsum(d1 + e1), sd2 = hsum(d2 + e2);
+    for (; i < n; ++i) {
+      const double d = static_cast<double>(io::ld(x + i) - m);
+      sd1 += d;
+      sd2 += d * d;
+    }
+    const double dn = static_cast<double>(n);
+    mean = static_cast<double>(m) + sd1 / dn;
+    m2 = std::max(0.0, sd2 - sd1 * sd1 / dn);
+  }
+
+  static void stats(const BnArgs& a) {
+    const scalar_t* x = static_cast<const scalar_t*>(a.x);
+    const int64_t C = a.C, HW = a.HW, total = a.N * C * HW;
+    const int64_t nslots = num_slots(total);
+    // per slot and channel: count, mean, M2, plain sum (the mean when inf/NaN is involved)
+    std::vector<double> part(static_cast<size_t>(nslots * 4 * C), 0.0);
+    if (!a.cl) {
+      run_slots(nslots, [&](int64_t k) {
+        double* Pn = part.data() + k * 4 * C;
+        double* Pm = Pn + C;
+        double* P2 = Pm + C;
+        double* Ps = P2 + C;
+        int64_t e0, e1;
+        slot_range(total, nslots, k, B, e0, e1);
+        for_segments(e0, e1, HW, [&](int64_t row, int64_t e, int64_t len) {
+          const int64_t c = row % C;
+          for (int64_t q = 0; q < len; q += kPiece) {
+            const int64_t n = std::min(kPiece, len - q);
+            double pm, pm2, ps;
+            piece_stats(x + e + q, n, pm, pm2, ps);
+            chan_merge(Pn[c], Pm[c], P2[c], static_cast<double>(n), pm, pm2);
+            Ps[c] += ps;
+          }
+        });
+      });
+    } else {
+      const int64_t rows = a.N * HW;
+      const int64_t Cv = C / B * B;
+      // blocks of rows (~128 KiB of fp32, L2-resident for the second pass)
+      const int64_t blk = std::max<int64_t>(8, std::min<int64_t>(256, 32768 / std::max<int64_t>(C, 1)));
+      run_slots(nslots, [&](int64_t k) {
+        double* Pn = part.data() + k * 4 * C;
+        double* Pm = Pn + C;
+        double* P2 = Pm + C;
+        double* Ps = P2 + C;
+        int64_t r0, r1;
+        slot_range(rows, nslots, k, 1, r0, r1);
+        std::vector<acc_t> s(C), m(C), d1(C), d2(C);
+        double nslot = 0;  // rows merged so far (the same for every channel)
+        for (int64_t rb = r0; rb < r1; rb += blk) {
+          const int64_t re = std::min(r1, rb + blk);
+          const acc_t cnt = static_cast<acc_t>(re - rb);
+          std::fill(s.begin(), s.end(), acc_t(0));
+          std::fill(d1.begin(), d1.end(), acc_t(0));
+          std::fill(d2.begin(), d2.end(), acc_t(0));
+          V v[NV];
+          for (int64_t r = rb; r < re; ++r) {
+            const scalar_t* xr = x + r * C;
+            int64_t c = 0;
+            for (; c < Cv; c += B) {
+              io::load(xr + c, v);
+              for (int j = 0; j < NV; ++j) (V::loadu(s.data() + c + j * L) + v[j]).store(s.data() + c + j * L);
+            }
+            for (; c < C; ++c) s[c] += io::ld(xr + c);
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            m[c] = s[c] / cnt;
+            Ps[c] += static_cast<double>(s[c]);
+          }
+          for (int64_t r = rb; r < re; ++r) {
+            const scalar_t* xr = x + r * C;
+            int64_t c = 0;
+            for (; c < Cv; c += B) {
+              io::load(xr + c, v);
+              for (int j = 0; j < NV; ++j) {
+                const int64_t cc = c + j * L;
+                V d = v[j] - V::loadu(m.data() + cc);
+                (V::loadu(d1.data() + cc) + d).store(d1.data() + cc);
+                at::vec::fmadd(d, d, V::loadu(d2.data() + cc)).store(d2.data() + cc);
+              }
+            }
+            for (; c < C; ++c) {
+              const acc_t d = io::ld(xr + c) - m[c];
+              d1[c] += d;
+              d2[c] += d * d;
+            }
+          }
+          // Chan merge of this block into the slot, with the count-only factors hoisted.
+          const double nb = static_cast<double>(re - rb);
+          const double nn = nslot + nb;
+          const double fa = nb / nn, fb = nslot * nb / nn, inv_nb = 1.0 / nb;
+          for (int64_t c = 0; c < C; ++c) {
+            const double sd1 = d1[c];
+            const double mb = static_cast<double>(m[c]) + sd1 * inv_nb;
+            const double m2b = std::max(0.0, static_cast<double>(d2[c]) - sd1 * sd1 * inv_nb);
+            const double delta = mb - Pm[c];
+            Pm[c] += delta * fa;
+            P2[c] += m2b + delta * delta * fb;
+          }
+          nslot = nn;
+        }
+        for (int64_t c = 0; c < C; ++c) Pn[c] = nslot;
+      });
+    }
+    acc_t* mean_out = static_cast<acc_t*>(a.red);
+    acc_t* var_out = static_cast<acc_t*>(a.red2);
+    for (int64_t c = 0; c < C; ++c) {
+      double n = 0, m = 0, m2 = 0, sum = 0;
+      for (int64_t k = 0; k < nslots; ++k) {
+        const double* Pn = part.data() + k * 4 * C;
+        chan_merge(n, m, m2, Pn[c], Pn[C + c], Pn[2 * C + c]);
+        sum += Pn[3 * C + c];
+      }
+      if (!std::isfinite(m)) m = sum / n;  // inf/NaN input: the plain mean, as torch gives
+      if (n > 0) {
+        mean_out[c] = static_cast<acc_t>(m);
+        var_out[c] = static_cast<acc_t>(m2 / n);
+      } else {
+        mean_out[c] = var_out[c] = std::numeric_limits<acc_t>::quiet_NaN();
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------- forward
+  template <bool RES, bool RELU>
+  static inline void fwd_vec(const scalar_t* x, const scalar_t* r, scalar_t* o, const V* s, const V* b,
+                             const V* rs, const V* rb) {
+    V xv[NV], rv[NV], z[NV];
+    io::load(x, xv);
+    if constexpr (RES) io::load(r, rv);
+    for (int j = 0; j < NV; ++j) {
+      z[j] = nc(xv[j] * s[j]) + b[j];
+      if constexpr (RES) z[j] = z[j] + (nc(rv[j] * rs[j]) + rb[j]);
+      if constexpr (RELU) z[j] = vrelu(z[j]);
+    }
+    io::store(o, z);
+  }
+  template <bool RES, bool RELU>
+  static inline void fwd_one(const scalar_t* x, const scalar_t* r, scalar_t* o, acc_t s, acc_t b, acc_t rs,
+                             acc_t rb) {
+    acc_t z = nc(io::ld(x) * s) + b;
+    if constexpr (RES) z = z + (nc(io::ld(r) * rs) + rb);
+    if constexpr (RELU) z = srelu(z);
+    io::st(o, z);
+  }
+
+  template <bool RES, bool RELU>
+  static void fwd(const BnArgs& a) {
+    const scalar_t* x = static_cast<const scalar_t*>(a.x);
+    const scalar_t* r = static_cast<const scalar_t*>(a.r);
+    scalar_t* o = static_cast<scalar_t*>(a.y);
+    const acc_t *ps = P(a, 0), *pb = P(a, 1), *prs = P(a, 2), *prb = P(a, 3);
+    const int64_t C = a.C, HW = a.HW, total = a.N * C * HW;
+    const int64_t nslots = num_slots(total);
+    if (!a.cl) {
+      run_slots(nslots, [&](int64_t k) {
+        int64_t e0, e1;
+        slot_range(total, nslots, k, B, e0, e1);
+        for_segments(e0, e1, HW, [&](int64_t row, int64_t e, int64_t len) {
+          const int64_t c = row % C;
+          const acc_t s = ps[c], b = pb[c], rs = RES ? prs[c] : acc_t(0), rb = RES ? prb[c] : acc_t(0);
+          V sv[NV], bv[NV], rsv[NV], rbv[NV];
+          for (int j = 0; j < NV; ++j) {
+            sv[j] = V(s); bv[j] = V(b); rsv[j] = V(rs); rbv[j] = V(rb);
+          }
+          int64_t i = 0;
+          for (; i + B <= len; i += B)
+            fwd_vec<RES, RELU>(x + e + i, RES ? r + e + i : nullptr, o + e + i, sv, bv, rsv, rbv);
+          for (; i < len; ++i)
+            fwd_one<RES, RELU>(x + e + i, RES ? r + e + i : nullptr, o + e + i, s, b, rs, rb);
+        });
+      });
+    } else {
+      const int64_t rows = a.N * HW, Cv = C / B * B;
+      run_slots(nslots, [&](int64_t k) {
+        int64_t r0, r1;
+        slot_range(rows, nslots, k, 1, r0, r1);
+        for (int64_t rg = r0; rg < r1; rg += kRowGroup) {
+          const int64_t nr = std::min(kRowGroup, r1 - rg);
+          int64_t c = 0;
+          for (; c < Cv; c += B) {
+            V sv[NV], bv[NV], rsv[NV], rbv[NV];
+            for (int j = 0; j < NV; ++j) {
+              sv[j] = V::loadu(ps + c + j * L);
+              bv[j] = V::loadu(pb + c + j * L);
+              if constexpr (RES) {
+                rsv[j] = V::loadu(prs + c + j * L);
+                rbv[j] = V::loadu(prb + c + j * L);
+              }
+            }
+            for (int64_t q = 0; q < nr; ++q) {
+              const int64_t off = (rg + q) * C + c;
+              fwd_vec<RES, RELU>(x + off, RES ? r + off : nullptr, o + off, sv, bv, rsv, rbv);
+            }
+          }
+          for (; c < C; ++c) {
+            for (int64_t q = 0; q < nr; ++q) {
+              const int64_t off = (rg + q) * C + c;
+              fwd_one<RES, RELU>(x + off, RES ? r + off : nullptr, o + off, ps[c], pb[c], RES ? prs[c] : acc_t(0),
+                                 RES ? prb[c] : acc_t(0));
+            }
+          }
+        }
+      });
+    }
+  }
+
+  // ---------------------------------------------------------------- backward
+  // Per-channel values used by the backward kernels, as vectors (NV each) or scalars.
+  // idx: 0 s, 1 b, 2 rs, 3 rb, 4..7 p[4..7], 8..11 p[8..11]
+  struct ParV { V v[12][NV]; };
+  struct ParS { acc_t v[12]; };
+
+  template <int MASK, bool RES>
+  static inline void dz_vec(const scalar_t* g, const scalar_t* x, const scalar_t* r, const scalar_t* oin,
+                            const ParV& p, V* xv, V* rv, V* dz) {
+    io::load(g, dz);
+    io::load(x, xv);
+    if constexpr (RES) io::load(r, rv);
+    if constexpr (MASK == 1) {
+      V ov[NV];
+      io::load(oin, ov);
+      for (int j = 0; j < NV; ++j) dz[j] = vmask(dz[j], ov[j]);
+    } else if constexpr (MASK == 2) {
+      for (int j = 0; j < NV; ++j) {
+        V z = nc(xv[j] * p.v[0][j]) + p.v[1][j];
+        if constexpr (RES) z = z + (nc(rv[j] * p.v[2][j]) + p.v[3][j]);
+        dz[j] = vmask(dz[j], z);
+      }
+    }
+  }
+  template <int MASK, bool RES>
+  static inline acc_t dz_one(const scalar_t* g, const scalar_t* x, const scalar_t* r, const scalar_t* oin,
+                             const ParS& p, acc_t& xs, acc_t& rs) {
+    acc_t dz = io::ld(g);
+    xs = io::ld(x);
+    if constexpr (RES) rs = io::ld(r);
+    if constexpr (MASK == 1) {
+      dz = smask(dz, io::ld(oin));
+    } else if constexpr (MASK == 2) {
+      acc_t z = nc(xs * p.v[0]) + p.v[1];
+      if constexpr (RES) z = z + (nc(rs * p.v[2]) + p.v[3]);
+      dz = smask(dz, z);
+    }
+    return dz;
+  }
+
+  static void par_bcast(const BnArgs& a, int64_t c, ParV& pv, ParS& ps) {
+    for (int i = 0; i < 12; ++i) {
+      const acc_t v = a.p[i] ? P(a, i)[c] : acc_t(0);
+      ps.v[i] = v;
+      for (int j = 0; j < NV; ++j) pv.v[i][j] = V(v);
+    }
+  }
+  static void par_load(const BnArgs& a, int64_t c, ParV& pv) {
+    for (int i = 0; i < 12; ++i) {
+      if (!a.p[i]) continue;
+      for (int j = 0; j < NV; ++j) pv.v[i][j] = V::loadu(P(a, i) + c + j * L);
+    }
+  }
+  static void par_one(const BnArgs& a, int64_t c, ParS& ps) {
+    for (int i = 0; i < 12; ++i) ps.v[i] = a.p[i] ? P(a, i)[c] : acc_t(0);
+  }
+
+  // sums: acc[0] += dz, acc[1] += dz*x_hat, acc[2] += dz*r_hat
+  template <int MASK, bool RES, bool RST>
+  static inline void red_vec(const scalar_t* g, const scalar_t* x, const scalar_t* r, const scalar_t* oin,
+                             const ParV& p, V* a0, V* a1, V* a2) {
+    V xv[NV], rv[NV], dz[NV];
+    dz_vec<MASK, RES || RST>(g, x, r, oin, p, xv, rv, dz);
+    for (int j = 0; j < NV; ++j) {
+      a0[j] = a0[j] + dz[j];
+      a1[j] = at::vec::fmadd(dz[j], (xv[j] - p.v[4][j]) * p.v[5][j], a1[j]);
+      if constexpr (RST) a2[j] = at::vec::fmadd(dz[j], (rv[j] - p.v[8][j]) * p.v[9][j], a2[j]);
+    }
+  }
+  template <int MASK, bool RES, bool RST>
+  static inline void red_one(const scalar_t* g, const scalar_t* x, const scalar_t* r, const scalar_t* oin,
+                             const ParS& p, double& a0, double& a1, double& a2) {
+    acc_t xs, rs = 0;
+    const acc_t dz = dz_one<MASK, RES || RST>(g, x, r, oin, p, xs, rs);
+    a0 += dz;
+    a1 += dz * ((xs - p.v[4]) * p.v[5]);
+    if constexpr (RST) a2 += dz * ((rs - p.v[8]) * p.v[9]);
+  }
+
+  template <int MASK, bool RES, bool RST>
+  static void bwd_reduce(const BnArgs& a) {
+    constexpr bool NEED_R = RES || RST;
+    const scalar_t* g = static_cast<const scalar_t*>(a.g);
+    const scalar_t* x = static_cast<const scalar_t*>(a.x);
+    const scalar_t* r = static_cast<const scalar_t*>(a.r);
+    const scalar_t* oin = static_cast<const scalar_t*>(a.o_in);
+    const int64_t C = a.C, HW = a.HW, total = a.N * C * HW;
+    const int64_t nslots = num_slots(total);
+    std::vector<double> part(static_cast<size_t>(nslots * 3 * C), 0.0);
+    if (!a.cl) {
+      run_slots(nslots, [&](int64_t k) {
+        double* Q = part.data() + k * 3 * C;
+        int64_t e0, e1;
+        slot_range(total, nslots, k, B, e0, e1);
+        ParV pv;
+        ParS ps;
+        int64_t cur = -1;
+        for_segments(e0, e1, HW, [&](int64_t row, int64_t e, int64_t len) {
+          const int64_t c = row % C;
+          if (c != cur) {
+            par_bcast(a, c, pv, ps);
+            cur = c;
+          }
+          for (int64_t q0 = 0; q0 < len; q0 += kPiece) {
+            const int64_t n = std::min(kPiece, len - q0);
+            const int64_t base = e + q0;
+            V a0[NV], a1[NV], a2[NV];
+            for (int j = 0; j < NV; ++j) a0[j] = a1[j] = a2[j] = V(acc_t(0));
+            int64_t i = 0;
+            for (; i + B <= n; i += B) {
+              const int64_t o = base + i;
+              red_vec<MASK, RES, RST>(g + o, x + o, NEED_R ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, pv, a0,
+                                      a1, a2);
+            }
+            double s0 = 0, s1 = 0, s2 = 0;
+            for (int j = 0; j < NV; ++j) {
+              s0 += hsum(a0[j]);
+              s1 += hsum(a1[j]);
+              if constexpr (RST) s2 += hsum(a2[j]);
+            }
+            for (; i < n; ++i) {
+              const int64_t o = base + i;
+              red_one<MASK, RES, RST>(g + o, x + o, NEED_R ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, ps, s0,
+                                      s1, s2);
+            }
+            Q[c] += s0;
+            Q[C + c] += s1;
+            Q[2 * C + c] += s2;
+          }
+        });
+      });
+    } else {
+      const int64_t rows = a.N * HW, Cv = C / B * B;
+      const int64_t flush = 256;  // rows accumulated in the compute dtype before going to double
+      run_slots(nslots, [&](int64_t k) {
+        double* Q = part.data() + k * 3 * C;
+        int64_t r0, r1;
+        slot_range(rows, nslots, k, 1, r0, r1);
+        std::vector<acc_t> acc(static_cast<size_t>(3 * C));
+        std::vector<double> tacc(static_cast<size_t>(3 * C));
+        ParV pv;
+        ParS ps;
+        for (int64_t rb = r0; rb < r1; rb += flush) {
+          const int64_t re = std::min(r1, rb + flush);
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          std::fill(tacc.begin(), tacc.end(), 0.0);
+          for (int64_t rg = rb; rg < re; rg += kRowGroup) {
+            const int64_t nr = std::min(kRowGroup, re - rg);
+            int64_t c = 0;
+            for (; c < Cv; c += B) {
+              par_load(a, c, pv);
+              V a0[NV], a1[NV], a2[NV];
+              for (int j = 0; j < NV; ++j) {
+                a0[j] = V::loadu(acc.data() + c + j * L);
+                a1[j] = V::loadu(acc.data() + C + c + j * L);
+                if constexpr (RST) a2[j] = V::loadu(acc.data() + 2 * C + c + j * L);
+              }
+              for (int64_t q = 0; q < nr; ++q) {
+                const int64_t o = (rg + q) * C + c;
+                red_vec<MASK, RES, RST>(g + o, x + o, NEED_R ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, pv,
+                                        a0, a1, a2);
+              }
+              for (int j = 0; j < NV; ++j) {
+                a0[j].store(acc.data() + c + j * L);
+                a1[j].store(acc.data() + C + c + j * L);
+                if constexpr (RST) a2[j].store(acc.data() + 2 * C + c + j * L);
+              }
+            }
+            for (; c < C; ++c) {
+              par_one(a, c, ps);
+              for (int64_t q = 0; q < nr; ++q) {
+                const int64_t o = (rg + q) * C + c;
+                red_one<MASK, RES, RST>(g + o, x + o, NEED_R ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, ps,
+                                        tacc[c], tacc[C + c], tacc[2 * C + c]);
+              }
+            }
+          }
+          for (int64_t i = 0; i < 3 * C; ++i) Q[i] += static_cast<double>(acc[i]) + tacc[i];
+        }
+      });
+    }
+    acc_t* out = static_cast<acc_t*>(a.red);
+    for (int64_t c = 0; c < C; ++c) {
+      double s0 = 0, s1 = 0, s2 = 0;
+      for (int64_t k = 0; k < nslots; ++k) {
+        const double* Q = part.data() + k * 3 * C;
+        s0 += Q[c];
+        s1 += Q[C + c];
+        s2 += Q[2 * C + c];
+      }
+      out[c] = static_cast<acc_t>(s0);
+      out[C + c] = static_cast<acc_t>(s1);
+      if constexpr (RST) out[2 * C + c] = static_cast<acc_t>(s2);
+    }
+  }
+
+  // dx = (dz - mdz - (x - mean)*p) * k ; dres = dz, or the same with res_coef
+  template <int MASK, int DRES>
+  static inline void app_vec(const scalar_t* g, const scalar_t* x, const scalar_t* r, const scalar_t* oin,
+                             scalar_t* dx, scalar_t* dr, const ParV& p) {
+    constexpr bool RLOAD = (MASK == 2 && DRES > 0) || DRES == 2;
+    V xv[NV], rv[NV], dz[NV], out[NV];
+    dz_vec<MASK, RLOAD>(g, x, r, oin, p, xv, rv, dz);
+    for (int j = 0; j < NV; ++j)
+      out[j] = (dz[j] - p.v[6][j] - nc((xv[j] - p.v[4][j]) * p.v[7][j])) * p.v[5][j];
+    io::store(dx, out);
+    if constexpr (DRES == 1) {
+      io::store(dr, dz);
+    } else if constexpr (DRES == 2) {
+      for (int j = 0; j < NV; ++j)
+        out[j] = (dz[j] - p.v[10][j] - nc((rv[j] - p.v[8][j]) * p.v[11][j])) * p.v[9][j];
+      io::store(dr, out);
+    }
+  }
+  template <int MASK, int DRES>
+  static inline void app_one(const scalar_t* g, const scalar_t* x, const scalar_t* r, const scalar_t* oin,
+                             scalar_t* dx, scalar_t* dr, const ParS& p) {
+    constexpr bool RLOAD = (MASK == 2 && DRES > 0) || DRES == 2;
+    acc_t xs, rs = 0;
+    const acc_t dz = dz_one<MASK, RLOAD>(g, x, r, oin, p, xs, rs);
+    io::st(dx, (dz - p.v[6] - nc((xs - p.v[4]) * p.v[7])) * p.v[5]);
+    if constexpr (DRES == 1) {
+      io::st(dr, dz);
+    } else if constexpr (DRES == 2) {
+      io::st(dr, (dz - p.v[10] - nc((rs - p.v[8]) * p.v[11])) * p.v[9]);
+    }
+  }
+
+  template <int MASK, int DRES>
+  static void bwd_apply(const BnArgs& a) {
+    constexpr bool RES = DRES > 0;
+    const scalar_t* g = static_cast<const scalar_t*>(a.g);
+    const scalar_t* x = static_cast<const scalar_t*>(a.x);
+    const scalar_t* r = static_cast<const scalar_t*>(a.r);
+    const scalar_t* oin = static_cast<const scalar_t*>(a.o_in);
+    scalar_t* dx = static_cast<scalar_t*>(a.y);
+    scalar_t* dr = static_cast<scalar_t*>(a.dres);
+    const int64_t C = a.C, HW = a.HW, total = a.N * C * HW;
+    const int64_t nslots = num_slots(total);
+    if (!a.cl) {
+      run_slots(nslots, [&](int64_t k) {
+        int64_t e0, e1;
+        slot_range(total, nslots, k, B, e0, e1);
+        ParV pv;
+        ParS ps;
+        int64_t cur = -1;
+        for_segments(e0, e1, HW, [&](int64_t row, int64_t e, int64_t len) {
+          const int64_t c = row % C;
+          if (c != cur) {
+            par_bcast(a, c, pv, ps);
+            cur = c;
+          }
+          int64_t i = 0;
+          for (; i + B <= len; i += B) {
+            const int64_t o = e + i;
+            app_vec<MASK, DRES>(g + o, x + o, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, dx + o,
+                                RES ? dr + o : nullptr, pv);
+          }
+          for (; i < len; ++i) {
+            const int64_t o = e + i;
+            app_one<MASK, DRES>(g + o, x + o, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, dx + o,
+                                RES ? dr + o : nullptr, ps);
+          }
+        });
+      });
+    } else {
+      const int64_t rows = a.N * HW, Cv = C / B * B;
+      run_slots(nslots, [&](int64_t k) {
+        int64_t r0, r1;
+        slot_range(rows, nslots, k, 1, r0, r1);
+        ParV pv;
+        ParS ps;
+        for (int64_t rg = r0; rg < r1; rg += kRowGroup) {
+          const int64_t nr = std::min(kRowGroup, r1 - rg);
+          int64_t c = 0;
+          for (; c < Cv; c += B) {
+            par_load(a, c, pv);
+            for (int64_t q = 0; q < nr; ++q) {
+              const int64_t o = (rg + q) * C + c;
+              app_vec<MASK, DRES>(g + o, x + o, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, dx + o,
+                                  RES ? dr + o : nullptr, pv);
+            }
+          }
+          for (; c < C; ++c) {
+            par_one(a, c, ps);
+            for (int64_t q = 0; q < nr; ++q) {
+              const int64_t o = (rg + q) * C + c;
+              app_one<MASK, DRES>(g + o, x + o, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, dx + o,
+                                  RES ? dr + o : nullptr, ps);
+            }
+          }
+        }
+      });
+    }
+  }
+};
+
+// ------------------------------------------------------------------ dispatch
+#define RESFUSED_DISPATCH_DTYPE(DT, ...)                                      \
+  switch (DT) {                                                               \
+    case c10::ScalarType::Float: { using scalar_t = float; __VA_ARGS__(); break; }      \
+    case c10::ScalarType::Double: { using scalar_t = double; __VA_ARGS__(); break; }    \
+    case c10::ScalarType::BFloat16: { using scalar_t = c10::BFloat16; __VA_ARGS__(); break; } \
+    case c10::ScalarType::Half: { using scalar_t = c10::Half; __VA_ARGS__(); break; }   \
+    default: break;                                                           \
+  }
+
+void k_stats(const BnArgs& a) {
+  RESFUSED_DISPATCH_DTYPE(a.dtype, [&] { K<scalar_t>::stats(a); })
+}
+
+void k_fwd(const BnArgs& a) {
+  RESFUSED_DISPATCH_DTYPE(a.dtype, [&] {
+    if (a.has_res) {
+      if (a.relu) K<scalar_t>::template fwd<true, true>(a); else K<scalar_t>::template fwd<true, false>(a);
+    } else {
+      if (a.relu) K<scalar_t>::template fwd<false, true>(a); else K<scalar_t>::template fwd<false, false>(a);
+    }
+  })
+}
+
+void k_bwd_reduce(const BnArgs& a) {
+  RESFUSED_DISPATCH_DTYPE(a.dtype, [&] {
+    using Kt = K<scalar_t>;
+    const bool rst = a.rstats != 0;
+    if (a.mask == 0) {
+      if (rst) Kt::template bwd_reduce<0, false, true>(a); else Kt::template bwd_reduce<0, false, false>(a);
+    } else if (a.mask == 1) {
+      if (rst) Kt::template bwd_reduce<1, false, true>(a); else Kt::template bwd_reduce<1, false, false>(a);
+    } else {
+      if (a.has_res) {
+        if (rst) Kt::template bwd_reduce<2, true, true>(a); else Kt::template bwd_reduce<2, true, false>(a);
+      } else {
+        Kt::template bwd_reduce<2, false, false>(a);
+      }
+    }
+  })
+}
+
+template <typename Kt, int MASK>
+void k_bwd_apply_m(const BnArgs& a) {
+  if (a.dres_mode == 0) Kt::template bwd_apply<MASK, 0>(a);
+  else if (a.dres_mode == 1) Kt::template bwd_apply<MASK, 1>(a);
+  else Kt::template bwd_apply<MASK, 2>(a);
+}
+
+void k_bwd_apply(const BnArgs& a) {
+  RESFUSED_DISPATCH_DTYPE(a.dtype, [&] {
+    using Kt = K<scalar_t>;
+    if (a.mask == 0) k_bwd_apply_m<Kt, 0>(a);
+    else if (a.mask == 1) k_bwd_apply_m<Kt, 1>(a);
+    else k_bwd_apply_m<Kt, 2>(a);
+  })
+}
+
+#undef RESFUSED_DISPATCH_DTYPE
+
+}  // namespace
+}  // namespace RESFUSED_KNS
+}  // namespace cpu
+}  // namespace resfused

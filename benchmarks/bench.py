@@ -42,21 +42,30 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn, device, warmup=3, reps=10, min_time=0.0):
-    """Median seconds per call of ``fn`` over ``reps`` timed runs (more if min_time asks)."""
+def time_interleaved(fns, device, warmup=3, reps=10, min_time=0.0):
+    """Median seconds per call of each function in ``fns`` (name -> callable).
+
+    The functions take turns, one call each per round (order rotating), so drift and
+    noise on a shared machine hit all of them alike and their ratios stay fair."""
+    names = list(fns)
     for _ in range(warmup):
-        fn()
+        for name in names:
+            fns[name]()
     _sync(device)
-    samples = []
-    start_all = time.perf_counter()
-    while len(samples) < reps or (time.perf_counter() - start_all) < min_time:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append(time.perf_counter() - t0)
-        if len(samples) >= 10 * reps:
+    samples = {name: [] for name in names}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < reps or (time.perf_counter() - start) < min_time:
+        order = names[rounds % len(names):] + names[:rounds % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            samples[name].append(time.perf_counter() - t0)
+        rounds += 1
+        if rounds >= 10 * reps:
             break
-    return statistics.median(samples), len(samples)
+    return {name: (statistics.median(v), len(v)) for name, v in samples.items()}
 
 
 def context(device: torch.device) -> dict:
@@ -128,15 +137,13 @@ def bench_join(shape, dtype, device, channels_last, backends, reps, min_time):
         return run
 
     rows = []
-    eager_t = {}
     for what, make in (("join_train_fwd", lambda f: f), ("join_train_fwd_bwd", fwd_bwd)):
-        t_eager, n = time_fn(make(eager_fwd), device, reps=reps, min_time=min_time)
-        eager_t[what] = t_eager
-        rows.append({"bench": what, "impl": "eager", "ms": 1e3 * t_eager, "samples": n, "speedup_vs_eager": 1.0})
-        for backend in backends:
-            t, n = time_fn(make(fused_fwd(backend)), device, reps=reps, min_time=min_time)
-            rows.append({"bench": what, "impl": f"resfused[{backend}]", "ms": 1e3 * t, "samples": n,
-                         "speedup_vs_eager": t_eager / t})
+        fns = {"eager": make(eager_fwd)}
+        fns.update({f"resfused[{b}]": make(fused_fwd(b)) for b in backends})
+        timed = time_interleaved(fns, device, reps=reps, min_time=min_time)
+        t_eager = timed["eager"][0]
+        for impl, (t, n) in timed.items():
+            rows.append({"bench": what, "impl": impl, "ms": 1e3 * t, "samples": n, "speedup_vs_eager": t_eager / t})
     for row in rows:
         row.update({"shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
                     "memory_format": "channels_last" if channels_last else "nchw"})
@@ -150,13 +157,15 @@ def bench_apply_bandwidth(shape, dtype, device, channels_last, backends, reps, m
     affine = torch.stack([torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)])
     src = torch.empty(x.numel() * 3 // 2, device=device, dtype=dtype)
     dst = torch.empty_like(src)
-    t_copy, _ = time_fn(lambda: dst.copy_(src), device, reps=reps, min_time=min_time)
+    fns = {"copy": lambda: dst.copy_(src)}
+    fns.update({b: (lambda b=b: ops.bn_act_fwd(x, affine, r, None, True, b)) for b in backends})
+    timed = time_interleaved(fns, device, reps=reps, min_time=min_time)
+    t_copy = timed["copy"][0]
     copy_bw = 2 * src.numel() * src.element_size() / t_copy
     rows = [{"bench": "copy_bandwidth", "impl": "torch.copy_", "GBps": copy_bw / 1e9, "ms": 1e3 * t_copy}]
     moved = 3 * x.numel() * x.element_size()
     for backend in backends:
-        t, _ = time_fn(lambda: ops.bn_act_fwd(x, affine, r, None, True, backend), device, reps=reps,
-                       min_time=min_time)
+        t = timed[backend][0]
         rows.append({"bench": "apply_bandwidth", "impl": f"resfused[{backend}]", "ms": 1e3 * t,
                      "GBps": moved / t / 1e9, "fraction_of_copy": moved / t / copy_bw})
     for row in rows:

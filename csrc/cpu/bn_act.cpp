@@ -13,13 +13,10 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <mutex>
 #include <vector>
 
 #include "bn_act.h"
@@ -41,51 +38,6 @@ namespace {
 constexpr int64_t kGrain = 32768;       // below this many elements: one slot
 constexpr int64_t kSlotWork = 1 << 18;  // elements per slot above it
 constexpr int64_t kMaxSlots = 64;
-
-#ifndef _OPENMP
-// The extension is normally compiled without -fopenmp, and then at::parallel_for
-// (a header template) runs serially. Two fallbacks, in order:
-//  1. libgomp's entry point for `#pragma omp parallel` (GOMP_parallel), which
-//     is what at::parallel_for compiles to with -fopenmp: the same, already warm
-//     thread team that ATen's own kernels use (libtorch_cpu links libgomp). It
-//     is declared weak, so a torch built with another OpenMP runtime that
-//     lacks it leaves it null and we go on to 2.
-//  2. ATen's inter-op pool (at::launch).
-// Either way slots are claimed dynamically by whoever gets to them first, the
-// calling thread included, so a late or busy helper only costs parallelism,
-// never progress.
-extern "C" void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags)
-    __attribute__((weak));
-
-struct SlotState {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t n = 0;
-  const std::function<void(int64_t)>* f = nullptr;
-  std::mutex m;
-  std::condition_variable cv;
-  std::exception_ptr err;
-  std::atomic<bool> failed{false};
-};
-
-void work_slots(SlotState* st) {
-  for (;;) {
-    const int64_t k = st->next.fetch_add(1);
-    if (k >= st->n) return;
-    try {
-      (*st->f)(k);
-    } catch (...) {
-      if (!st->failed.exchange(true)) st->err = std::current_exception();
-    }
-    if (st->done.fetch_add(1) + 1 == st->n) {
-      std::lock_guard<std::mutex> lk(st->m);
-      st->cv.notify_all();
-    }
-  }
-}
-
-void gomp_body(void* p) { work_slots(static_cast<SlotState*>(p)); }
-#endif
 }  // namespace
 
 int64_t num_slots(int64_t work) {
@@ -100,33 +52,10 @@ void run_slots(int64_t n, const std::function<void(int64_t)>& f) {
     for (int64_t k = 0; k < n; ++k) f(k);
     return;
   }
-#ifdef _OPENMP
+  // setup.py compiles with -fopenmp, so this is the OpenMP team ATen's own kernels use.
   at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) f(k);
   });
-#else
-  static const bool use_gomp = GOMP_parallel != nullptr && !std::getenv("RESFUSED_CPU_NO_GOMP");
-  if (use_gomp) {
-    SlotState st;
-    st.n = n;
-    st.f = &f;
-    // num_threads 0: the team size ATen set (at::set_num_threads -> omp_set_num_threads)
-    GOMP_parallel(&gomp_body, &st, 0, 0);
-    if (st.err) std::rethrow_exception(st.err);
-    return;
-  }
-  auto st = std::make_shared<SlotState>();
-  st->n = n;
-  st->f = &f;
-  const int64_t helpers = std::min(nt, n) - 1;
-  for (int64_t i = 0; i < helpers; ++i) at::launch([st] { work_slots(st.get()); });
-  work_slots(st.get());
-  {
-    std::unique_lock<std::mutex> lk(st->m);
-    st->cv.wait(lk, [&] { return st->done.load() >= st->n; });
-  }
-  if (st->err) std::rethrow_exception(st->err);
-#endif
 }
 
 const KernelTable* kernels_default() {

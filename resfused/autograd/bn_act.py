@@ -57,6 +57,42 @@ def _grad_coefficients(stats: Tensor, affine: Tensor, sum_dz: Tensor, sum_dz_xha
     return torch.stack([mean, scale, sum_dz / m, invstd * sum_dz_xhat / m])
 
 
+def bn_act_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], affine: Tensor, stats: Tensor,
+                    training: bool, relu: bool, backend: str, *, need_dx: bool, need_sums: bool,
+                    plain_residual_grad: bool = False, residual: Optional[Tensor] = None,
+                    res_affine: Optional[Tensor] = None, res_stats: Optional[Tensor] = None,
+                    res_training: bool = False):
+    """Backward of ``out = act(bn(x) [+ residual | + bn_r(residual)])``: one reduction pass
+    (when ``need_sums``) and one apply pass (when a gradient is wanted).
+
+    ``residual``/``res_affine``/``res_stats`` describe a BN'd residual; a plain residual
+    only asks for its gradient (``plain_residual_grad``). ``out`` gives the relu mask; when
+    it is None the mask is recomputed from x. Returns ``(dx, dres, sums)`` where the rows of
+    ``sums`` are (dbeta, dgamma[, dgamma_r]) in the accumulation dtype.
+    """
+    res_bn = res_stats is not None
+    count = channel_count(x)
+    if need_sums:
+        sums = ops.bn_act_bwd_reduce(grad_out, x, affine, stats, residual, res_affine, res_stats, out, relu, backend)
+    else:
+        sums = torch.zeros((3 if res_bn else 2, x.shape[1]), dtype=affine.dtype, device=x.device)
+    dx = dres = None
+    if need_dx or plain_residual_grad or res_bn:
+        coef = _grad_coefficients(stats, affine, sums[0], sums[1], training, count)
+        res_coef = _grad_coefficients(res_stats, res_affine, sums[0], sums[2], res_training, count) if res_bn \
+            else None
+        # A plain residual only asks the apply pass for dres = dz; its values would be
+        # read for the relu mask alone, which then comes from `out`, so grad_out stands in.
+        res_arg = residual if res_bn else (grad_out if plain_residual_grad else None)
+        if relu and out is None and res_arg is not None and not res_bn:
+            raise ValueError("bn_act_backward: a plain residual needs `out` for the relu mask")
+        dx, dres = ops.bn_act_bwd_apply(grad_out, x, affine, coef, res_arg, res_affine, res_coef, out, relu,
+                                        backend)
+        dx = dx if need_dx else None
+        dres = dres if res_arg is not None else None
+    return dx, dres, sums
+
+
 class BatchNormActFunction(torch.autograd.Function):
     """out = act(bn(x) + r), r = residual, or bn_r(residual) when ``res_bn`` is set.
 
@@ -78,7 +114,7 @@ class BatchNormActFunction(torch.autograd.Function):
                                                     res_running_var, res_training, res_momentum, res_eps, backend)
         out = ops.bn_act_fwd(x, affine, residual, res_affine, relu, backend)
 
-        ctx.settings = (training, res_training, res_bn, relu, backend, channel_count(x))
+        ctx.settings = (training, res_training, res_bn, relu, backend)
         ctx.has_residual = residual is not None
         ctx.param_dtypes = tuple(None if t is None else t.dtype for t in (weight, bias, res_weight, res_bias))
         # The relu mask comes from `out`; the residual is needed only when it is BN'd.
@@ -89,32 +125,19 @@ class BatchNormActFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        training, res_training, res_bn, relu, backend, count = ctx.settings
+        training, res_training, res_bn, relu, backend = ctx.settings
         x, residual, out, affine, stats, res_affine, res_stats = ctx.saved_tensors
         needs = ctx.needs_input_grad
         need_w = needs[1] or needs[2]
         need_res_w = res_bn and (needs[6] or needs[7])
         need_sums = training or need_w or (res_bn and (res_training or need_res_w))
 
-        c = x.shape[1]
-        if need_sums:
-            sums = ops.bn_act_bwd_reduce(grad_out, x, affine, stats, residual, res_affine, res_stats,
-                                         out, relu, backend)
-        else:
-            sums = torch.zeros((3 if res_bn else 2, c), dtype=affine.dtype, device=x.device)
-        coef = _grad_coefficients(stats, affine, sums[0], sums[1], training, count)
-        res_coef = _grad_coefficients(res_stats, res_affine, sums[0], sums[2], res_training, count) if res_bn else None
-
-        dx = dres = None
-        if needs[0] or needs[5]:
-            # A plain residual only asks the apply pass for dres = dz; its values
-            # would be read for the relu mask alone, and that mask comes from `out`
-            # (saved whenever relu), so grad_out stands in for it.
-            res_arg = residual if res_bn else (grad_out if ctx.has_residual and needs[5] else None)
-            dx, dres = ops.bn_act_bwd_apply(grad_out, x, affine, coef, res_arg, res_affine, res_coef,
-                                            out, relu, backend)
-            dx = dx if needs[0] else None
-            dres = dres if (ctx.has_residual and needs[5]) else None
+        dx, dres, sums = bn_act_backward(
+            grad_out, x, out, affine, stats, training, relu, backend, need_dx=needs[0], need_sums=need_sums,
+            plain_residual_grad=ctx.has_residual and not res_bn and needs[5], residual=residual,
+            res_affine=res_affine, res_stats=res_stats, res_training=res_training)
+        if not needs[5]:
+            dres = None
 
         w_dtype, b_dtype, rw_dtype, rb_dtype = ctx.param_dtypes
         dw = sums[1].to(w_dtype) if needs[1] else None

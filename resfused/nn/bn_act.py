@@ -33,18 +33,32 @@ class BatchNormAct2d(nn.BatchNorm2d):
         if x.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}) expected input with {self.num_features} "
                              f"channels, got input of shape {tuple(x.shape)}")
-        # nn.BatchNorm2d's rules for the mode, the momentum and which buffers take part.
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        running_mean = self.running_mean if track else None
-        running_var = self.running_var if track else None
+        running_mean, running_var, weight, bias, bn_training = batch_norm_args(self)
         # Validate everything before num_batches_tracked moves: a call that raises changes nothing.
-        RF.check_bn_input(x, running_mean, running_var, self.weight, self.bias, bn_training)
+        RF.check_bn_input(x, running_mean, running_var, weight, bias, bn_training)
         if residual is not None:
             RF.check_residual(x, residual)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        return RF.batch_norm_act(x, running_mean, running_var, self.weight, self.bias, bn_training,
+        momentum = advance_batch_norm(self)
+        return RF.batch_norm_act(x, running_mean, running_var, weight, bias, bn_training,
                                  momentum, self.eps, residual, self.activation)
+
+
+def batch_norm_args(bn: nn.modules.batchnorm._BatchNorm):
+    """``(running_mean, running_var, weight, bias, use_batch_stats)`` as ``nn.BatchNorm2d.forward``
+    passes them to ``F.batch_norm``."""
+    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    running_mean = bn.running_mean if track else None
+    running_var = bn.running_var if track else None
+    return running_mean, running_var, bn.weight, bn.bias, bn_training
+
+
+def advance_batch_norm(bn: nn.modules.batchnorm._BatchNorm) -> float:
+    """Count the batch (``num_batches_tracked``) as ``nn.BatchNorm2d`` does and return the
+    momentum for this call (``1/num_batches_tracked`` when ``bn.momentum`` is None).
+    Call only after every check has passed."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return momentum

@@ -5,8 +5,11 @@ one says what is missing and how to build it (``python -m resfused.info``).
 """
 from . import functional, nn, ops
 from ._backend import BACKENDS, select_backend, use_backend
-from .nn import BatchNormAct2d
+from .convert import convert, fold, revert
+from .nn import BatchNormAct2d, FusedBasicBlock, FusedBottleneck
+from . import models  # noqa: E402  (after convert: the builders use it)
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BatchNormAct2d", "functional", "nn", "ops", "select_backend", "use_backend"]
+__all__ = ["BACKENDS", "BatchNormAct2d", "FusedBasicBlock", "FusedBottleneck", "convert", "fold", "functional",
+           "models", "nn", "ops", "revert", "select_backend", "use_backend"]

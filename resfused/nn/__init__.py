@@ -1,4 +1,5 @@
 """Modules: they own parameters and buffers and call ``resfused.functional``."""
 from .bn_act import BatchNormAct2d
+from .block import FusedBasicBlock, FusedBottleneck
 
-__all__ = ["BatchNormAct2d"]
+__all__ = ["BatchNormAct2d", "FusedBasicBlock", "FusedBottleneck"]

@@ -1,0 +1,203 @@
+"""``ResidualBlockFunction``: a whole ResNet block (BasicBlock or Bottleneck) as one
+autograd node.
+
+Forward: library convs (``F.conv2d``) and the fused kernels —
+conv1 → fused BN-ReLU → conv2 [→ fused BN-ReLU → conv3] → fused join
+``relu(bn_last(y_last) + identity)``, where on the standard downsample branch both BNs
+are applied in the same pass, ``relu(bn_last(y_last) + bn_d(conv_d(x)))``.
+
+Memory (DESIGN.md §3): the node keeps x, the pre-BN conv outputs ``y_i`` (and ``y_d``),
+the block output and fp32 per-channel statistics; with ``memory_efficient`` the inner
+BN-ReLU outputs ``a_i`` are recomputed from ``y_i`` in backward (one elementwise pass
+each) instead of being kept. Running statistics are updated exactly once, in forward.
+
+Backward: the fused join backward, then per conv ``aten.convolution_backward`` and the
+fused BN-ReLU backward (relu mask from the recomputed ``a_i``).
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops import bn_act as ops
+from .bn_act import bn_act_backward, bn_coefficients
+
+TENSORS_PER_UNIT = 6  # conv weight, conv bias, bn weight, bn bias, running mean, running var
+
+
+class ConvSpec(NamedTuple):
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int
+
+
+class BNSpec(NamedTuple):
+    training: bool  # batch statistics (True) or running statistics (False)
+    momentum: float
+    eps: float
+
+
+class BlockSpec(NamedTuple):
+    convs: Tuple[ConvSpec, ...]       # one per unit; the last unit feeds the join
+    bns: Tuple[BNSpec, ...]
+    downsample: Optional[Tuple[ConvSpec, BNSpec]]  # the fused conv-BN downsample branch, if any
+    memory_efficient: bool
+    backend: str
+
+
+def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], c: ConvSpec) -> Tensor:
+    return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+
+
+def _conv_backward(grad: Tensor, inp: Tensor, w: Tensor, b: Optional[Tensor], c: ConvSpec,
+                   need_inp: bool, need_w: bool, need_b: bool):
+    if not (need_inp or need_w or need_b):
+        return None, None, None
+    bias_sizes = [w.shape[0]] if b is not None else None
+    return torch.ops.aten.convolution_backward(grad, inp, w, bias_sizes, list(c.stride), list(c.padding),
+                                               list(c.dilation), False, [0, 0], c.groups,
+                                               [need_inp, need_w, need_b and b is not None])
+
+
+def _units(tensors: Sequence[Optional[Tensor]], n: int) -> List[Sequence[Optional[Tensor]]]:
+    k = TENSORS_PER_UNIT
+    return [tensors[i * k:(i + 1) * k] for i in range(n)]
+
+
+class ResidualBlockFunction(torch.autograd.Function):
+    """Inputs: ``spec``, ``x``, ``identity`` (None: the identity is x, or the fused
+    downsample branch when ``spec.downsample``), then six tensors per unit and six for the
+    downsample branch (conv weight, conv bias, bn weight, bn bias, running mean, running var)."""
+
+    @staticmethod
+    def forward(ctx, spec: BlockSpec, x: Tensor, identity: Optional[Tensor], *tensors):
+        backend = ops.resolve(spec.backend, x)
+        n = len(spec.convs)
+        units = _units(tensors, n + (1 if spec.downsample else 0))
+        h = x
+        ys, affines, stats, acts = [], [], [], []
+        for i, ((w, cb, g, b, rm, rv), conv, bn) in enumerate(zip(units, spec.convs, spec.bns)):
+            y = _conv(h, w, cb, conv)
+            affine, st = bn_coefficients(y, g, b, rm, rv, bn.training, bn.momentum, bn.eps, backend)
+            ys.append(y)
+            affines.append(affine)
+            stats.append(st)
+            if i < n - 1:
+                h = ops.bn_act_fwd(y, affine, None, None, True, backend)
+                acts.append(h)
+        y_d = aff_d = st_d = None
+        if spec.downsample is not None:
+            w, cb, g, b, rm, rv = units[n]
+            conv_d, bn_d = spec.downsample
+            y_d = _conv(x, w, cb, conv_d)
+            aff_d, st_d = bn_coefficients(y_d, g, b, rm, rv, bn_d.training, bn_d.momentum, bn_d.eps, backend)
+            out = ops.bn_act_fwd(ys[-1], affines[-1], y_d, aff_d, True, backend)
+        else:
+            residual = x if identity is None else identity
+            if residual.shape != ys[-1].shape:
+                raise ValueError(f"residual block: the identity branch gives shape {tuple(residual.shape)} but the "
+                                 f"main branch gives {tuple(ys[-1].shape)}; the block needs a downsample that "
+                                 f"matches them")
+            out = ops.bn_act_fwd(ys[-1], affines[-1], residual, None, True, backend)
+
+        ctx.spec = spec
+        ctx.backend = backend
+        ctx.identity_given = identity is not None
+        kept_acts = [] if spec.memory_efficient else acts
+        weights = [u[0] for u in units]
+        conv_biases = [u[1] for u in units]
+        ctx.n_kept = (len(kept_acts), len(weights))
+        ctx.has_conv_bias = [b is not None for b in conv_biases]
+        ctx.param_dtypes = [tuple(None if t is None else t.dtype for t in u[:4]) for u in units]
+        ctx.save_for_backward(x, out, y_d, aff_d, st_d, *ys, *affines, *stats, *kept_acts, *weights,
+                              *[b for b in conv_biases if b is not None])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        spec: BlockSpec = ctx.spec
+        backend = ctx.backend
+        n = len(spec.convs)
+        n_acts, n_weights = ctx.n_kept
+        saved = list(ctx.saved_tensors)
+        x, out, y_d, aff_d, st_d = saved[:5]
+        rest = saved[5:]
+        ys, affines, stats = rest[:n], rest[n:2 * n], rest[2 * n:3 * n]
+        kept_acts = rest[3 * n:3 * n + n_acts]
+        weights = rest[3 * n + n_acts:3 * n + n_acts + n_weights]
+        bias_iter = iter(rest[3 * n + n_acts + n_weights:])
+        conv_biases = [next(bias_iter) if has else None for has in ctx.has_conv_bias]
+
+        needs = ctx.needs_input_grad  # (spec, x, identity, *tensors)
+        k = TENSORS_PER_UNIT
+
+        def need(unit: int, j: int) -> bool:
+            return bool(needs[3 + unit * k + j])
+
+        grads: List[Optional[Tensor]] = [None] * (len(needs) - 3)
+
+        def put(unit: int, j: int, value: Optional[Tensor]):
+            if value is not None and need(unit, j):
+                grads[unit * k + j] = value.to(ctx.param_dtypes[unit][j])
+
+        any_param_grad = any(needs[3:])
+        need_x = bool(needs[1])
+        ds = spec.downsample
+        last = n - 1
+
+        # The join: relu(bn_last(y_last) + identity | bn_d(y_d)).
+        bn_last = spec.bns[last]
+        need_sums = bn_last.training or need(last, 2) or need(last, 3) or (
+            ds is not None and (ds[1].training or need(n, 2) or need(n, 3)))
+        want_identity = ds is None and (need_x if not ctx.identity_given else bool(needs[2]))
+        want_ds = ds is not None and (need_x or need(n, 0) or need(n, 1) or need(n, 2) or need(n, 3))
+        dy, dres, sums = bn_act_backward(
+            grad_out, ys[last], out, affines[last], stats[last], bn_last.training, True, backend,
+            need_dx=True, need_sums=need_sums or any_param_grad, plain_residual_grad=want_identity,
+            residual=y_d if ds is not None else None, res_affine=aff_d, res_stats=st_d,
+            res_training=ds[1].training if ds is not None else False)
+        put(last, 2, sums[1])
+        put(last, 3, sums[0])
+
+        dx = None
+        if ds is not None:
+            put(n, 2, sums[2])
+            put(n, 3, sums[0])
+            if want_ds:
+                dx_d, dw_d, db_d = _conv_backward(dres, x, weights[n], conv_biases[n], ds[0],
+                                                  need_x, need(n, 0), need(n, 1))
+                put(n, 0, dw_d)
+                put(n, 1, db_d)
+                dx = dx_d
+        elif want_identity and not ctx.identity_given:
+            dx = dres
+        d_identity = dres if (ctx.identity_given and needs[2]) else None
+
+        # Units from last to first: conv backward, then the BN-ReLU that produced its input.
+        for i in range(last, -1, -1):
+            if i == 0:
+                inp = x
+            elif kept_acts:
+                inp = kept_acts[i - 1]
+            else:  # recompute a_{i-1} = relu(bn(y_{i-1})): one elementwise pass
+                inp = ops.bn_act_fwd(ys[i - 1], affines[i - 1], None, None, True, backend)
+            need_inp = i > 0 or need_x
+            d_inp, dw, db = _conv_backward(dy, inp, weights[i], conv_biases[i], spec.convs[i],
+                                           need_inp, need(i, 0), need(i, 1))
+            put(i, 0, dw)
+            put(i, 1, db)
+            if i == 0:
+                if need_x and d_inp is not None:
+                    dx = d_inp if dx is None else dx + d_inp
+                break
+            bn = spec.bns[i - 1]
+            dy, _, sums = bn_act_backward(d_inp, ys[i - 1], inp, affines[i - 1], stats[i - 1], bn.training, True,
+                                          backend, need_dx=True, need_sums=True)
+            put(i - 1, 2, sums[1])
+            put(i - 1, 3, sums[0])
+            del inp
+        return (None, dx if need_x else None, d_identity, *grads)

@@ -1,0 +1,131 @@
+"""``convert(model)`` / ``revert(model)``: swap torchvision ResNet blocks for the fused
+ones (and back) in place; ``fold(model)``: a deployment copy with eval BN folded into the
+convolutions.
+
+The fused blocks are subclasses of torchvision's with no extra parameters or buffers, so
+a swap changes only the class of each block object: parameters, buffers, hooks, device,
+dtype and train/eval mode stay exactly as they were, and state_dicts are bit-identical.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, Tuple, Type
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from .nn.block import FusedBasicBlock, FusedBottleneck, _bn_args
+from .ops import bn_act as ops
+
+_FUSED: Dict[Type[nn.Module], Type[nn.Module]] = {Bottleneck: FusedBottleneck, BasicBlock: FusedBasicBlock}
+_PLAIN: Dict[Type[nn.Module], Type[nn.Module]] = {v: k for k, v in _FUSED.items()}
+
+
+def convert(model: nn.Module, memory_efficient: bool = True) -> nn.Module:
+    """Swap every torchvision ``Bottleneck``/``BasicBlock`` in ``model`` (the model itself
+    included) for ``FusedBottleneck``/``FusedBasicBlock``, in place. Returns ``model``."""
+    for module in model.modules():
+        fused = _FUSED.get(type(module))
+        if fused is not None:
+            module.__class__ = fused
+            module.memory_efficient = memory_efficient
+        elif type(module) in _PLAIN:
+            module.memory_efficient = memory_efficient
+    return model
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Undo ``convert``: fused blocks become torchvision's again, in place. Returns ``model``."""
+    for module in model.modules():
+        plain = _PLAIN.get(type(module))
+        if plain is not None:
+            module.__class__ = plain
+            module.__dict__.pop("memory_efficient", None)
+    return model
+
+
+# ----------------------------------------------------------------------------- folding
+def _fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> Tuple[Tensor, Tensor]:
+    """Weight and bias of ``bn(conv(x))`` in eval mode as a single conv."""
+    rm, rv, w, b, _ = _bn_args(bn)
+    if rm is None:
+        raise ValueError("fold: a BatchNorm without running statistics (track_running_stats=False) cannot be folded")
+    with torch.no_grad():
+        invstd = torch.rsqrt(rv.double() + bn.eps)
+        scale = invstd if w is None else w.double() * invstd
+        shift = -rm.double() * scale if b is None else b.double() - rm.double() * scale
+        weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
+        bias = shift if conv.bias is None else conv.bias.double() * scale + shift
+    return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
+
+
+def _folded_conv(conv: nn.Conv2d, bn: nn.Module, keep_bias: bool = True) -> Tuple[nn.Conv2d, Tensor]:
+    weight, bias = _fold_conv_bn(conv, bn)
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, bias=keep_bias, padding_mode=conv.padding_mode,
+                    device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if keep_bias:
+            new.bias.copy_(bias)
+    return new, bias
+
+
+class FoldedBlock(nn.Module):
+    """An eval-only ResNet block with BN folded into its convs: inner units are
+    ``relu(conv(x) + bias)``; the last conv runs without bias and the join
+    ``relu(y + bias + identity)`` (identity: x, or the folded downsample conv without its
+    bias, whose bias joins in the same pass) is one fused apply pass."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        units = block._units() if hasattr(block, "_units") else _FUSED[type(block)]._units(block)
+        self.inner = nn.ModuleList([_folded_conv(conv, bn)[0] for conv, bn in units[:-1]])
+        self.last, last_bias = _folded_conv(*units[-1], keep_bias=False)
+        ds = block.downsample
+        self.down = None
+        down_bias = None
+        if ds is not None:
+            if not (isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d)):
+                raise ValueError("fold: only the standard conv-BN downsample branch can be folded")
+            self.down, down_bias = _folded_conv(ds[0], ds[1], keep_bias=False)
+        one = torch.ones_like(last_bias, dtype=torch.float32)
+        self.register_buffer("affine", torch.stack([one, last_bias.float()]))
+        self.register_buffer("res_affine", None if down_bias is None else torch.stack([one, down_bias.float()]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x
+        for conv in self.inner:
+            h = torch.relu(conv(h))
+        y = self.last(h)
+        identity = x if self.down is None else self.down(x)
+        return ops.bn_act_fwd(y, self.affine.to(_acc(y)), identity,
+                              None if self.res_affine is None else self.res_affine.to(_acc(y)), True)
+
+
+def _acc(y: Tensor) -> torch.dtype:
+    return torch.float64 if y.dtype == torch.float64 else torch.float32
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """A deployment copy of ``model`` in eval mode: every ResNet block (fused or torchvision's)
+    becomes a ``FoldedBlock`` and a ResNet stem's ``bn1`` is folded into ``conv1``. Outputs
+    equal the unfolded model's in eval within fp32 tolerance. ``model`` is not changed."""
+    folded = copy.deepcopy(model).eval()
+    _fold_children(folded)
+    if isinstance(folded, ResNet) and isinstance(folded.bn1, nn.BatchNorm2d):
+        folded.conv1 = _folded_conv(folded.conv1, folded.bn1)[0]
+        folded.bn1 = nn.Identity()
+    return folded
+
+
+def _fold_children(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if type(child) in _FUSED or type(child) in _PLAIN:
+            setattr(module, name, FoldedBlock(child))
+        else:
+            _fold_children(child)
+
+
+__all__ = ["convert", "revert", "fold", "FoldedBlock"]

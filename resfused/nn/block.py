@@ -1,0 +1,171 @@
+"""Drop-in fused ResNet blocks: ``FusedBasicBlock`` and ``FusedBottleneck``.
+
+Subclasses of torchvision's ``BasicBlock``/``Bottleneck`` with the same constructor,
+attribute names, state_dict keys and ``expansion``; their forward runs the whole block as
+one autograd node (``resfused.autograd.ResidualBlockFunction``). A block whose layers
+are not the standard kinds (a norm layer other than BatchNorm2d/FrozenBatchNorm2d, a
+conv with non-zero padding mode, a custom activation) runs torchvision's own forward.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from ..autograd.block import BlockSpec, BNSpec, ConvSpec, ResidualBlockFunction
+from .bn_act import advance_batch_norm, batch_norm_args
+
+try:  # torchvision's frozen BN (detection backbones): an eval-only affine BN with buffers
+    from torchvision.ops.misc import FrozenBatchNorm2d
+except ImportError:  # pragma: no cover - very old torchvision
+    FrozenBatchNorm2d = ()
+
+
+def _conv_spec(conv: nn.Module) -> Optional[ConvSpec]:
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return None
+    return ConvSpec(tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
+
+
+def _bn_supported(bn: nn.Module) -> bool:
+    return isinstance(bn, nn.BatchNorm2d) or (FrozenBatchNorm2d != () and isinstance(bn, FrozenBatchNorm2d))
+
+
+def _bn_args(bn: nn.Module):
+    """(running_mean, running_var, weight, bias, use_batch_stats) for either BN kind."""
+    if isinstance(bn, nn.BatchNorm2d):
+        return batch_norm_args(bn)
+    return bn.running_mean, bn.running_var, bn.weight, bn.bias, False
+
+
+class _FusedBlockMixin:
+    """The fused forward shared by both block kinds. Subclasses list their units."""
+
+    memory_efficient: bool = True
+
+    def _units(self) -> List[Tuple[nn.Module, nn.Module]]:
+        raise NotImplementedError
+
+    def _block_name(self) -> str:
+        last_conv = self._units()[-1][0]
+        return (f"{type(self).__name__}(in_channels={self.conv1.in_channels}, "
+                f"out_channels={last_conv.out_channels}, stride={self.stride})")
+
+    def _fusable(self) -> bool:
+        if not isinstance(self.relu, nn.ReLU):
+            return False
+        for conv, bn in self._units():
+            if _conv_spec(conv) is None or not _bn_supported(bn):
+                return False
+        ds = self.downsample
+        if ds is None:
+            return True
+        if self._fused_downsample() is not None:
+            return True
+        return isinstance(ds, nn.Module)
+
+    def _fused_downsample(self) -> Optional[Tuple[nn.Module, nn.Module]]:
+        ds = self.downsample
+        if isinstance(ds, nn.Sequential) and len(ds) == 2 and _conv_spec(ds[0]) is not None and _bn_supported(ds[1]):
+            return ds[0], ds[1]
+        return None
+
+    def _check_input(self, x: Tensor) -> None:
+        conv1 = self.conv1
+        c = conv1.in_channels
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{self._block_name()}: expected a Tensor input, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{self._block_name()}: expected 4-D input [N, {c}, H, W], got {x.dim()}-D input of "
+                             f"shape {tuple(x.shape)}")
+        if x.shape[1] != c:
+            raise ValueError(f"{self._block_name()}: expected input of shape [N, {c}, H, W], got {tuple(x.shape)}")
+        if x.device != conv1.weight.device:
+            raise RuntimeError(f"{self._block_name()}: input is on {x.device} but the block's weights are on "
+                               f"{conv1.weight.device}")
+        if _autocast_dtype(x) is None and x.dtype != conv1.weight.dtype:
+            raise TypeError(f"{self._block_name()}: input dtype {x.dtype} does not match the weights' dtype "
+                            f"{conv1.weight.dtype}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._fusable():
+            return super().forward(x)  # type: ignore[misc]
+        self._check_input(x)
+        units = self._units()
+        fused_ds = self._fused_downsample()
+        bns = [bn for _, bn in units] + ([fused_ds[1]] if fused_ds else [])
+        convs = [conv for conv, _ in units] + ([fused_ds[0]] if fused_ds else [])
+        args = [_bn_args(bn) for bn in bns]
+        # A custom downsample module runs eagerly; its output is the (plain) identity.
+        identity = None
+        if self.downsample is not None and fused_ds is None:
+            identity = self.downsample(x)
+        momenta = [advance_batch_norm(bn) if isinstance(bn, nn.BatchNorm2d) else 0.0 for bn in bns]
+        bn_specs = [BNSpec(a[4], m, bn.eps) for a, m, bn in zip(args, momenta, bns)]
+        conv_specs = [_conv_spec(c) for c in convs]
+        n = len(units)
+        spec = BlockSpec(tuple(conv_specs[:n]), tuple(bn_specs[:n]),
+                         (conv_specs[n], bn_specs[n]) if fused_ds else None, self.memory_efficient, "auto")
+        cast = _autocast_dtype(x)
+        tensors: List[Optional[Tensor]] = []
+        for conv, (rm, rv, w, b, _) in zip(convs, args):
+            cw, cb = conv.weight, conv.bias
+            if cast is not None:
+                cw = cw.to(cast)
+                cb = None if cb is None else cb.to(cast)
+            tensors += [cw, cb, w, b, rm, rv]
+        if cast is not None:
+            x = x.to(cast)
+            identity = None if identity is None else identity.to(cast)
+        with _no_autocast(x):
+            return ResidualBlockFunction.apply(spec, x, identity, *tensors)
+
+
+def _autocast_takes_device() -> bool:
+    try:
+        torch.is_autocast_enabled("cpu")
+        return True
+    except TypeError:
+        return False
+
+
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast would run these convs in, or None when autocast is off."""
+    dev = x.device.type
+    if _autocast_takes_device():
+        if not torch.is_autocast_enabled(dev):
+            return None
+        return torch.get_autocast_dtype(dev)
+    if dev == "cuda" and torch.is_autocast_enabled():
+        return torch.get_autocast_gpu_dtype()
+    if dev == "cpu" and torch.is_autocast_cpu_enabled():
+        return torch.get_autocast_cpu_dtype()
+    return None
+
+
+def _no_autocast(x: Tensor):
+    return torch.autocast(x.device.type, enabled=False)
+
+
+class FusedBasicBlock(_FusedBlockMixin, BasicBlock):
+    """torchvision ``BasicBlock`` (same constructor and state_dict), fused."""
+
+    def __init__(self, *args, memory_efficient: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.memory_efficient = memory_efficient
+
+    def _units(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+
+
+class FusedBottleneck(_FusedBlockMixin, Bottleneck):
+    """torchvision ``Bottleneck`` (same constructor and state_dict), fused."""
+
+    def __init__(self, *args, memory_efficient: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.memory_efficient = memory_efficient
+
+    def _units(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]

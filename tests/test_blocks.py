@@ -1,0 +1,212 @@
+"""FusedBottleneck / FusedBasicBlock against torchvision's blocks: outputs, input and
+parameter gradients and running statistics, on every backend this machine runs."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+
+import resfused
+from resfused.memory import saved_bytes
+from resfused.nn import FusedBasicBlock, FusedBottleneck
+from utils import assert_close, backend_cases, case_id, interpreted
+
+CASES = backend_cases()
+KINDS = {"bottleneck": (Bottleneck, FusedBottleneck), "basic": (BasicBlock, FusedBasicBlock)}
+
+
+def randomise_bns(module: nn.Module) -> None:
+    """BN parameters and running statistics away from their 1/0 defaults."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+
+
+class CustomDownsample(nn.Module):
+    """A downsample the block does not fuse: runs eagerly, its output is the identity."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.pool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else nn.Identity()
+        self.conv = conv1x1(cin, cout)
+
+    def forward(self, x):
+        return self.conv(self.pool(x))
+
+
+def make_pair(kind, inplanes, planes, stride, downsample, groups=1, base_width=64, dilation=1,
+              memory_efficient=True):
+    ref_cls, fused_cls = KINDS[kind]
+    out_ch = planes * ref_cls.expansion
+
+    def ds():
+        if downsample == "standard":
+            return nn.Sequential(conv1x1(inplanes, out_ch, stride), nn.BatchNorm2d(out_ch))
+        if downsample == "custom":
+            return CustomDownsample(inplanes, out_ch, stride)
+        return None
+
+    kw = dict(groups=groups, base_width=base_width, dilation=dilation) if kind == "bottleneck" else {}
+    ref = ref_cls(inplanes, planes, stride, ds(), **kw)
+    fused = fused_cls(inplanes, planes, stride, ds(), memory_efficient=memory_efficient, **kw)
+    randomise_bns(ref)
+    fused.load_state_dict(ref.state_dict())
+    return ref.double(), fused
+
+
+BLOCK_CONFIGS = [
+    # kind, inplanes, planes, stride, downsample, groups, base_width, dilation
+    ("bottleneck", 16, 4, 1, None, 1, 64, 1),
+    ("bottleneck", 8, 4, 2, "standard", 1, 64, 1),
+    ("bottleneck", 8, 8, 1, "standard", 2, 32, 1),      # groups (ResNeXt-style)
+    ("bottleneck", 16, 4, 1, None, 1, 64, 2),            # dilation
+    ("bottleneck", 8, 4, 2, "custom", 1, 64, 1),
+    ("basic", 8, 8, 1, None, 1, 64, 1),
+    ("basic", 8, 16, 2, "standard", 1, 64, 1),
+    ("basic", 7, 5, 1, "standard", 1, 64, 1),            # odd channel counts
+]
+
+
+def _block_params():
+    out = []
+    for case in CASES:
+        configs = BLOCK_CONFIGS[:2] + BLOCK_CONFIGS[5:7] if interpreted(*case) else BLOCK_CONFIGS
+        for cfg, layout, training, me in itertools.product(configs, ["nchw", "channels_last"], [True, False],
+                                                           [True, False]):
+            if interpreted(*case) and not me and not training:
+                continue  # the interpreter is slow; memory_efficient=False is covered in training
+            out.append(pytest.param(case, cfg, layout, training, me,
+                                    id=f"{case_id(case)}-{cfg[0]}-s{cfg[3]}-{cfg[4]}-g{cfg[5]}-d{cfg[7]}-{layout}"
+                                       f"-tr{int(training)}-me{int(me)}"))
+    return out
+
+
+@pytest.mark.parametrize("case,cfg,layout,training,memory_efficient", _block_params())
+def test_block_matches_torchvision(case, cfg, layout, training, memory_efficient):
+    backend, device = case
+    kind, inplanes, planes, stride, downsample, groups, base_width, dilation = cfg
+    ref, fused = make_pair(kind, inplanes, planes, stride, downsample, groups, base_width, dilation,
+                           memory_efficient)
+    fused = fused.to(device).train(training)
+    ref.train(training)
+    x = torch.randn(2, inplanes, 7, 9, dtype=torch.float64) * 1.5 + 0.2
+    xo = x.float().to(device)
+    if layout == "channels_last":
+        xo = xo.contiguous(memory_format=torch.channels_last)
+    xo.requires_grad_()
+    xr = x.clone().requires_grad_()
+    with resfused.use_backend(backend):
+        out = fused(xo)
+        expected = ref(xr)
+        assert_close(out, expected, 1e-5, 1e-5, what="block output")
+        if layout == "channels_last":
+            assert out.is_contiguous(memory_format=torch.channels_last), "output lost channels_last"
+        g = torch.randn_like(expected)
+        out.backward(g.float().to(device))
+    expected.backward(g)
+    assert_close(xo.grad, xr.grad, 1e-4, 1e-4, what="grad x")
+    for (name, p), (_, pr) in zip(fused.named_parameters(), ref.named_parameters()):
+        scale = float(pr.grad.abs().max())
+        assert_close(p.grad, pr.grad, 1e-4 * max(scale, 1.0), 1e-4, what=f"grad {name}")
+    for (name, b), (_, br) in zip(fused.named_buffers(), ref.named_buffers()):
+        if b.is_floating_point():
+            assert_close(b, br, 1e-5, 1e-5, what=f"buffer {name}")
+        else:
+            assert torch.equal(b.cpu(), br), f"buffer {name}"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not interpreted(*c)], ids=case_id)
+def test_gradcheck_bottleneck_with_downsample_stride2(case):
+    """fp64 gradcheck of a whole block (the interpreter is too slow for a block's
+    hundreds of kernel launches; its block results are checked against torchvision above)."""
+    backend, device = case
+    _, fused = make_pair("bottleneck", 4, 2, 2, "standard")
+    fused = fused.double().to(device)
+    names = [n for n, _ in fused.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in fused.parameters()]
+    buffers = {n: b for n, b in fused.named_buffers()}
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
+
+    def fn(x, *ps):
+        state = dict(zip(names, ps))
+        state.update({n: b.clone() for n, b in buffers.items()})
+        with resfused.use_backend(backend):
+            return torch.func.functional_call(fused, state, (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_running_stats_updated_once_and_no_grad_paths(case):
+    backend, device = case
+    ref, fused = make_pair("bottleneck", 8, 4, 2, "standard")
+    fused = fused.to(device).train()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    with resfused.use_backend(backend):
+        with torch.no_grad():
+            out_ng = fused(x.float().to(device))
+        expected = ref(x)
+        assert_close(out_ng, expected, 1e-5, 1e-5, what="no_grad output")
+        for (name, b), (_, br) in zip(fused.named_buffers(), ref.named_buffers()):
+            if b.is_floating_point():
+                assert_close(b, br, 1e-5, 1e-5, what=f"buffer {name} after one forward")
+            else:
+                assert int(b) == 1 and int(br) == 1, f"{name}: num_batches_tracked must count one forward"
+        fused.eval()
+        ref.eval()
+        with torch.inference_mode():
+            out_inf = fused(x.float().to(device))
+        assert_close(out_inf, ref(x), 1e-5, 1e-5, what="inference_mode output")
+        # frozen BN: parameters without grad, input without grad
+        fused.train()
+        for m in fused.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.requires_grad_(False)
+                m.bias.requires_grad_(False)
+        out = fused(x.float().to(device))
+        out.sum().backward()
+        assert fused.conv1.weight.grad is not None
+        assert fused.bn1.weight.grad is None
+
+
+def test_saved_bytes_below_torchvision():
+    """Memory-efficient blocks keep x, the pre-BN conv outputs and per-channel stats only."""
+    torch.manual_seed(0)
+    ref, fused = make_pair("bottleneck", 32, 8, 1, None)
+    ref = ref.float()
+    _, keep = make_pair("bottleneck", 32, 8, 1, None, memory_efficient=False)
+    x = torch.randn(4, 32, 16, 16, requires_grad=True)
+    params = list(ref.parameters()) + list(fused.parameters()) + list(keep.parameters())
+    eager = saved_bytes(lambda: ref(x), params)
+    mine = saved_bytes(lambda: fused(x), params)
+    kept = saved_bytes(lambda: keep(x), params)
+    # eager keeps x, y1, a1, y2, a2, y3, out; memory-efficient keeps x, y1, y2, y3, out and
+    # per-channel statistics (a few hundred bytes); memory_efficient=False also keeps a1, a2.
+    act = 4 * 8 * 16 * 16 * 4
+    assert eager - mine == 2 * act, f"eager {eager} B, fused {mine} B"
+    assert 0 <= kept - mine - 2 * act < 1024, f"memory_efficient=False {kept} B vs {mine} B"
+
+
+@pytest.mark.parametrize("bad", ["channels", "ndim", "device", "dtype"])
+def test_block_rejects_bad_input_and_changes_nothing(bad):
+    _, fused = make_pair("bottleneck", 8, 4, 2, "standard")
+    fused.train()
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    x = {"channels": torch.randn(2, 6, 5, 5), "ndim": torch.randn(8, 5, 5),
+         "device": torch.randn(2, 8, 5, 5, device="meta"), "dtype": torch.randn(2, 8, 5, 5, dtype=torch.float64)}[bad]
+    exc = {"channels": ValueError, "ndim": ValueError, "device": RuntimeError, "dtype": TypeError}[bad]
+    text = {"channels": r"FusedBottleneck\(in_channels=8, out_channels=16, stride=2\): expected input of shape "
+                        r"\[N, 8, H, W\]",
+            "ndim": r"expected 4-D input \[N, 8, H, W\]", "device": "input is on meta",
+            "dtype": "input dtype torch.float64"}[bad]
+    with pytest.raises(exc, match=text):
+        fused(x)
+    for k, v in fused.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a call that raised"

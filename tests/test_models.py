@@ -1,0 +1,203 @@
+"""Fused ResNets against torchvision's with the same state_dict: outputs, gradients and
+running statistics through several SGD steps; convert/revert/fold."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import resfused
+from resfused.memory import model_saved_bytes
+from utils import assert_close, assert_low_precision, backend_cases, case_id, interpreted
+
+CASES = [c for c in backend_cases() if not interpreted(*c)]  # whole models: native backends
+MODELS = ["resnet18", "resnet50", "resnext50_32x4d"]
+
+
+def _randomised(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def _tol(expected: torch.Tensor, rel: float):
+    """(atol, rtol) relative to the tensor's largest magnitude."""
+    return rel * max(float(expected.detach().abs().max()), 1e-12), rel
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_model_matches_torchvision_over_sgd_steps(case, name, layout):
+    """Same state_dict; 3 SGD steps in training (outputs, input and parameter gradients,
+    running statistics compared at every step), then eval. Both run in float64 so the
+    comparison tests the computation, with the fp32 tolerances (1e-5 forward, 1e-4
+    backward, relative to each tensor's largest value): deep nets amplify rounding
+    differences step by step (resnet50 here: ~1e-13 at step 0, ~1e-7 after 3 steps)."""
+    backend, device = case
+    torch.manual_seed(0)
+    ref = _randomised(getattr(torchvision.models, name)(num_classes=10)).double()
+    mine = getattr(resfused.models, name)(num_classes=10).double().to(device)
+    mine.load_state_dict(ref.state_dict())
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    mine = mine.to(memory_format=fmt)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9)
+    opt_mine = torch.optim.SGD(mine.parameters(), lr=0.01, momentum=0.9)
+    with resfused.use_backend(backend):
+        for step in range(4):
+            training = step < 3
+            ref.train(training)
+            mine.train(training)
+            x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+            target = torch.randint(0, 10, (4,))
+            xr = x.clone().requires_grad_()
+            xm = x.to(device).contiguous(memory_format=fmt).requires_grad_()
+            out_ref = ref(xr)
+            out = mine(xm)
+            assert_close(out, out_ref, *_tol(out_ref, 1e-5), what=f"{name} step {step} output")
+            loss_ref = nn.functional.cross_entropy(out_ref, target)
+            loss = nn.functional.cross_entropy(out, target.to(device))
+            opt_ref.zero_grad()
+            opt_mine.zero_grad()
+            loss_ref.backward()
+            loss.backward()
+            assert_close(xm.grad, xr.grad, *_tol(xr.grad, 1e-4), what=f"{name} step {step} input grad")
+            for (pn, p), (_, pr) in zip(mine.named_parameters(), ref.named_parameters()):
+                assert_close(p.grad, pr.grad, *_tol(pr.grad, 1e-4), what=f"{name} step {step} grad {pn}")
+            if training:
+                opt_ref.step()
+                opt_mine.step()
+    for (bn_name, b), (_, br) in zip(mine.named_buffers(), ref.named_buffers()):
+        if b.is_floating_point():
+            assert_close(b, br, *_tol(br, 1e-5), what=f"{name} buffer {bn_name}")
+        else:
+            assert torch.equal(b.cpu(), br), f"{bn_name}: {b} != {br}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_fp32_model_error_within_twice_eagers_own(case):
+    """fp32 resnet18 (batch 2 at 64x64: BN over 8 values per channel in layer4, badly
+    conditioned) against the fp64 oracle: our error is at most 2x eager fp32 torchvision's."""
+    backend, device = case
+    torch.manual_seed(0)
+    ref = _randomised(torchvision.models.resnet18(num_classes=10)).double().train()
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ref.state_dict().items()}
+    mine = resfused.models.resnet18(num_classes=10).to(device).train()
+    mine.load_state_dict(state)
+    eager = torchvision.models.resnet18(num_classes=10).train()
+    eager.load_state_dict(state)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    g = torch.randn(2, 10, dtype=torch.float64)
+    results = {}
+    for name, model, dtype, dev in (("oracle", ref, torch.float64, "cpu"), ("eager", eager, torch.float32, "cpu"),
+                                    ("mine", mine, torch.float32, device)):
+        xx = x.detach().to(dev, dtype).clone().requires_grad_()
+        with resfused.use_backend(backend):
+            out = model(xx)
+        out.backward(g.to(dev, dtype))
+        results[name] = [out, xx.grad] + [p.grad for p in model.parameters()]
+    names = ["output", "input grad"] + [f"grad {n}" for n, _ in mine.named_parameters()]
+    for what, o, e, m in zip(names, results["oracle"], results["eager"], results["mine"]):
+        assert_low_precision(m, e, o, what, floor=1e-6 * float(o.abs().max()))
+
+
+def test_state_dict_loads_both_ways_and_keeps_keys():
+    tv = torchvision.models.resnet50()
+    mine = resfused.models.resnet50()
+    assert list(tv.state_dict()) == list(mine.state_dict())
+    mine.load_state_dict(tv.state_dict())
+    tv2 = torchvision.models.resnet50()
+    tv2.load_state_dict(mine.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(tv.state_dict().values(), tv2.state_dict().values()))
+
+
+@pytest.mark.parametrize("name", ["resnet34", "resnet101", "resnet152", "resnext101_32x8d", "wide_resnet50_2",
+                                  "wide_resnet101_2"])
+def test_every_builder_has_torchvisions_keys(name):
+    tv_keys = list(getattr(torchvision.models, name)().state_dict())
+    model = getattr(resfused.models, name)()
+    assert list(model.state_dict()) == tv_keys
+    assert all(isinstance(m, (resfused.FusedBottleneck, resfused.FusedBasicBlock))
+               for m in model.modules() if isinstance(m, (torchvision.models.resnet.Bottleneck,
+                                                          torchvision.models.resnet.BasicBlock)))
+
+
+def test_builder_arguments_pass_through():
+    m = resfused.models.resnet50(zero_init_residual=True, replace_stride_with_dilation=[False, True, True],
+                                 num_classes=7)
+    assert all(float(b.bn3.weight.abs().sum()) == 0 for b in m.modules() if isinstance(b, resfused.FusedBottleneck))
+    assert m.layer3[1].conv2.dilation == (2, 2) and m.layer4[1].conv2.dilation == (4, 4)
+    x = torch.randn(1, 3, 64, 64)
+    tv = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True], num_classes=7)
+    tv.load_state_dict(m.state_dict())
+    m.eval()
+    tv.eval()
+    with torch.no_grad():
+        assert_close(m(x), tv(x), 1e-5, 1e-5, what="dilated resnet50 eval")
+
+
+def test_convert_revert_round_trip_is_bit_identical():
+    torch.manual_seed(0)
+    model = _randomised(torchvision.models.resnet18(num_classes=10)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    assert resfused.convert(model) is model
+    assert isinstance(model.layer1[0], resfused.FusedBasicBlock)
+    assert not model.training and not model.layer1[0].training
+    with torch.no_grad():
+        assert_close(model(x), expected, 1e-5, 1e-5, what="converted output")
+    assert resfused.revert(model) is model
+    assert type(model.layer1[0]) is torchvision.models.resnet.BasicBlock
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_convert_a_detection_backbone_with_frozen_bn():
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = backbone(x)
+    resfused.convert(backbone)
+    assert any(isinstance(m, resfused.FusedBasicBlock) for m in backbone.modules())
+    with torch.no_grad():
+        got = backbone(x)
+    for k in expected:
+        assert_close(got[k], expected[k], 1e-5, 1e-5, what=f"fpn level {k}")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fold_matches_eval_output(name):
+    torch.manual_seed(0)
+    model = _randomised(getattr(resfused.models, name)(num_classes=10))
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):  # non-trivial running statistics
+            model(torch.randn(2, 3, 32, 32))
+    model.eval()
+    folded = resfused.fold(model)
+    assert model.training is False and isinstance(model.bn1, nn.BatchNorm2d), "fold must not change the model"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        got = folded(x)
+    assert_close(got, expected, 1e-4 * float(expected.abs().max()), 1e-4, what="folded output")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+
+
+def test_resnet50_saved_bytes_at_most_085_of_torchvision():
+    """DESIGN.md §6 measure, the issue's setting: resnet50, batch 4, 224x224, fp32, training."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 224, 224)
+    eager = model_saved_bytes(torchvision.models.resnet50().train(), x)
+    mine = model_saved_bytes(resfused.models.resnet50().train(), x)
+    assert mine <= 0.85 * eager, f"resfused saves {mine / 2**20:.1f} MiB vs torchvision {eager / 2**20:.1f} MiB"

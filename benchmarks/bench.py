@@ -3,13 +3,19 @@
     python -m benchmarks.bench --quick              # the quick run (CPU here, GPU when present)
     python -m benchmarks.bench --device cuda --out results.json
 
-What is timed (median of repeated runs, after warm-up, in one process so ratios are fair):
+What is measured (timings: median of repeated runs, after warm-up, implementations taking
+turns in one process so ratios are fair):
   * join_train_fwd_bwd: training forward + backward of ``relu(bn(x) + r)`` — eager is
     ``torch.relu(F.batch_norm(x, ...) + r)`` then ``.backward``; resfused is
     ``resfused.functional.batch_norm_act(..., residual=r)`` then ``.backward``.
   * join_train_fwd: the training forward alone.
   * apply_bandwidth (CUDA only): the forward apply pass ``relu(x*scale + shift + r)`` alone,
     as GB/s and as a fraction of the device's measured copy bandwidth (``dst.copy_(src)``).
+  * resnet50_saved_MiB: bytes autograd saves for backward in a training forward of resnet50
+    (batch 4, 224x224, fp32, parameters excluded) — deterministic, any device.
+  * resnet50_train_step: forward + backward + SGD step of resnet50, torchvision eager vs
+    resfused with the same weights (CPU: batch 8, fp32; CUDA: batch 128, bf16 autocast,
+    channels_last, peak memory, and torch.compile of torchvision with --compile).
 Every record carries its context: device, versions, git commit, dtype, memory format, shape, date.
 """
 from __future__ import annotations
@@ -174,6 +180,81 @@ def bench_apply_bandwidth(shape, dtype, device, channels_last, backends, reps, m
     return rows
 
 
+def bench_resnet_memory(device, batch=4, size=224):
+    """Bytes autograd saves in a training forward of resnet50 (parameters excluded): deterministic."""
+    import torchvision
+
+    from resfused.memory import model_saved_bytes
+
+    x = torch.randn(batch, 3, size, size, device=device)
+    rows = []
+    base = None
+    for impl, build in (("torchvision", lambda: torchvision.models.resnet50()),
+                        ("resfused", lambda: resfused.models.resnet50()),
+                        ("resfused(memory_efficient=False)", lambda: resfused.models.resnet50(memory_efficient=False))):
+        model = build().to(device).train()
+        mib = model_saved_bytes(model, x) / 2**20
+        base = mib if base is None else base
+        rows.append({"bench": "resnet50_saved_MiB", "impl": impl, "MiB": mib, "ratio_vs_torchvision": mib / base,
+                     "shape": [batch, 3, size, size], "dtype": "float32", "memory_format": "nchw"})
+        del model
+    return rows
+
+
+def bench_resnet_step(device, batch, size, dtype, channels_last, reps, min_time, compile_eager=False):
+    """One training step (forward, backward, SGD step) of resnet50: torchvision eager vs resfused
+    (same weights), plus torch.compile of torchvision when asked; peak memory on CUDA."""
+    import torchvision
+
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+    target = torch.randint(0, 1000, (batch,), device=device)
+    autocast = dtype != torch.float32
+
+    def make(model):
+        model = model.to(device).to(memory_format=fmt).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+                loss = F.cross_entropy(model(x), target)
+            loss.backward()
+            opt.step()
+        return step
+
+    ref = torchvision.models.resnet50()
+    mine = resfused.models.resnet50()
+    mine.load_state_dict(ref.state_dict())
+    fns = {"eager": make(ref), "resfused": make(mine)}
+    if compile_eager:
+        compiled = torchvision.models.resnet50()
+        compiled.load_state_dict(ref.state_dict())
+        fns["torch.compile(eager)"] = make(torch.compile(compiled))
+    peak = {}
+    if device.type == "cuda":
+        for name, fn in fns.items():
+            fn()  # warm-up (and compile)
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            fn()
+            torch.cuda.synchronize(device)
+            peak[name] = torch.cuda.max_memory_allocated(device) / 2**20
+    timed = time_interleaved(fns, device, warmup=1, reps=reps, min_time=min_time)
+    t_eager = timed["eager"][0]
+    rows = []
+    for impl, (t, n) in timed.items():
+        row = {"bench": "resnet50_train_step", "impl": impl, "ms": 1e3 * t, "samples": n,
+               "speedup_vs_eager": t_eager / t, "shape": [batch, 3, size, size],
+               "dtype": ("autocast " if autocast else "") + str(dtype).replace("torch.", ""),
+               "memory_format": "channels_last" if channels_last else "nchw"}
+        if impl in peak:
+            row["peak_MiB"] = peak[impl]
+        rows.append(row)
+    return rows
+
+
 def plan(device: torch.device, quick: bool):
     """(bench, shape, dtype, channels_last) for the device: the shapes the issues name."""
     if device.type == "cpu":
@@ -185,12 +266,28 @@ def plan(device: torch.device, quick: bool):
             ("apply", big, torch.float32, False)]
 
 
+def _format(row) -> str:
+    if "MiB" in row:
+        extra = f"{row['MiB']:.1f} MiB saved for backward ({row['ratio_vs_torchvision']:.3f}x torchvision)"
+        return f"{row['bench']:20s} {row['impl']:34s} {str(tuple(row['shape'])):20s} {extra}"
+    if "speedup_vs_eager" in row:
+        extra = f"speedup {row['speedup_vs_eager']:.2f}x"
+        if "peak_MiB" in row:
+            extra += f", peak {row['peak_MiB']:.0f} MiB"
+    else:
+        extra = f"{row['GBps']:.0f} GB/s" + (f" ({100 * row['fraction_of_copy']:.0f}% of copy)"
+                                            if "fraction_of_copy" in row else "")
+    return (f"{row['bench']:20s} {row['impl']:20s} {row['dtype']:18s} {row['memory_format']:13s} "
+            f"{str(tuple(row['shape'])):20s} {row['ms']:9.3f} ms  {extra}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (the README's first command)")
     ap.add_argument("--out", default=None, help="write the JSON record here (default benchmarks/results/latest-<device>.json)")
     ap.add_argument("--backends", default=None, help="comma-separated resfused backends (default: all that run)")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of torchvision's resnet50 (GPU)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -212,15 +309,18 @@ def main(argv=None) -> int:
           f"commit {ctx['commit']}, {ctx['date']}")
     print(f"# backends: {', '.join(backends)}; median of >= {reps} runs")
     rows = []
-    for kind, shape, dtype, cl in plan(device, args.quick):
-        fn = bench_join if kind == "join" else bench_apply_bandwidth
-        new = fn(shape, dtype, device, cl, backends, reps, min_time)
+    jobs = [(bench_join if kind == "join" else bench_apply_bandwidth, (shape, dtype, device, cl, backends, reps,
+                                                                       min_time))
+            for kind, shape, dtype, cl in plan(device, args.quick)]
+    jobs.append((bench_resnet_memory, (device,)))
+    if device.type == "cpu":
+        jobs.append((bench_resnet_step, (device, 8, 224, torch.float32, False, 3 if args.quick else 8, 0.0)))
+    else:
+        jobs.append((bench_resnet_step, (device, 128, 224, torch.bfloat16, True, reps, min_time, args.compile)))
+    for fn, fn_args in jobs:
+        new = fn(*fn_args)
         for row in new:
-            extra = (f"speedup {row['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in row else
-                     f"{row['GBps']:.0f} GB/s" + (f" ({100 * row['fraction_of_copy']:.0f}% of copy)"
-                                                  if "fraction_of_copy" in row else ""))
-            print(f"{row['bench']:20s} {row['impl']:18s} {row['dtype']:9s} {row['memory_format']:13s} "
-                  f"{str(tuple(row['shape'])):20s} {row['ms']:9.3f} ms  {extra}")
+            print(_format(row))
         rows += new
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -69,23 +69,24 @@ def _call(op: str, backend: str, x: Tensor, *args):
     return _backend_impl(resolve(backend, x), op)(*args)
 
 
-@torch.library.custom_op("resfused::bn_stats", mutates_args=())
-def bn_stats(x: Tensor, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+def _bn_stats_impl(x: Tensor, backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """(mean, biased var) per channel, fp32 (fp64 for fp64 x)."""
     fmt = memory_format_of(x)
     x = x.contiguous(memory_format=fmt)
     return _call("bn_stats", backend, x, x)
 
 
-@bn_stats.register_fake
+bn_stats_op = torch.library.custom_op("resfused::bn_stats", mutates_args=())(_bn_stats_impl)
+
+
+@bn_stats_op.register_fake
 def _(x, backend="auto"):
     acc = eager.acc_dtype(x.dtype)
     c = x.shape[1]
     return x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
 
 
-@torch.library.custom_op("resfused::bn_act_fwd", mutates_args=())
-def bn_act_fwd(x: Tensor, affine: Tensor, residual: Optional[Tensor], res_affine: Optional[Tensor],
+def _bn_act_fwd_impl(x: Tensor, affine: Tensor, residual: Optional[Tensor], res_affine: Optional[Tensor],
                relu: bool, backend: str = "auto") -> Tensor:
     """act(x*scale + shift [+ residual | + residual*res_scale + res_shift]) in x's dtype and layout."""
     fmt = memory_format_of(x)
@@ -94,13 +95,15 @@ def bn_act_fwd(x: Tensor, affine: Tensor, residual: Optional[Tensor], res_affine
                  _per_channel(res_affine), relu)
 
 
-@bn_act_fwd.register_fake
+bn_act_fwd_op = torch.library.custom_op("resfused::bn_act_fwd", mutates_args=())(_bn_act_fwd_impl)
+
+
+@bn_act_fwd_op.register_fake
 def _(x, affine, residual, res_affine, relu, backend="auto"):
     return torch.empty_like(x, memory_format=memory_format_of(x))
 
 
-@torch.library.custom_op("resfused::bn_act_bwd_reduce", mutates_args=())
-def bn_act_bwd_reduce(grad_out: Tensor, x: Tensor, affine: Tensor, stats: Tensor, residual: Optional[Tensor],
+def _bn_act_bwd_reduce_impl(grad_out: Tensor, x: Tensor, affine: Tensor, stats: Tensor, residual: Optional[Tensor],
                       res_affine: Optional[Tensor], res_stats: Optional[Tensor], out: Optional[Tensor],
                       relu: bool, backend: str = "auto") -> Tensor:
     """Rows (sum dz, sum dz*x_hat[, sum dz*res_hat]) as a [2 or 3, C] fp32 tensor."""
@@ -111,14 +114,16 @@ def bn_act_bwd_reduce(grad_out: Tensor, x: Tensor, affine: Tensor, stats: Tensor
                  _like_x(out, fmt), relu)
 
 
-@bn_act_bwd_reduce.register_fake
+bn_act_bwd_reduce_op = torch.library.custom_op("resfused::bn_act_bwd_reduce", mutates_args=())(_bn_act_bwd_reduce_impl)
+
+
+@bn_act_bwd_reduce_op.register_fake
 def _(grad_out, x, affine, stats, residual, res_affine, res_stats, out, relu, backend="auto"):
     rows = 3 if res_stats is not None else 2
     return x.new_empty((rows, x.shape[1]), dtype=eager.acc_dtype(x.dtype))
 
 
-@torch.library.custom_op("resfused::bn_act_bwd_apply", mutates_args=())
-def bn_act_bwd_apply(grad_out: Tensor, x: Tensor, affine: Tensor, coef: Tensor, residual: Optional[Tensor],
+def _bn_act_bwd_apply_impl(grad_out: Tensor, x: Tensor, affine: Tensor, coef: Tensor, residual: Optional[Tensor],
                      res_affine: Optional[Tensor], res_coef: Optional[Tensor], out: Optional[Tensor],
                      relu: bool, backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """(dx, dres): input gradients of the BN(+add)+activation; dres is empty without residual."""
@@ -129,16 +134,41 @@ def bn_act_bwd_apply(grad_out: Tensor, x: Tensor, affine: Tensor, coef: Tensor, 
                  _like_x(out, fmt), relu)
 
 
-@bn_act_bwd_apply.register_fake
+bn_act_bwd_apply_op = torch.library.custom_op("resfused::bn_act_bwd_apply", mutates_args=())(_bn_act_bwd_apply_impl)
+
+
+@bn_act_bwd_apply_op.register_fake
 def _(grad_out, x, affine, coef, residual, res_affine, res_coef, out, relu, backend="auto"):
     fmt = memory_format_of(x)
     dres = torch.empty_like(x, memory_format=fmt) if residual is not None else x.new_empty((0,))
     return torch.empty_like(x, memory_format=fmt), dres
 
 
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling and is_compiling())
+
+
+def _fast(op_def, impl: Callable) -> Callable:
+    """The op as the autograd layer calls it: straight to the implementation in eager
+    execution (no dispatcher round trip per call), through the registered custom op while
+    torch.compile traces (where the fake kernel and the op's opacity matter)."""
+    def call(*args):
+        return op_def(*args) if _compiling() else impl(*args)
+    call.__name__ = impl.__name__.strip("_").replace("_impl", "")
+    call.__doc__ = impl.__doc__
+    return call
+
+
+bn_stats = _fast(bn_stats_op, _bn_stats_impl)
+bn_act_fwd = _fast(bn_act_fwd_op, _bn_act_fwd_impl)
+bn_act_bwd_reduce = _fast(bn_act_bwd_reduce_op, _bn_act_bwd_reduce_impl)
+bn_act_bwd_apply = _fast(bn_act_bwd_apply_op, _bn_act_bwd_apply_impl)
+
+# The registered ops (torch.ops.resfused.*), by name.
 BY_NAME: Dict[str, Callable] = {
-    "bn_stats": bn_stats,
-    "bn_act_fwd": bn_act_fwd,
-    "bn_act_bwd_reduce": bn_act_bwd_reduce,
-    "bn_act_bwd_apply": bn_act_bwd_apply,
+    "bn_stats": bn_stats_op,
+    "bn_act_fwd": bn_act_fwd_op,
+    "bn_act_bwd_reduce": bn_act_bwd_reduce_op,
+    "bn_act_bwd_apply": bn_act_bwd_apply_op,
 }

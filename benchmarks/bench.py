@@ -314,7 +314,7 @@ def main(argv=None) -> int:
             for kind, shape, dtype, cl in plan(device, args.quick)]
     jobs.append((bench_resnet_memory, (device,)))
     if device.type == "cpu":
-        jobs.append((bench_resnet_step, (device, 8, 224, torch.float32, False, 3 if args.quick else 8, 0.0)))
+        jobs.append((bench_resnet_step, (device, 8, 224, torch.float32, False, 3 if args.quick else 12, 0.0)))
     else:
         jobs.append((bench_resnet_step, (device, 128, 224, torch.bfloat16, True, reps, min_time, args.compile)))
     for fn, fn_args in jobs:

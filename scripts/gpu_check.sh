@@ -17,10 +17,10 @@ bash scripts/setup.sh > "$OUT/setup.log" 2>&1 || { echo "setup/build failed (see
 cp build.log "$OUT/build.log" 2>/dev/null || true
 echo "build: $(( $(date +%s) - t0 )) s"
 "$PY" -m resfused.info --json > "$OUT/info.json" 2>&1 || status=1
-timeout 330 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
 tail -n 25 "$OUT/tests.log"
 echo "tests: $(( $(date +%s) - t0 )) s"
-timeout 150 "$PY" -m benchmarks.bench --quick --device cuda --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1 || status=1
+timeout 180 "$PY" -m benchmarks.bench --quick --compile --device cuda --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1 || status=1
 cat "$OUT/bench.log"
 echo "total: $(( $(date +%s) - t0 )) s, status $status"
 exit $status

@@ -65,7 +65,7 @@ CPU_SMS = 2
 DATA_PTRS = frozenset({"x_ptr", "g_ptr", "res_ptr", "out_ptr", "dx_ptr", "dres_ptr"})
 #: runtime 0/1 (relu_mode: 0/1/2) flag arguments; every other non-constexpr scalar is a size
 #: @triton.jit helpers that are inlined into kernels, never launched on their own
-JIT_HELPERS = frozenset({"_relu_keep", "_cast_out"})
+JIT_HELPERS = frozenset({"_relu_keep", "_cast_out", "_nchw_tile"})
 FLAG_ARGS = frozenset({"has_res", "res_aff", "relu", "use_res", "res_st", "res_coef", "relu_mode"})
 
 
@@ -117,6 +117,17 @@ def _relu_keep(x, o, r, scale, shift, rs, rb, relu_mode):
     return (relu_mode == 0) | ((relu_mode == 1) & (o > 0)) | ((relu_mode == 2) & (z > 0))
 
 
+@triton.jit
+def _nchw_tile(u, c, N, C, HW, n_hwb, ROWS: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Offsets and mask of NCHW tile ``u`` of channel c: ROWS images x BLOCK_HW pixels."""
+    ng = u // n_hwb
+    n = ng * ROWS + tl.arange(0, ROWS)
+    hw = (u - ng * n_hwb) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    m = (n < N)[:, None] & (hw < HW)[None, :]
+    offs = ((n.to(tl.int64) * C + c) * HW)[:, None] + hw[None, :]
+    return offs, m
+
+
 # ---- statistics: partial shifted sums ------------------------------------------------
 
 
@@ -133,11 +144,7 @@ def _stats_part_nchw(x_ptr, ws_ptr, N, C, HW, n_hwb, n_units, units_per_prog,
     u0 = p * units_per_prog
     u1 = tl.minimum(u0 + units_per_prog, n_units)
     for u in range(u0, u1):
-        ng = u // n_hwb
-        n = ng * ROWS + tl.arange(0, ROWS)
-        hw = (u - ng * n_hwb) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-        m = (n < N)[:, None] & (hw < HW)[None, :]
-        offs = ((n.to(tl.int64) * C + c) * HW)[:, None] + hw[None, :]
+        offs, m = _nchw_tile(u, c, N, C, HW, n_hwb, ROWS, BLOCK_HW)
         x = tl.load(x_ptr + offs, mask=m, other=0).to(acc_ty)
         d = tl.where(m, x - pivot, 0)
         s1 += d
@@ -224,15 +231,11 @@ def _fwd_nchw(x_ptr, aff_ptr, res_ptr, raff_ptr, out_ptr, N, C, HW, n_hwb, has_r
     acc_ty = aff_ptr.dtype.element_ty
     u = tl.program_id(0)
     c = tl.program_id(1)
-    ng = u // n_hwb
-    n = ng * ROWS + tl.arange(0, ROWS)
-    hw = (u - ng * n_hwb) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    offs, m = _nchw_tile(u, c, N, C, HW, n_hwb, ROWS, BLOCK_HW)
     scale = tl.load(aff_ptr + c)
     shift = tl.load(aff_ptr + C + c)
     rs = tl.load(raff_ptr + c, mask=res_aff != 0, other=1)
     rb = tl.load(raff_ptr + C + c, mask=res_aff != 0, other=0)
-    m = (n < N)[:, None] & (hw < HW)[None, :]
-    offs = ((n.to(tl.int64) * C + c) * HW)[:, None] + hw[None, :]
     x = tl.load(x_ptr + offs, mask=m, other=0).to(acc_ty)
     r = tl.load(res_ptr + offs, mask=m & (has_res != 0), other=0).to(acc_ty)
     z = x * scale + shift + (r * rs + rb)
@@ -288,11 +291,7 @@ def _bwd_reduce_part_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, st_ptr, raff_
     u0 = p * units_per_prog
     u1 = tl.minimum(u0 + units_per_prog, n_units)
     for u in range(u0, u1):
-        ng = u // n_hwb
-        n = ng * ROWS + tl.arange(0, ROWS)
-        hw = (u - ng * n_hwb) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-        m = (n < N)[:, None] & (hw < HW)[None, :]
-        offs = ((n.to(tl.int64) * C + c) * HW)[:, None] + hw[None, :]
+        offs, m = _nchw_tile(u, c, N, C, HW, n_hwb, ROWS, BLOCK_HW)
         g = tl.load(g_ptr + offs, mask=m, other=0).to(acc_ty)
         x = tl.load(x_ptr + offs, mask=m, other=0).to(acc_ty)
         o = tl.load(out_ptr + offs, mask=m & (relu_mode == 1), other=0).to(acc_ty)
@@ -362,9 +361,7 @@ def _bwd_apply_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, coef_ptr, raff_ptr,
     acc_ty = aff_ptr.dtype.element_ty
     u = tl.program_id(0)
     c = tl.program_id(1)
-    ng = u // n_hwb
-    n = ng * ROWS + tl.arange(0, ROWS)
-    hw = (u - ng * n_hwb) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    offs, m = _nchw_tile(u, c, N, C, HW, n_hwb, ROWS, BLOCK_HW)
     scale = tl.load(aff_ptr + c)
     shift = tl.load(aff_ptr + C + c)
     mean = tl.load(coef_ptr + c)
@@ -377,8 +374,6 @@ def _bwd_apply_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, coef_ptr, raff_ptr,
     rk = tl.load(rcoef_ptr + C + c, mask=res_coef != 0, other=0)
     rmdz = tl.load(rcoef_ptr + 2 * C + c, mask=res_coef != 0, other=0)
     rpc = tl.load(rcoef_ptr + 3 * C + c, mask=res_coef != 0, other=0)
-    m = (n < N)[:, None] & (hw < HW)[None, :]
-    offs = ((n.to(tl.int64) * C + c) * HW)[:, None] + hw[None, :]
     g = tl.load(g_ptr + offs, mask=m, other=0).to(acc_ty)
     x = tl.load(x_ptr + offs, mask=m, other=0).to(acc_ty)
     o = tl.load(out_ptr + offs, mask=m & (relu_mode == 1), other=0).to(acc_ty)

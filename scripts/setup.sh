@@ -23,7 +23,8 @@ have pytest || missing+=("pytest")
 have hypothesis || missing+=("hypothesis")
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[setup] installing ${missing[*]}"
-  if ! "$PY" -m pip install --quiet "${missing[@]}"; then
+  # Short timeouts: on a machine without network this fails fast instead of retrying.
+  if ! "$PY" -m pip install --quiet --retries 0 --timeout 10 "${missing[@]}"; then
     # Offline machines (the GPU machine) may lack optional test tools; only pytest is required.
     have pytest || { echo "[setup] pytest is required and could not be installed" >&2; exit 1; }
     echo "[setup] warning: could not install ${missing[*]}; continuing without" >&2

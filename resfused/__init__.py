@@ -6,10 +6,12 @@ one says what is missing and how to build it (``python -m resfused.info``).
 from . import functional, nn, ops
 from ._backend import BACKENDS, select_backend, use_backend
 from .convert import convert, fold, revert
-from .nn import BatchNormAct2d, FusedBasicBlock, FusedBottleneck
+from .nn import (BatchNormAct2d, FusedBasicBlock, FusedBottleneck, FusedDenseBlock, FusedDenseLayer,
+                 FusedTransition)
 from . import models  # noqa: E402  (after convert: the builders use it)
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BatchNormAct2d", "FusedBasicBlock", "FusedBottleneck", "convert", "fold", "functional",
+__all__ = ["BACKENDS", "BatchNormAct2d", "FusedBasicBlock", "FusedBottleneck", "FusedDenseBlock",
+           "FusedDenseLayer", "FusedTransition", "convert", "fold", "functional",
            "models", "nn", "ops", "revert", "select_backend", "use_backend"]

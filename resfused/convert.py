@@ -1,6 +1,6 @@
-"""``convert(model)`` / ``revert(model)``: swap torchvision ResNet blocks for the fused
-ones (and back) in place; ``fold(model)``: a deployment copy with eval BN folded into the
-convolutions.
+"""``convert(model)`` / ``revert(model)``: swap torchvision ResNet blocks and DenseNet dense
+layers/blocks/transitions for the fused ones (and back) in place; ``fold(model)``: a
+deployment copy with eval BN folded into the convolutions (ResNet blocks).
 
 The fused blocks are subclasses of torchvision's with no extra parameters or buffers, so
 a swap changes only the class of each block object: parameters, buffers, hooks, device,
@@ -13,21 +13,34 @@ from typing import Dict, Tuple, Type
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.densenet import _DenseBlock, _DenseLayer, _Transition
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .nn.block import FusedBasicBlock, FusedBottleneck, _bn_args
+from .nn.dense import FusedDenseBlock, FusedDenseLayer, FusedTransition
 from .ops import bn_act as ops
 
 _FUSED: Dict[Type[nn.Module], Type[nn.Module]] = {Bottleneck: FusedBottleneck, BasicBlock: FusedBasicBlock}
 _PLAIN: Dict[Type[nn.Module], Type[nn.Module]] = {v: k for k, v in _FUSED.items()}
+# DenseNet modules: swapped by class too, but their ``memory_efficient`` is torchvision's own
+# attribute (checkpointing in torchvision's forward), so convert/revert leave it alone.
+_DENSE_FUSED: Dict[Type[nn.Module], Type[nn.Module]] = {_DenseLayer: FusedDenseLayer, _DenseBlock: FusedDenseBlock,
+                                                        _Transition: FusedTransition}
+_DENSE_PLAIN: Dict[Type[nn.Module], Type[nn.Module]] = {v: k for k, v in _DENSE_FUSED.items()}
 
 
 def convert(model: nn.Module, memory_efficient: bool = True) -> nn.Module:
     """Swap every torchvision ``Bottleneck``/``BasicBlock`` in ``model`` (the model itself
-    included) for ``FusedBottleneck``/``FusedBasicBlock``, in place. Returns ``model``."""
+    included) for ``FusedBottleneck``/``FusedBasicBlock``, and every DenseNet ``_DenseLayer``/
+    ``_DenseBlock``/``_Transition`` for ``FusedDenseLayer``/``FusedDenseBlock``/
+    ``FusedTransition``, in place. Returns ``model``. ``memory_efficient`` applies to the
+    ResNet blocks; dense blocks always share storage and recompute."""
     for module in model.modules():
         fused = _FUSED.get(type(module))
-        if fused is not None:
+        dense = _DENSE_FUSED.get(type(module))
+        if dense is not None:
+            module.__class__ = dense
+        elif fused is not None:
             module.__class__ = fused
             module.memory_efficient = memory_efficient
         elif type(module) in _PLAIN:
@@ -38,6 +51,10 @@ def convert(model: nn.Module, memory_efficient: bool = True) -> nn.Module:
 def revert(model: nn.Module) -> nn.Module:
     """Undo ``convert``: fused blocks become torchvision's again, in place. Returns ``model``."""
     for module in model.modules():
+        dense = _DENSE_PLAIN.get(type(module))
+        if dense is not None:
+            module.__class__ = dense
+            continue
         plain = _PLAIN.get(type(module))
         if plain is not None:
             module.__class__ = plain

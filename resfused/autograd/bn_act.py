@@ -24,13 +24,17 @@ def channel_count(x: Tensor) -> int:
 
 def bn_coefficients(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                     running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                    training: bool, momentum: float, eps: float, backend: str) -> Tuple[Tensor, Tensor]:
+                    training: bool, momentum: float, eps: float, backend: str,
+                    batch_stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
     """Per-channel ``affine = (scale, shift)`` and ``stats = (mean, invstd)`` of one BN,
-    updating the running statistics in training (exactly once; never on an empty batch)."""
+    updating the running statistics in training (exactly once; never on an empty batch).
+
+    ``batch_stats``: precomputed batch ``(mean, biased var)`` of x in the accumulation
+    dtype (the dense block's statistics cache); x is then read only for its shape."""
     acc = acc_dtype(x.dtype)
     count = channel_count(x)
     if training:
-        mean, var = ops.bn_stats(x, backend)
+        mean, var = ops.bn_stats(x, backend) if batch_stats is None else batch_stats
         invstd = 1.0 / torch.sqrt(var + eps)
         if running_mean is not None and count > 0:
             with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Fused ResNets: torchvision's ``ResNet`` with ``FusedBottleneck``/``FusedBasicBlock``.
+"""Fused ResNets and DenseNets: torchvision's ``ResNet`` with ``FusedBottleneck``/``FusedBasicBlock``,
+and torchvision's ``DenseNet`` with ``FusedDenseBlock``/``FusedTransition``.
 
 Each builder takes torchvision's arguments (``weights``, ``progress``, and every keyword
 of ``ResNet`` such as ``zero_init_residual``, ``groups``, ``width_per_group``,
@@ -16,20 +17,31 @@ _NAMES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext
           "wide_resnet50_2", "wide_resnet101_2"]
 
 
-def _builder(name: str):
+_RESNET_DOC = ("torchvision's ``{name}`` with fused blocks (same arguments, same state_dict). "
+               "``memory_efficient`` (default True) recomputes the inner BN-ReLU outputs in backward.")
+_DENSENET_DOC = ("torchvision's ``{name}`` with fused dense blocks and transitions (same arguments, same "
+                 "state_dict). Dense blocks always share feature storage and recompute norm1/relu1 and relu2 in "
+                 "backward; torchvision's ``memory_efficient`` (checkpointing) is accepted and only matters after "
+                 "``resfused.revert``.")
+_DENSE_NAMES = ["densenet121", "densenet161", "densenet169", "densenet201"]
+
+
+def _builder(name: str, doc: str, takes_memory_efficient: bool):
     tv_builder = getattr(tvm, name)
 
-    def build(*, memory_efficient: bool = True, **kwargs) -> nn.Module:
-        return convert(tv_builder(**kwargs), memory_efficient=memory_efficient)
+    def build(**kwargs) -> nn.Module:
+        fused = {"memory_efficient": kwargs.pop("memory_efficient", True)} if takes_memory_efficient else {}
+        return convert(tv_builder(**kwargs), **fused)
 
     build.__name__ = name
     build.__qualname__ = name
-    build.__doc__ = (f"torchvision's ``{name}`` with fused blocks (same arguments, same state_dict). "
-                     f"``memory_efficient`` (default True) recomputes the inner BN-ReLU outputs in backward.")
+    build.__doc__ = doc.format(name=name)
     return build
 
 
 for _name in _NAMES:
-    globals()[_name] = _builder(_name)
+    globals()[_name] = _builder(_name, _RESNET_DOC, takes_memory_efficient=True)
+for _name in _DENSE_NAMES:
+    globals()[_name] = _builder(_name, _DENSENET_DOC, takes_memory_efficient=False)
 
-__all__ = list(_NAMES)
+__all__ = list(_NAMES) + list(_DENSE_NAMES)

@@ -1,5 +1,7 @@
 """Modules: they own parameters and buffers and call ``resfused.functional``."""
 from .bn_act import BatchNormAct2d
 from .block import FusedBasicBlock, FusedBottleneck
+from .dense import FusedDenseBlock, FusedDenseLayer, FusedTransition
 
-__all__ = ["BatchNormAct2d", "FusedBasicBlock", "FusedBottleneck"]
+__all__ = ["BatchNormAct2d", "FusedBasicBlock", "FusedBottleneck", "FusedDenseBlock", "FusedDenseLayer",
+           "FusedTransition"]

@@ -1,0 +1,368 @@
+"""``DenseBlockFunction``: a whole DenseNet dense block as one autograd node, and
+``TransitionFunction``: a DenseNet transition (BN → ReLU → 1x1 conv → avg pool).
+
+Dense block (DESIGN.md §3, Pleiss et al.):
+
+* **Shared feature storage.** One buffer ``[N, C0 + L·k, H, W]`` in the input's memory
+  format; the input is copied in once, layer l writes its k new channels into its slice
+  and reads channels ``[0, C_l)``. The buffer *is* the block output (torchvision's
+  ``torch.cat`` order), so no concatenation is ever made.
+* **norm1 + relu1 of the prefix** runs through the fused BN-ReLU kernel and is never
+  saved; backward recomputes it. The kernels take contiguous inputs, and a channel prefix
+  is a strided view of the buffer (in NCHW and in channels_last alike), so each layer first
+  gathers its prefix into one scratch buffer shared by all layers of the block (allocated
+  once per forward and once per backward, sized for the last layer): one extra
+  read/write of the prefix per layer, forward and backward. The kernel's output
+  ``relu(bn1(prefix))`` is a transient the op allocates (the ops have no ``out=``
+  variant), released as soon as conv1 has read it.
+* **Statistics cache.** Each channel's batch (mean, biased var) is computed once, when the
+  channel is written (``ops.bn_stats`` on the input, then on each layer's new features),
+  and every later layer's norm1 reuses it through ``bn_coefficients(batch_stats=...)``;
+  each BN still updates its own running statistics, exactly once per forward.
+* **Bottleneck** ``norm2 → relu2 → conv2`` uses the fused BN-ReLU; ``relu2`` is recomputed
+  from the saved pre-BN ``y1`` in backward.
+* **Dropout** (``drop_rate > 0`` in training) uses ``F.dropout`` itself for the noise, so
+  the random stream and values are torchvision's; the mask is kept (bool) for backward.
+
+Saved for backward: the feature buffer, per layer ``y1`` (conv1 output), per-channel
+affine/stats (fp32) and the dropout mask if any. Backward walks the layers in reverse,
+accumulating into one gradient buffer shaped like the feature buffer; layer j's slice is
+complete when layer j is reached.
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops import bn_act as ops
+from ..ops.eager import acc_dtype
+from .block import BNSpec, ConvSpec, _conv, _conv_backward
+from .bn_act import bn_act_backward, bn_coefficients
+
+# norm1 weight, bias, running mean, running var, conv1 weight, bias,
+# norm2 weight, bias, running mean, running var, conv2 weight, bias
+TENSORS_PER_LAYER = 12
+_N1W, _N1B, _C1W, _C1B, _N2W, _N2B, _C2W, _C2B = 0, 1, 4, 5, 6, 7, 10, 11
+
+
+class DenseLayerSpec(NamedTuple):
+    norm1: BNSpec
+    conv1: ConvSpec
+    norm2: BNSpec
+    conv2: ConvSpec
+    growth: int        # channels the layer adds (conv2's out_channels)
+    drop_rate: float   # dropout applied to the new features (0: none, e.g. in eval)
+
+
+class DenseBlockSpec(NamedTuple):
+    layers: Tuple[DenseLayerSpec, ...]
+    backend: str
+
+
+class _Forward(NamedTuple):
+    buf: Tensor
+    backend: str
+    y1s: List[Tensor]
+    aff1s: List[Tensor]
+    st1s: List[Tensor]
+    aff2s: List[Tensor]
+    st2s: List[Tensor]
+    masks: List[Optional[Tensor]]
+
+
+def _split(tensors: Sequence[Optional[Tensor]], n: int) -> List[Sequence[Optional[Tensor]]]:
+    k = TENSORS_PER_LAYER
+    return [tensors[i * k:(i + 1) * k] for i in range(n)]
+
+
+def prefix_widths(c0: int, spec: DenseBlockSpec) -> List[int]:
+    """C_l: the channels layer l reads (the block input plus all earlier layers' features)."""
+    widths, c = [], c0
+    for layer in spec.layers:
+        widths.append(c)
+        c += layer.growth
+    return widths
+
+
+def _prefix_scratch(buf: Tensor, widths: List[int]) -> Optional[Tensor]:
+    """One flat scratch big enough for the widest prefix a layer gathers (none for layer 0
+    alone: it reads the block input directly in forward)."""
+    if not widths:
+        return None
+    n, _, h, w = buf.shape
+    return buf.new_empty(n * widths[-1] * h * w)
+
+
+def _gather_prefix(buf: Tensor, cl: int, scratch: Tensor, fmt: torch.memory_format) -> Tensor:
+    """Channels [0, cl) of ``buf``, contiguous in ``fmt``, written into the shared scratch."""
+    n, _, h, w = buf.shape
+    flat = scratch[:n * cl * h * w]
+    if fmt == torch.channels_last:
+        dst = flat.view(n, h, w, cl).permute(0, 3, 1, 2)
+    else:
+        dst = flat.view(n, cl, h, w)
+    dst.copy_(buf[:, :cl])
+    return dst
+
+
+def dense_block_forward(spec: DenseBlockSpec, x: Tensor, tensors: Sequence[Optional[Tensor]],
+                        keep: bool) -> _Forward:
+    """Run the block; updates running statistics (once). ``keep``: collect what backward needs."""
+    backend = ops.resolve(spec.backend, x)
+    fmt = ops.memory_format_of(x)
+    n = len(spec.layers)
+    N, c0, H, W = x.shape
+    widths = prefix_widths(c0, spec)
+    total = widths[-1] + spec.layers[-1].growth if n else c0
+    buf = torch.empty((N, total, H, W), dtype=x.dtype, device=x.device, memory_format=fmt)
+    buf[:, :c0].copy_(x)
+
+    # Statistics cache: a channel's batch (mean, var) is computed once, when it is written,
+    # for as long as some later layer's norm1 normalises with batch statistics.
+    last_batch_norm1 = max((i for i, ls in enumerate(spec.layers) if ls.norm1.training), default=-1)
+    acc = acc_dtype(x.dtype)
+    cache_mean = cache_var = None
+    if last_batch_norm1 >= 0:
+        cache_mean = torch.empty(total, dtype=acc, device=x.device)
+        cache_var = torch.empty(total, dtype=acc, device=x.device)
+        m, v = ops.bn_stats(x, backend)
+        cache_mean[:c0].copy_(m)
+        cache_var[:c0].copy_(v)
+
+    scratch = _prefix_scratch(buf, widths) if n > 1 else None
+    out = _Forward(buf, backend, [], [], [], [], [], [])
+    for i, (ls, t) in enumerate(zip(spec.layers, _split(tensors, n))):
+        n1w, n1b, n1rm, n1rv, c1w, c1b, n2w, n2b, n2rm, n2rv, c2w, c2b = t
+        cl, k = widths[i], ls.growth
+        # the kernels read contiguous tensors: layer 0 reads the input, later ones the scratch
+        xp = x.contiguous(memory_format=fmt) if i == 0 else _gather_prefix(buf, cl, scratch, fmt)
+        batch = (cache_mean[:cl], cache_var[:cl]) if ls.norm1.training else None
+        aff1, st1 = bn_coefficients(xp, n1w, n1b, n1rm, n1rv, ls.norm1.training, ls.norm1.momentum,
+                                    ls.norm1.eps, backend, batch_stats=batch)
+        a1 = ops.bn_act_fwd(xp, aff1, None, None, True, backend)  # the shared scratch, never saved
+        del xp
+        y1 = _conv(a1, c1w, c1b, ls.conv1)
+        del a1
+        aff2, st2 = bn_coefficients(y1, n2w, n2b, n2rm, n2rv, ls.norm2.training, ls.norm2.momentum,
+                                    ls.norm2.eps, backend)
+        a2 = ops.bn_act_fwd(y1, aff2, None, None, True, backend)
+        y2 = _conv(a2, c2w, c2b, ls.conv2)
+        del a2
+        if tuple(y2.shape) != (N, k, H, W):
+            raise ValueError(f"dense block: layer {i + 1} produced new features of shape {tuple(y2.shape)}; "
+                             f"a dense layer must keep the spatial size, expected {(N, k, H, W)}")
+        mask = None
+        if ls.drop_rate > 0:
+            noise = F.dropout(torch.ones_like(y2), ls.drop_rate, True)  # torchvision's random stream
+            y2 = y2 * noise
+            mask = noise != 0
+            del noise
+        buf[:, cl:cl + k].copy_(y2)
+        if i < last_batch_norm1:
+            m, v = ops.bn_stats(y2, backend)
+            cache_mean[cl:cl + k].copy_(m)
+            cache_var[cl:cl + k].copy_(v)
+        del y2
+        if keep:
+            out.y1s.append(y1)
+            out.aff1s.append(aff1)
+            out.st1s.append(st1)
+            out.aff2s.append(aff2)
+            out.st2s.append(st2)
+            out.masks.append(mask)
+    return out
+
+
+class DenseBlockFunction(torch.autograd.Function):
+    """Inputs: ``spec`` (``DenseBlockSpec``), ``x`` (the block input), then twelve tensors per
+    layer (see ``TENSORS_PER_LAYER``). Output: the concatenation of x and every layer's new
+    features, in torchvision's order."""
+
+    @staticmethod
+    def forward(ctx, spec: DenseBlockSpec, x: Tensor, *tensors):
+        n = len(spec.layers)
+        fwd = dense_block_forward(spec, x, tensors, keep=True)
+        layers = _split(tensors, n)
+        weights = [t[w] for t in layers for w in (_C1W, _C2W)]
+        conv_biases = [t[b] for t in layers for b in (_C1B, _C2B)]
+        ctx.spec = spec
+        ctx.backend = fwd.backend
+        ctx.c0 = x.shape[1]
+        ctx.has_mask = [m is not None for m in fwd.masks]
+        ctx.has_conv_bias = [b is not None for b in conv_biases]
+        ctx.param_dtypes = [tuple(None if p is None else p.dtype for p in t) for t in layers]
+        ctx.save_for_backward(fwd.buf, *fwd.y1s, *fwd.aff1s, *fwd.st1s, *fwd.aff2s, *fwd.st2s,
+                              *[m for m in fwd.masks if m is not None], *weights,
+                              *[b for b in conv_biases if b is not None])
+        return fwd.buf
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        spec: DenseBlockSpec = ctx.spec
+        backend = ctx.backend
+        n = len(spec.layers)
+        saved = list(ctx.saved_tensors)
+        buf, rest = saved[0], saved[1:]
+        y1s, aff1s, st1s, aff2s, st2s = (rest[j * n:(j + 1) * n] for j in range(5))
+        rest = rest[5 * n:]
+        n_masks = sum(ctx.has_mask)
+        mask_iter = iter(rest[:n_masks])
+        masks = [next(mask_iter) if has else None for has in ctx.has_mask]
+        rest = rest[n_masks:]
+        weights, rest = rest[:2 * n], rest[2 * n:]
+        bias_iter = iter(rest)
+        conv_biases = [next(bias_iter) if has else None for has in ctx.has_conv_bias]
+
+        needs = ctx.needs_input_grad  # (spec, x, *tensors)
+        need_x = bool(needs[1])
+        grads: List[Optional[Tensor]] = [None] * (len(needs) - 2)
+
+        def need(layer: int, j: int) -> bool:
+            return bool(needs[2 + layer * TENSORS_PER_LAYER + j])
+
+        def put(layer: int, j: int, value: Optional[Tensor]):
+            if value is not None and need(layer, j):
+                grads[layer * TENSORS_PER_LAYER + j] = value.to(ctx.param_dtypes[layer][j])
+
+        fmt = ops.memory_format_of(buf)
+        gbuf = torch.empty_like(buf, memory_format=fmt)
+        gbuf.copy_(grad_out)
+        widths = prefix_widths(ctx.c0, spec)
+        scratch = _prefix_scratch(buf, widths)
+        for i in range(n - 1, -1, -1):
+            ls = spec.layers[i]
+            cl, k = widths[i], ls.growth
+            need_prefix = i > 0 or need_x
+            need_norm1 = need_prefix or need(i, _N1W) or need(i, _N1B)
+            need_conv1 = need_norm1 or need(i, _C1W) or need(i, _C1B)
+            need_any = need_conv1 or any(need(i, j) for j in (_N2W, _N2B, _C2W, _C2B))
+            if not need_any:
+                continue
+            g = gbuf[:, cl:cl + k]  # complete: every later layer has added its share
+            if masks[i] is not None:
+                noise = masks[i].to(g.dtype)
+                if ls.drop_rate < 1:
+                    noise.div_(1.0 - ls.drop_rate)
+                g = g * noise
+                del noise
+            g = g.contiguous(memory_format=fmt)
+            y1 = y1s[i]
+            a2 = ops.bn_act_fwd(y1, aff2s[i], None, None, True, backend)  # recompute relu2
+            d_a2, dw2, db2 = _conv_backward(g, a2, weights[2 * i + 1], conv_biases[2 * i + 1], ls.conv2,
+                                            need_conv1 or need(i, _N2W) or need(i, _N2B),
+                                            need(i, _C2W), need(i, _C2B))
+            put(i, _C2W, dw2)
+            put(i, _C2B, db2)
+            del g
+            if not (need_conv1 or need(i, _N2W) or need(i, _N2B)):
+                continue
+            need_sums2 = ls.norm2.training or need(i, _N2W) or need(i, _N2B)
+            dy1, _, sums2 = bn_act_backward(d_a2, y1, a2, aff2s[i], st2s[i], ls.norm2.training, True, backend,
+                                            need_dx=need_conv1, need_sums=need_sums2)
+            put(i, _N2W, sums2[1])
+            put(i, _N2B, sums2[0])
+            del a2, d_a2
+            if not need_conv1:
+                continue
+            xp = _gather_prefix(buf, cl, scratch, fmt)
+            a1 = ops.bn_act_fwd(xp, aff1s[i], None, None, True, backend)  # recompute relu(bn1(prefix))
+            d_a1, dw1, db1 = _conv_backward(dy1, a1, weights[2 * i], conv_biases[2 * i], ls.conv1,
+                                            need_norm1, need(i, _C1W), need(i, _C1B))
+            put(i, _C1W, dw1)
+            put(i, _C1B, db1)
+            del dy1
+            if need_norm1:
+                need_sums1 = ls.norm1.training or need(i, _N1W) or need(i, _N1B)
+                dxp, _, sums1 = bn_act_backward(d_a1, xp, a1, aff1s[i], st1s[i], ls.norm1.training, True,
+                                                backend, need_dx=need_prefix, need_sums=need_sums1)
+                put(i, _N1W, sums1[1])
+                put(i, _N1B, sums1[0])
+                if need_prefix:
+                    gbuf[:, :cl] += dxp
+                del dxp
+            del xp, a1, d_a1
+        dx = gbuf[:, :ctx.c0].contiguous(memory_format=fmt) if need_x else None
+        return (None, dx, *grads)
+
+
+# ----------------------------------------------------------------------------- transition
+class PoolSpec(NamedTuple):
+    kernel_size: Tuple[int, int]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    ceil_mode: bool
+    count_include_pad: bool
+    divisor_override: Optional[int]
+
+
+class TransitionSpec(NamedTuple):
+    bn: BNSpec
+    conv: ConvSpec
+    pool: PoolSpec
+    backend: str
+
+
+def _pool(y: Tensor, p: PoolSpec) -> Tensor:
+    return F.avg_pool2d(y, p.kernel_size, p.stride, p.padding, p.ceil_mode, p.count_include_pad, p.divisor_override)
+
+
+def transition_forward(spec: TransitionSpec, x: Tensor, w, b, rm, rv, cw, cb):
+    backend = ops.resolve(spec.backend, x)
+    affine, stats = bn_coefficients(x, w, b, rm, rv, spec.bn.training, spec.bn.momentum, spec.bn.eps, backend)
+    a = ops.bn_act_fwd(x, affine, None, None, True, backend)
+    y = _conv(a, cw, cb, spec.conv)
+    del a
+    return _pool(y, spec.pool), y, affine, stats, backend
+
+
+class TransitionFunction(torch.autograd.Function):
+    """DenseNet transition ``avg_pool(conv(relu(bn(x))))`` as one node. Keeps x (the dense
+    block's output, which that block keeps anyway) and per-channel stats; relu(bn(x)) is
+    recomputed in backward and the conv output is never kept (avg-pool backward needs
+    only its shape). Inputs: spec, x, bn weight, bias, running mean, running var, conv
+    weight, conv bias."""
+
+    @staticmethod
+    def forward(ctx, spec: TransitionSpec, x, w, b, rm, rv, cw, cb):
+        out, y, affine, stats, backend = transition_forward(spec, x, w, b, rm, rv, cw, cb)
+        ctx.spec = spec
+        ctx.backend = backend
+        ctx.y_shape = tuple(y.shape)
+        ctx.y_format = ops.memory_format_of(y)
+        ctx.has_conv_bias = cb is not None
+        ctx.param_dtypes = tuple(None if t is None else t.dtype for t in (w, b, rm, rv, cw, cb))
+        ctx.save_for_backward(x, affine, stats, cw, cb)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        spec: TransitionSpec = ctx.spec
+        x, affine, stats, cw, cb = ctx.saved_tensors
+        needs = ctx.needs_input_grad  # (spec, x, w, b, rm, rv, cw, cb)
+        p = spec.pool
+        # avg-pool backward reads only the input's shape and layout, never its values
+        y_like = torch.empty(ctx.y_shape, dtype=grad_out.dtype, device=grad_out.device, memory_format=ctx.y_format)
+        dy = torch.ops.aten.avg_pool2d_backward(grad_out, y_like, list(p.kernel_size), list(p.stride),
+                                                list(p.padding), p.ceil_mode, p.count_include_pad,
+                                                p.divisor_override)
+        del y_like
+        a = ops.bn_act_fwd(x, affine, None, None, True, ctx.backend)
+        need_bn = bool(needs[1] or needs[2] or needs[3])
+        da, dcw, dcb = _conv_backward(dy, a, cw, cb, spec.conv, need_bn, bool(needs[6]), bool(needs[7]))
+        dx = dw = db = None
+        if need_bn:
+            need_sums = spec.bn.training or bool(needs[2] or needs[3])
+            dx, _, sums = bn_act_backward(da, x, a, affine, stats, spec.bn.training, True, ctx.backend,
+                                          need_dx=bool(needs[1]), need_sums=need_sums)
+            dw = sums[1].to(ctx.param_dtypes[0]) if needs[2] else None
+            db = sums[0].to(ctx.param_dtypes[1]) if needs[3] else None
+        dcw = dcw.to(ctx.param_dtypes[4]) if (needs[6] and dcw is not None) else None
+        dcb = dcb.to(ctx.param_dtypes[5]) if (needs[7] and dcb is not None) else None
+        return None, dx, dw, db, None, None, dcw, dcb
+
+
+__all__ = ["DenseBlockFunction", "DenseBlockSpec", "DenseLayerSpec", "TransitionFunction", "TransitionSpec",
+           "PoolSpec", "dense_block_forward", "transition_forward"]

@@ -1,0 +1,200 @@
+"""Drop-in fused DenseNet modules: ``FusedDenseLayer``, ``FusedDenseBlock`` and
+``FusedTransition``.
+
+Subclasses of torchvision's ``_DenseLayer``/``_DenseBlock``/``_Transition`` with the same
+constructor, attribute names and state_dict keys (``denselayer%d``...) and no extra
+parameters or buffers, so ``resfused.convert`` swaps them by class. The block runs as one
+autograd node (``resfused.autograd.DenseBlockFunction``: shared feature storage, shared
+norm1 scratch, statistics cache). A module whose parts are not the standard kinds
+(BatchNorm2d, ReLU, zero-padded Conv2d keeping the spatial size, AvgPool2d) runs
+torchvision's own forward.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.densenet import _DenseBlock, _DenseLayer, _Transition
+
+from ..autograd.block import BNSpec
+from ..autograd.dense import (DenseBlockFunction, DenseBlockSpec, DenseLayerSpec, PoolSpec, TransitionFunction,
+                              TransitionSpec, dense_block_forward, transition_forward)
+from ..functional import check_bn_input
+from ..ops import bn_act as ops
+from .block import _autocast_dtype, _conv_spec, _no_autocast
+from .bn_act import advance_batch_norm, batch_norm_args
+
+
+def _keeps_size(conv: nn.Conv2d) -> bool:
+    spec = _conv_spec(conv)
+    if spec is None or spec.stride != (1, 1):
+        return False
+    return all(2 * p == d * (k - 1) for p, d, k in zip(spec.padding, spec.dilation, conv.kernel_size))
+
+
+def _layer_fusable(layer: nn.Module) -> bool:
+    return (isinstance(layer, _DenseLayer) and type(layer.norm1) is nn.BatchNorm2d
+            and type(layer.norm2) is nn.BatchNorm2d and isinstance(layer.relu1, nn.ReLU)
+            and isinstance(layer.relu2, nn.ReLU) and _keeps_size(layer.conv1) and _keeps_size(layer.conv2)
+            and layer.norm1.num_features == layer.conv1.in_channels
+            and layer.norm2.num_features == layer.conv1.out_channels)
+
+
+def _grad_wanted(x: Tensor, tensors: Sequence[Optional[Tensor]]) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
+
+
+def _check_features(name: str, x: Tensor, expected_c: int, weight: Tensor, batch_stats: bool) -> None:
+    """The block/layer input checks, raised before anything runs or is updated."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a Tensor input, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected 4-D input [N, {expected_c}, H, W], got {x.dim()}-D input of shape "
+                         f"{tuple(x.shape)}")
+    if x.shape[1] != expected_c:
+        raise ValueError(f"{name}: expected input of shape [N, {expected_c}, H, W], got {tuple(x.shape)}")
+    if x.device != weight.device:
+        raise RuntimeError(f"{name}: input is on {x.device} but the weights are on {weight.device}")
+    if _autocast_dtype(x) is None and x.dtype != weight.dtype:
+        raise TypeError(f"{name}: input dtype {x.dtype} does not match the weights' dtype {weight.dtype}")
+    if batch_stats and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+        raise ValueError(f"{name}: expected more than 1 value per channel when training, got input size "
+                         f"{tuple(x.shape)}")
+
+
+def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor) -> Tensor:
+    """Validate, advance the BNs' batch counters, then run ``layers`` as one fused dense block."""
+    bns = [bn for layer in layers for bn in (layer.norm1, layer.norm2)]
+    args = [batch_norm_args(bn) for bn in bns]
+    _check_features(name, x, layers[0].norm1.num_features, layers[0].conv1.weight, any(a[4] for a in args))
+    for bn, (rm, rv, w, b, training) in zip(bns, args):
+        for t in (rm, rv, w, b):
+            if t is not None and t.device != x.device:
+                raise RuntimeError(f"{name}: input is on {x.device} but a BatchNorm's tensors are on {t.device}")
+    cast = _autocast_dtype(x)
+    ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))  # backend and dtype
+    momenta = [advance_batch_norm(bn) for bn in bns]  # only after every check has passed
+    layer_specs, tensors = [], []
+    for j, layer in enumerate(layers):
+        (rm1, rv1, w1, b1, t1), (rm2, rv2, w2, b2, t2) = args[2 * j], args[2 * j + 1]
+        n1, n2 = layer.norm1, layer.norm2
+        drop = layer.drop_rate if (layer.training and layer.drop_rate > 0) else 0.0
+        layer_specs.append(DenseLayerSpec(BNSpec(t1, momenta[2 * j], n1.eps), _conv_spec(layer.conv1),
+                                          BNSpec(t2, momenta[2 * j + 1], n2.eps), _conv_spec(layer.conv2),
+                                          layer.conv2.out_channels, float(drop)))
+        cw1, cb1, cw2, cb2 = layer.conv1.weight, layer.conv1.bias, layer.conv2.weight, layer.conv2.bias
+        if cast is not None:
+            cw1, cw2 = cw1.to(cast), cw2.to(cast)
+            cb1 = None if cb1 is None else cb1.to(cast)
+            cb2 = None if cb2 is None else cb2.to(cast)
+        tensors += [w1, b1, rm1, rv1, cw1, cb1, w2, b2, rm2, rv2, cw2, cb2]
+    spec = DenseBlockSpec(tuple(layer_specs), "auto")
+    if cast is not None:
+        x = x.to(cast)
+    with _no_autocast(x):
+        if _grad_wanted(x, tensors):
+            return DenseBlockFunction.apply(spec, x, *tensors)
+        return dense_block_forward(spec, x, tensors, keep=False).buf
+
+
+class FusedDenseLayer(_DenseLayer):
+    """torchvision ``_DenseLayer`` (same constructor and state_dict), fused. Standalone it
+    returns the new features only, like torchvision's; inside a ``FusedDenseBlock`` the
+    block runs all its layers as one node."""
+
+    def _layer_name(self) -> str:
+        return (f"{type(self).__name__}(num_input_features={self.norm1.num_features}, "
+                f"growth_rate={self.conv2.out_channels})")
+
+    def forward(self, input: Union[Tensor, List[Tensor]]) -> Tensor:  # noqa: A002 (torchvision's name)
+        if not _layer_fusable(self):
+            return super().forward(input)
+        if not isinstance(input, Tensor):
+            inputs = list(input)
+            if not all(isinstance(t, Tensor) for t in inputs):
+                raise TypeError(f"{self._layer_name()}: expected a Tensor or a list of Tensors")
+            input = torch.cat(inputs, 1) if len(inputs) != 1 else inputs[0]
+        out = _run_dense_layers(self._layer_name(), [self], input)
+        return out[:, input.shape[1]:]
+
+
+class FusedDenseBlock(_DenseBlock):
+    """torchvision ``_DenseBlock`` (same constructor and state_dict: ``denselayer%d``), fused:
+    the output is torchvision's ``torch.cat([x, new_1, ..., new_L], 1)``, written in place
+    into one shared buffer."""
+
+    def _block_name(self) -> str:
+        layers = list(self.values())
+        first = layers[0] if layers else None
+        c0 = first.norm1.num_features if first is not None else "?"
+        k = first.conv2.out_channels if first is not None else "?"
+        return f"{type(self).__name__}(num_layers={len(layers)}, num_input_features={c0}, growth_rate={k})"
+
+    def _fusable(self) -> bool:
+        layers = list(self.values())
+        if not layers or not all(_layer_fusable(layer) for layer in layers):
+            return False
+        c = layers[0].norm1.num_features
+        for layer in layers:
+            if layer.norm1.num_features != c:
+                return False
+            c += layer.conv2.out_channels
+        return True
+
+    def forward(self, init_features: Tensor) -> Tensor:
+        if not self._fusable():
+            return super().forward(init_features)
+        return _run_dense_layers(f"{self._block_name()}.denselayer1", list(self.values()), init_features)
+
+
+class FusedTransition(_Transition):
+    """torchvision ``_Transition`` (norm → relu → 1x1 conv → avg pool; same state_dict),
+    with the fused BN-ReLU recomputed in backward instead of kept."""
+
+    def _fusable(self) -> bool:
+        names = [n for n, _ in self.named_children()]
+        if names != ["norm", "relu", "conv", "pool"]:
+            return False
+        pool = self.pool
+        return (type(self.norm) is nn.BatchNorm2d and isinstance(self.relu, nn.ReLU)
+                and _conv_spec(self.conv) is not None and type(pool) is nn.AvgPool2d)
+
+    def _name(self) -> str:
+        return (f"{type(self).__name__}(num_input_features={self.norm.num_features}, "
+                f"num_output_features={self.conv.out_channels})")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._fusable():
+            return super().forward(x)
+        name = self._name()
+        rm, rv, w, b, training = batch_norm_args(self.norm)
+        _check_features(name, x, self.norm.num_features, self.conv.weight, training)
+        check_bn_input(x, rm, rv, w, b, training, prefix=f"{name}: ", name="input")
+        cast = _autocast_dtype(x)
+        ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))
+        momentum = advance_batch_norm(self.norm)
+        pool = self.pool
+
+        def pair(v) -> Tuple[int, int]:
+            return (v, v) if isinstance(v, int) else tuple(v)
+
+        stride = pool.stride if pool.stride is not None else pool.kernel_size
+        pspec = PoolSpec(pair(pool.kernel_size), pair(stride), pair(pool.padding), bool(pool.ceil_mode),
+                         bool(pool.count_include_pad), pool.divisor_override)
+        spec = TransitionSpec(BNSpec(training, momentum, self.norm.eps), _conv_spec(self.conv), pspec, "auto")
+        cw, cb = self.conv.weight, self.conv.bias
+        if cast is not None:
+            cw = cw.to(cast)
+            cb = None if cb is None else cb.to(cast)
+            x = x.to(cast)
+        tensors = (w, b, rm, rv, cw, cb)
+        with _no_autocast(x):
+            if _grad_wanted(x, tensors):
+                return TransitionFunction.apply(spec, x, *tensors)
+            return transition_forward(spec, x, *tensors)[0]
+
+
+__all__ = ["FusedDenseLayer", "FusedDenseBlock", "FusedTransition"]

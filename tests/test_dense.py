@@ -1,0 +1,446 @@
+"""FusedDenseBlock / FusedDenseLayer / FusedTransition and the fused DenseNets against
+torchvision's: outputs, input and parameter gradients and running statistics, on every
+backend this machine runs; gradcheck; dropout; bad input; saved bytes."""
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.densenet import _DenseBlock, _DenseLayer, _Transition
+
+import resfused
+from resfused.memory import model_saved_bytes, saved_bytes
+from resfused.nn import FusedDenseBlock, FusedDenseLayer, FusedTransition
+from utils import assert_close, assert_low_precision, backend_cases, case_id, interpreted
+
+CASES = backend_cases()
+NATIVE = [c for c in CASES if not interpreted(*c)]
+
+
+def randomise_bns(module: nn.Module) -> nn.Module:
+    """BN parameters and running statistics away from their 1/0 defaults."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return module
+
+
+def make_block_pair(num_layers=3, c0=5, bn_size=2, growth=3, drop_rate=0.0, ref_memory_efficient=False):
+    ref = randomise_bns(_DenseBlock(num_layers, c0, bn_size, growth, drop_rate, ref_memory_efficient))
+    fused = FusedDenseBlock(num_layers, c0, bn_size, growth, drop_rate)
+    fused.load_state_dict(ref.state_dict())
+    return ref.double(), fused
+
+
+_NORM1 = re.compile(r"(^|\.)denselayer\d+\.norm1\.")
+
+
+def _checkpointed_norm1(name: str, b: torch.Tensor, br: torch.Tensor, ref_me: bool) -> bool:
+    """torchvision's memory_efficient=True recomputes norm1 under checkpointing in backward,
+    so its norm1 running statistics are updated twice per training step (ours: once, as its
+    memory_efficient=False does; checked in the ref_me=False cases). Those buffers are not
+    compared; their batch counts document the double update."""
+    if not (ref_me and _NORM1.search(name)):
+        return False
+    if not b.is_floating_point():
+        assert int(br) == 2 * int(b), f"{name}: torchvision checkpointing counts {int(br)}, we count {int(b)}"
+    return True
+
+
+def _compare_modules(fused, ref, what, fwd_tol=1e-5, bwd_tol=1e-4, ref_me=False):
+    for (name, p), (_, pr) in zip(fused.named_parameters(), ref.named_parameters()):
+        scale = float(pr.grad.abs().max())
+        assert_close(p.grad, pr.grad, bwd_tol * max(scale, 1.0), bwd_tol, what=f"{what} grad {name}")
+    for (name, b), (_, br) in zip(fused.named_buffers(), ref.named_buffers()):
+        if _checkpointed_norm1(name, b, br, ref_me):
+            continue
+        if b.is_floating_point():
+            assert_close(b, br, fwd_tol, fwd_tol, what=f"{what} buffer {name}")
+        else:
+            assert torch.equal(b.cpu(), br), f"{what} buffer {name}: {b} != {br}"
+
+
+def _block_params():
+    out = []
+    for case in CASES:
+        if interpreted(*case):  # the interpreter is slow: one small block, two settings
+            out.append(pytest.param(case, "nchw", True, False, id=f"{case_id(case)}-nchw-tr1-refme0"))
+            out.append(pytest.param(case, "channels_last", False, False,
+                                    id=f"{case_id(case)}-channels_last-tr0-refme0"))
+            continue
+        for layout, training, ref_me in itertools.product(["nchw", "channels_last"], [True, False], [False, True]):
+            out.append(pytest.param(case, layout, training, ref_me,
+                                    id=f"{case_id(case)}-{layout}-tr{int(training)}-refme{int(ref_me)}"))
+    return out
+
+
+@pytest.mark.parametrize("case,layout,training,ref_me", _block_params())
+def test_block_matches_torchvision(case, layout, training, ref_me):
+    backend, device = case
+    ref, fused = make_block_pair(ref_memory_efficient=ref_me)
+    fused = fused.to(device).train(training)
+    ref.train(training)
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64) * 1.5 + 0.2
+    xo = x.float().to(device)
+    if layout == "channels_last":
+        xo = xo.contiguous(memory_format=torch.channels_last)
+    xo.requires_grad_()
+    xr = x.clone().requires_grad_()
+    with resfused.use_backend(backend):
+        out = fused(xo)
+        expected = ref(xr)
+        assert_close(out, expected, 1e-5, 1e-5, what="block output")
+        if layout == "channels_last":
+            assert out.is_contiguous(memory_format=torch.channels_last), "output lost channels_last"
+        g = torch.randn_like(expected)
+        out.backward(g.float().to(device))
+    expected.backward(g)
+    assert_close(xo.grad, xr.grad, 1e-4, 1e-4, what="grad x")
+    _compare_modules(fused, ref, "block", ref_me=ref_me)
+
+
+@pytest.mark.parametrize("case", NATIVE, ids=case_id)
+@pytest.mark.parametrize("shape,layout", [((3, 5, 5), "nchw"), ((1, 4, 3), "channels_last"),
+                                          ((3, 1, 1), "channels_last"), ((2, 1, 4), "nchw")],
+                         ids=["n3-5x5-nchw", "n1-4x3-cl", "n3-1x1-cl", "n2-1x4-nchw"])
+def test_block_fp64_exact_and_running_stats_once(case, shape, layout):
+    """In float64 the fused block equals torchvision's to rounding (the statistics cache
+    computes each channel's stats once, on the channel as written, not on the concatenation);
+    N = 1 and 1x1 maps (layouts that are NCHW and channels_last at once) included."""
+    backend, device = case
+    n, h, w = shape
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    ref, fused = make_block_pair(num_layers=4, c0=6, growth=4)
+    fused = fused.double().to(device).train()
+    momentum_none = fused.denselayer2.norm1
+    momentum_none.momentum = None
+    ref.denselayer2.norm1.momentum = None
+    with resfused.use_backend(backend):
+        for _ in range(2):
+            x = torch.randn(n, 6, h, w, dtype=torch.float64).contiguous(memory_format=fmt)
+            xo = x.clone().to(device).requires_grad_()
+            xr = x.clone().requires_grad_()
+            out, expected = fused(xo), ref(xr)
+            assert_close(out, expected, 1e-12, 1e-12, what="fp64 output")
+            g = torch.randn_like(expected)
+            out.backward(g.to(device))
+            expected.backward(g)
+            assert_close(xo.grad, xr.grad, 1e-11, 1e-11, what="fp64 grad x")
+    _compare_modules(fused, ref, "fp64", fwd_tol=1e-12, bwd_tol=1e-10)
+    assert int(fused.denselayer1.norm1.num_batches_tracked) == 2, "each BN counts each forward once"
+
+
+@pytest.mark.parametrize("case", NATIVE, ids=case_id)
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_three_layer_block(case, training):
+    backend, device = case
+    _, fused = make_block_pair(num_layers=3, c0=3, bn_size=2, growth=2)
+    fused = fused.double().to(device).train(training)
+    names = [n for n, _ in fused.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in fused.parameters()]
+    buffers = {n: b for n, b in fused.named_buffers()}
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
+
+    def fn(x, *ps):
+        state = dict(zip(names, ps))
+        state.update({n: b.clone() for n, b in buffers.items()})
+        with resfused.use_backend(backend):
+            return torch.func.functional_call(fused, state, (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", NATIVE, ids=case_id)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_dropout_matches_torchvision(case, layout):
+    """Dropout on the new features, torchvision's semantics and (on the CPU) its random
+    stream: same seed, same mask; backward applies the mask kept from forward."""
+    backend, device = case
+    ref, fused = make_block_pair(num_layers=3, drop_rate=0.4)
+    fused = fused.double().to(device).train()
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    xo = x.clone().to(device).contiguous(memory_format=fmt).requires_grad_()
+    xr = x.clone().contiguous(memory_format=fmt).requires_grad_()
+    with resfused.use_backend(backend):
+        torch.manual_seed(7)
+        out = fused(xo)
+    torch.manual_seed(7)
+    expected = ref(xr)
+    assert_close(out, expected, 1e-12, 1e-12, what="dropout output")
+    assert float((out[:, 5:] == 0).double().mean()) > 0.2, "dropout dropped nothing"
+    g = torch.randn_like(expected)
+    out.backward(g.to(device))
+    expected.backward(g)
+    assert_close(xo.grad, xr.grad, 1e-11, 1e-11, what="dropout grad x")
+    _compare_modules(fused, ref, "dropout", fwd_tol=1e-12, bwd_tol=1e-10)
+    # eval: no dropout
+    fused.eval()
+    ref.eval()
+    with torch.no_grad(), resfused.use_backend(backend):
+        assert_close(fused(xo), ref(xr), 1e-12, 1e-12, what="dropout eval output")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_no_grad_and_inference_mode(case):
+    backend, device = case
+    ref, fused = make_block_pair()
+    fused = fused.to(device).train()
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64)
+    with resfused.use_backend(backend):
+        with torch.no_grad():
+            out = fused(x.float().to(device))
+        expected = ref(x)
+        assert_close(out, expected, 1e-5, 1e-5, what="no_grad output")
+        for (name, b), (_, br) in zip(fused.named_buffers(), ref.named_buffers()):
+            if b.is_floating_point():
+                assert_close(b, br, 1e-5, 1e-5, what=f"buffer {name} after one forward")
+            else:
+                assert int(b) == 1 and int(br) == 1, f"{name}: num_batches_tracked must count one forward"
+        fused.eval()
+        ref.eval()
+        with torch.inference_mode():
+            out = fused(x.float().to(device))
+        assert_close(out, ref(x), 1e-5, 1e-5, what="inference_mode output")
+
+
+@pytest.mark.parametrize("case", NATIVE, ids=case_id)
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_and_transition_match_torchvision(case, training):
+    """A standalone FusedDenseLayer (Tensor or list input) and FusedTransition."""
+    backend, device = case
+    ref = randomise_bns(_DenseLayer(7, 3, 2, 0.0)).double().train(training)
+    layer = FusedDenseLayer(7, 3, 2, 0.0)
+    layer.load_state_dict(ref.state_dict())
+    layer = layer.double().to(device).train(training)
+    a, b = torch.randn(2, 4, 5, 6, dtype=torch.float64), torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    ao, bo = a.clone().to(device).requires_grad_(), b.clone().to(device).requires_grad_()
+    ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
+    with resfused.use_backend(backend):
+        out = layer([ao, bo])
+    expected = ref([ar, br])
+    assert_close(out, expected, 1e-12, 1e-12, what="layer output")
+    g = torch.randn_like(expected)
+    out.backward(g.to(device))
+    expected.backward(g)
+    assert_close(ao.grad, ar.grad, 1e-11, 1e-11, what="layer grad a")
+    assert_close(bo.grad, br.grad, 1e-11, 1e-11, what="layer grad b")
+    _compare_modules(layer, ref, "layer", fwd_tol=1e-12, bwd_tol=1e-10)
+
+    tref = randomise_bns(_Transition(8, 4)).double().train(training)
+    trans = FusedTransition(8, 4)
+    trans.load_state_dict(tref.state_dict())
+    trans = trans.double().to(device).train(training)
+    x = torch.randn(2, 8, 7, 9, dtype=torch.float64)  # odd sizes: the pool drops a row/column
+    xo, xr = x.clone().to(device).requires_grad_(), x.clone().requires_grad_()
+    with resfused.use_backend(backend):
+        out = trans(xo)
+    expected = tref(xr)
+    assert_close(out, expected, 1e-12, 1e-12, what="transition output")
+    g = torch.randn_like(expected)
+    out.backward(g.to(device))
+    expected.backward(g)
+    assert_close(xo.grad, xr.grad, 1e-11, 1e-11, what="transition grad x")
+    _compare_modules(trans, tref, "transition", fwd_tol=1e-12, bwd_tol=1e-10)
+
+
+def _randomised_model(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def _tol(expected: torch.Tensor, rel: float):
+    """(atol, rtol) relative to the tensor's largest magnitude."""
+    return rel * max(float(expected.detach().abs().max()), 1e-12), rel
+
+
+# (backend, layout, torchvision's memory_efficient): every backend meets both torchvision modes
+# and both layouts without running the whole product (each case is a densenet121 in fp64).
+MODEL_CASES = [(b, d, layout, me) for (b, d) in NATIVE if b in ("cpu", "eager")
+               for layout, me in ([("nchw", False), ("channels_last", True)] if b == "cpu"
+                                  else [("nchw", True), ("channels_last", False)])]
+
+
+@pytest.mark.parametrize("backend,device,layout,ref_me", MODEL_CASES,
+                         ids=[f"{b}-{d}-{lay}-refme{int(me)}" for b, d, lay, me in MODEL_CASES])
+def test_densenet121_matches_torchvision_over_sgd_steps(backend, device, layout, ref_me):
+    """Same state_dict; 3 SGD steps in training (outputs, input and parameter gradients,
+    running statistics compared at every step), then eval; both in float64, tolerances
+    relative to each tensor's largest value (see test_models.py)."""
+    torch.manual_seed(0)
+    ref = _randomised_model(torchvision.models.densenet121(num_classes=10, memory_efficient=ref_me)).double()
+    mine = resfused.models.densenet121(num_classes=10).double().to(device)
+    mine.load_state_dict(ref.state_dict())
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    mine = mine.to(memory_format=fmt)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9)
+    opt_mine = torch.optim.SGD(mine.parameters(), lr=0.01, momentum=0.9)
+    with resfused.use_backend(backend):
+        for step in range(4):
+            training = step < 3
+            ref.train(training)
+            mine.train(training)
+            x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+            target = torch.randint(0, 10, (4,))
+            xr = x.clone().requires_grad_()
+            xm = x.clone().to(device).contiguous(memory_format=fmt).requires_grad_()
+            out_ref = ref(xr)
+            out = mine(xm)
+            assert_close(out, out_ref, *_tol(out_ref, 1e-5), what=f"step {step} output")
+            loss_ref = nn.functional.cross_entropy(out_ref, target)
+            loss = nn.functional.cross_entropy(out, target.to(device))
+            opt_ref.zero_grad()
+            opt_mine.zero_grad()
+            loss_ref.backward()
+            loss.backward()
+            assert_close(xm.grad, xr.grad, *_tol(xr.grad, 1e-4), what=f"step {step} input grad")
+            for (pn, p), (_, pr) in zip(mine.named_parameters(), ref.named_parameters()):
+                assert_close(p.grad, pr.grad, *_tol(pr.grad, 1e-4), what=f"step {step} grad {pn}")
+            if training:
+                opt_ref.step()
+                opt_mine.step()
+            for (bn_name, b), (_, br) in zip(mine.named_buffers(), ref.named_buffers()):
+                if _checkpointed_norm1(bn_name, b, br, ref_me):
+                    if step == 2 and b.is_floating_point():  # eval then uses the same statistics in both
+                        with torch.no_grad():
+                            b.copy_(br)
+                    continue
+                if b.is_floating_point():
+                    assert_close(b, br, *_tol(br, 1e-5), what=f"step {step} buffer {bn_name}")
+                else:
+                    assert torch.equal(b.cpu(), br), f"step {step} {bn_name}: {b} != {br}"
+
+
+@pytest.mark.parametrize("case", NATIVE, ids=case_id)
+def test_fp32_densenet_error_within_twice_eagers_own(case):
+    """fp32 densenet121 (batch 2 at 64x64: BN over 8 values per channel in the last block)
+    against the fp64 oracle: our error is at most 2x eager fp32 torchvision's."""
+    backend, device = case
+    torch.manual_seed(0)
+    ref = _randomised_model(torchvision.models.densenet121(num_classes=10)).double().train()
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ref.state_dict().items()}
+    mine = resfused.models.densenet121(num_classes=10).to(device).train()
+    mine.load_state_dict(state)
+    eager = torchvision.models.densenet121(num_classes=10).train()
+    eager.load_state_dict(state)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    g = torch.randn(2, 10, dtype=torch.float64)
+    results = {}
+    for name, model, dtype, dev in (("oracle", ref, torch.float64, "cpu"), ("eager", eager, torch.float32, "cpu"),
+                                    ("mine", mine, torch.float32, device)):
+        xx = x.detach().to(dev, dtype).clone().requires_grad_()
+        with resfused.use_backend(backend):
+            out = model(xx)
+        out.backward(g.to(dev, dtype))
+        results[name] = [out, xx.grad] + [p.grad for p in model.parameters()]
+    names = ["output", "input grad"] + [f"grad {n}" for n, _ in mine.named_parameters()]
+    for what, o, e, m in zip(names, results["oracle"], results["eager"], results["mine"]):
+        assert_low_precision(m, e, o, what, floor=1e-6 * float(o.detach().abs().max()))
+
+
+@pytest.mark.parametrize("name", ["densenet121", "densenet161", "densenet169", "densenet201"])
+def test_every_densenet_builder_has_torchvisions_keys(name):
+    tv = getattr(torchvision.models, name)()
+    model = getattr(resfused.models, name)()
+    assert list(model.state_dict()) == list(tv.state_dict())
+    assert all(type(m) in (FusedDenseBlock, FusedDenseLayer, FusedTransition)
+               for m in model.modules() if isinstance(m, (_DenseBlock, _DenseLayer, _Transition)))
+    model.load_state_dict(tv.state_dict())
+    tv.load_state_dict(model.state_dict())
+
+
+def test_builder_arguments_pass_through_and_convert_revert_round_trip():
+    m = resfused.models.densenet121(bn_size=2, drop_rate=0.1, num_classes=7, memory_efficient=True)
+    assert m.features.denseblock2.denselayer1.drop_rate == 0.1 and m.classifier.out_features == 7
+    assert m.features.denseblock1.denselayer1.conv1.out_channels == 64
+    assert m.features.denseblock1.denselayer1.memory_efficient is True  # torchvision's attribute, untouched
+    torch.manual_seed(0)
+    model = _randomised_model(torchvision.models.DenseNet(growth_rate=8, block_config=(2, 3, 2, 2),
+                                                          num_init_features=16, num_classes=5)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    assert resfused.convert(model) is model
+    assert type(model.features.denseblock1) is FusedDenseBlock
+    assert type(model.features.transition1) is FusedTransition
+    assert not model.training and not model.features.denseblock1.denselayer1.training
+    with torch.no_grad():
+        assert_close(model(x), expected, 1e-5, 1e-5, what="converted output")
+    assert resfused.revert(model) is model
+    assert type(model.features.denseblock1) is _DenseBlock
+    assert type(model.features.denseblock1.denselayer1) is _DenseLayer
+    assert type(model.features.transition1) is _Transition
+    assert model.features.denseblock1.denselayer1.memory_efficient is False
+    with torch.no_grad():
+        assert_close(model(x), expected, 0, 0, what="reverted output")
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_block_saved_bytes_are_the_buffer_y1_and_per_channel_tensors():
+    """The node keeps the feature buffer (the block output), each layer's conv1 output and
+    per-channel statistics — nothing of the norm1 scratch or relu2."""
+    _, fused = make_block_pair(num_layers=4, c0=8, bn_size=4, growth=4)
+    fused.train()
+    x = torch.randn(2, 8, 10, 10, requires_grad=True)
+    got = saved_bytes(lambda: fused(x), list(fused.parameters()))
+    plane = 2 * 10 * 10 * 4
+    expected = plane * (8 + 4 * 4) + 4 * plane * 16  # buffer + four y1 (bn_size * growth = 16 channels)
+    assert 0 <= got - expected < 4096, f"saved {got} B, expected {expected} B + per-channel tensors"
+
+
+def test_densenet121_saved_bytes_below_torchvision():
+    """DESIGN.md §6 measure, the issue's setting: densenet121, batch 4, 224x224, fp32, training:
+    at most 0.30x torchvision's eager model and below its memory_efficient=True (checkpointing)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 224, 224)
+    eager = model_saved_bytes(torchvision.models.densenet121().train(), x)
+    checkpointed = model_saved_bytes(torchvision.models.densenet121(memory_efficient=True).train(), x)
+    mine = model_saved_bytes(resfused.models.densenet121().train(), x)
+    mib = 2 ** 20
+    msg = (f"resfused {mine / mib:.1f} MiB, torchvision {eager / mib:.1f} MiB, "
+           f"torchvision memory_efficient {checkpointed / mib:.1f} MiB")
+    assert mine <= 0.30 * eager, msg
+    assert mine < checkpointed, msg
+
+
+@pytest.mark.parametrize("bad", ["channels", "ndim", "device", "dtype", "single_value"])
+@pytest.mark.parametrize("which", ["block", "layer", "transition"])
+def test_rejects_bad_input_and_changes_nothing(bad, which):
+    if which == "block":
+        _, module = make_block_pair(num_layers=2, c0=8)
+        name = r"FusedDenseBlock\(num_layers=2, num_input_features=8, growth_rate=3\)\.denselayer1"
+    elif which == "layer":
+        module = FusedDenseLayer(8, 3, 2, 0.0)
+        name = r"FusedDenseLayer\(num_input_features=8, growth_rate=3\)"
+    else:
+        module = FusedTransition(8, 4)
+        name = r"FusedTransition\(num_input_features=8, num_output_features=4\)"
+    module.train()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    x = {"channels": torch.randn(2, 6, 5, 5), "ndim": torch.randn(8, 5, 5),
+         "device": torch.randn(2, 8, 5, 5, device="meta"), "dtype": torch.randn(2, 8, 5, 5, dtype=torch.float64),
+         "single_value": torch.randn(1, 8, 1, 1)}[bad]
+    exc = {"channels": ValueError, "ndim": ValueError, "device": RuntimeError, "dtype": TypeError,
+           "single_value": ValueError}[bad]
+    text = {"channels": r": expected input of shape \[N, 8, H, W\]", "ndim": r": expected 4-D input \[N, 8, H, W\]",
+            "device": ": input is on meta", "dtype": ": input dtype torch.float64",
+            "single_value": ": expected more than 1 value per channel"}[bad]
+    with pytest.raises(exc, match=name + text):
+        module(x)
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a call that raised"

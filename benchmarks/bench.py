@@ -11,11 +11,12 @@ turns in one process so ratios are fair):
   * join_train_fwd: the training forward alone.
   * apply_bandwidth (CUDA only): the forward apply pass ``relu(x*scale + shift + r)`` alone,
     as GB/s and as a fraction of the device's measured copy bandwidth (``dst.copy_(src)``).
-  * resnet50_saved_MiB: bytes autograd saves for backward in a training forward of resnet50
-    (batch 4, 224x224, fp32, parameters excluded) — deterministic, any device.
-  * resnet50_train_step: forward + backward + SGD step of resnet50, torchvision eager vs
-    resfused with the same weights (CPU: batch 8, fp32; CUDA: batch 128, bf16 autocast,
-    channels_last, peak memory, and torch.compile of torchvision with --compile).
+  * {resnet50,densenet121}_saved_MiB: bytes autograd saves for backward in a training
+    forward (batch 4, 224x224, fp32, parameters excluded) — deterministic, any device;
+    densenet121 also against torchvision's memory_efficient=True (checkpointing).
+  * {resnet50,densenet121}_train_step: forward + backward + SGD step, torchvision eager vs
+    resfused with the same weights (CPU: batch 8, fp32; CUDA: batch 128 / 64, bf16
+    autocast, channels_last, peak memory, and torch.compile of torchvision with --compile).
 Every record carries its context: device, versions, git commit, dtype, memory format, shape, date.
 """
 from __future__ import annotations
@@ -180,32 +181,46 @@ def bench_apply_bandwidth(shape, dtype, device, channels_last, backends, reps, m
     return rows
 
 
-def bench_resnet_memory(device, batch=4, size=224):
-    """Bytes autograd saves in a training forward of resnet50 (parameters excluded): deterministic."""
+def _torchvision(name, **kw):
     import torchvision
 
+    return lambda: getattr(torchvision.models, name)(**kw)
+
+
+def _resfused(name, **kw):
+    return lambda: getattr(resfused.models, name)(**kw)
+
+
+# (model, the implementations compared: label -> builder); the first is the baseline
+MODEL_VARIANTS = {
+    "resnet50": [("torchvision", _torchvision("resnet50")), ("resfused", _resfused("resnet50")),
+                 ("resfused(memory_efficient=False)", _resfused("resnet50", memory_efficient=False))],
+    "densenet121": [("torchvision", _torchvision("densenet121")),
+                    ("torchvision(memory_efficient=True)", _torchvision("densenet121", memory_efficient=True)),
+                    ("resfused", _resfused("densenet121"))],
+}
+
+
+def bench_model_memory(name, device, batch=4, size=224):
+    """Bytes autograd saves in a training forward (parameters excluded): deterministic."""
     from resfused.memory import model_saved_bytes
 
     x = torch.randn(batch, 3, size, size, device=device)
     rows = []
     base = None
-    for impl, build in (("torchvision", lambda: torchvision.models.resnet50()),
-                        ("resfused", lambda: resfused.models.resnet50()),
-                        ("resfused(memory_efficient=False)", lambda: resfused.models.resnet50(memory_efficient=False))):
+    for impl, build in MODEL_VARIANTS[name]:
         model = build().to(device).train()
         mib = model_saved_bytes(model, x) / 2**20
         base = mib if base is None else base
-        rows.append({"bench": "resnet50_saved_MiB", "impl": impl, "MiB": mib, "ratio_vs_torchvision": mib / base,
+        rows.append({"bench": f"{name}_saved_MiB", "impl": impl, "MiB": mib, "ratio_vs_torchvision": mib / base,
                      "shape": [batch, 3, size, size], "dtype": "float32", "memory_format": "nchw"})
         del model
     return rows
 
 
-def bench_resnet_step(device, batch, size, dtype, channels_last, reps, min_time, compile_eager=False):
-    """One training step (forward, backward, SGD step) of resnet50: torchvision eager vs resfused
-    (same weights), plus torch.compile of torchvision when asked; peak memory on CUDA."""
-    import torchvision
-
+def bench_model_step(name, device, batch, size, dtype, channels_last, reps, min_time, compile_eager=False):
+    """One training step (forward, backward, SGD step): every variant of MODEL_VARIANTS[name]
+    with the same weights, plus torch.compile of torchvision's when asked; peak memory on CUDA."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
@@ -224,29 +239,32 @@ def bench_resnet_step(device, batch, size, dtype, channels_last, reps, min_time,
             opt.step()
         return step
 
-    ref = torchvision.models.resnet50()
-    mine = resfused.models.resnet50()
-    mine.load_state_dict(ref.state_dict())
-    fns = {"eager": make(ref), "resfused": make(mine)}
+    variants = MODEL_VARIANTS[name]
+    state = variants[0][1]().state_dict()
+    fns = {}
+    for impl, build in variants:
+        model = build()
+        model.load_state_dict(state)
+        fns[impl] = make(model)
     if compile_eager:
-        compiled = torchvision.models.resnet50()
-        compiled.load_state_dict(ref.state_dict())
-        fns["torch.compile(eager)"] = make(torch.compile(compiled))
+        model = variants[0][1]()
+        model.load_state_dict(state)
+        fns["torch.compile(torchvision)"] = make(torch.compile(model))
     peak = {}
     if device.type == "cuda":
-        for name, fn in fns.items():
+        for impl, fn in fns.items():
             fn()  # warm-up (and compile)
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             fn()
             torch.cuda.synchronize(device)
-            peak[name] = torch.cuda.max_memory_allocated(device) / 2**20
+            peak[impl] = torch.cuda.max_memory_allocated(device) / 2**20
     timed = time_interleaved(fns, device, warmup=1, reps=reps, min_time=min_time)
-    t_eager = timed["eager"][0]
+    t_base = timed[variants[0][0]][0]
     rows = []
     for impl, (t, n) in timed.items():
-        row = {"bench": "resnet50_train_step", "impl": impl, "ms": 1e3 * t, "samples": n,
-               "speedup_vs_eager": t_eager / t, "shape": [batch, 3, size, size],
+        row = {"bench": f"{name}_train_step", "impl": impl, "ms": 1e3 * t, "samples": n,
+               "speedup_vs_eager": t_base / t, "shape": [batch, 3, size, size],
                "dtype": ("autocast " if autocast else "") + str(dtype).replace("torch.", ""),
                "memory_format": "channels_last" if channels_last else "nchw"}
         if impl in peak:
@@ -269,7 +287,7 @@ def plan(device: torch.device, quick: bool):
 def _format(row) -> str:
     if "MiB" in row:
         extra = f"{row['MiB']:.1f} MiB saved for backward ({row['ratio_vs_torchvision']:.3f}x torchvision)"
-        return f"{row['bench']:20s} {row['impl']:34s} {str(tuple(row['shape'])):20s} {extra}"
+        return f"{row['bench']:22s} {row['impl']:34s} {str(tuple(row['shape'])):20s} {extra}"
     if "speedup_vs_eager" in row:
         extra = f"speedup {row['speedup_vs_eager']:.2f}x"
         if "peak_MiB" in row:
@@ -277,7 +295,7 @@ def _format(row) -> str:
     else:
         extra = f"{row['GBps']:.0f} GB/s" + (f" ({100 * row['fraction_of_copy']:.0f}% of copy)"
                                             if "fraction_of_copy" in row else "")
-    return (f"{row['bench']:20s} {row['impl']:20s} {row['dtype']:18s} {row['memory_format']:13s} "
+    return (f"{row['bench']:22s} {row['impl']:34s} {row['dtype']:18s} {row['memory_format']:13s} "
             f"{str(tuple(row['shape'])):20s} {row['ms']:9.3f} ms  {extra}")
 
 
@@ -312,11 +330,15 @@ def main(argv=None) -> int:
     jobs = [(bench_join if kind == "join" else bench_apply_bandwidth, (shape, dtype, device, cl, backends, reps,
                                                                        min_time))
             for kind, shape, dtype, cl in plan(device, args.quick)]
-    jobs.append((bench_resnet_memory, (device,)))
-    if device.type == "cpu":
-        jobs.append((bench_resnet_step, (device, 8, 224, torch.float32, False, 3 if args.quick else 12, 0.0)))
-    else:
-        jobs.append((bench_resnet_step, (device, 128, 224, torch.bfloat16, True, reps, min_time, args.compile)))
+    step_reps = 3 if args.quick else 12
+    for name in MODEL_VARIANTS:
+        jobs.append((bench_model_memory, (name, device)))
+        if device.type == "cpu":
+            jobs.append((bench_model_step, (name, device, 8, 224, torch.float32, False, step_reps, 0.0)))
+        else:
+            batch = 128 if name == "resnet50" else 64
+            jobs.append((bench_model_step, (name, device, batch, 224, torch.bfloat16, True, reps, min_time,
+                                            args.compile)))
     for fn, fn_args in jobs:
         new = fn(*fn_args)
         for row in new:

@@ -12,7 +12,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 import resfused
 from resfused.memory import saved_bytes
 from resfused.nn import FusedBasicBlock, FusedBottleneck
-from utils import assert_close, backend_cases, case_id, interpreted
+from utils import assert_close, backend_cases, case_id, check_no_grad_and_inference_mode, interpreted
 
 CASES = backend_cases()
 KINDS = {"bottleneck": (Bottleneck, FusedBottleneck), "basic": (BasicBlock, FusedBasicBlock)}
@@ -149,21 +149,8 @@ def test_running_stats_updated_once_and_no_grad_paths(case):
     ref, fused = make_pair("bottleneck", 8, 4, 2, "standard")
     fused = fused.to(device).train()
     x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    check_no_grad_and_inference_mode(ref, fused, x, device, backend)
     with resfused.use_backend(backend):
-        with torch.no_grad():
-            out_ng = fused(x.float().to(device))
-        expected = ref(x)
-        assert_close(out_ng, expected, 1e-5, 1e-5, what="no_grad output")
-        for (name, b), (_, br) in zip(fused.named_buffers(), ref.named_buffers()):
-            if b.is_floating_point():
-                assert_close(b, br, 1e-5, 1e-5, what=f"buffer {name} after one forward")
-            else:
-                assert int(b) == 1 and int(br) == 1, f"{name}: num_batches_tracked must count one forward"
-        fused.eval()
-        ref.eval()
-        with torch.inference_mode():
-            out_inf = fused(x.float().to(device))
-        assert_close(out_inf, ref(x), 1e-5, 1e-5, what="inference_mode output")
         # frozen BN: parameters without grad, input without grad
         fused.train()
         for m in fused.modules():

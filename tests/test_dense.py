@@ -15,7 +15,7 @@ from torchvision.models.densenet import _DenseBlock, _DenseLayer, _Transition
 import resfused
 from resfused.memory import model_saved_bytes, saved_bytes
 from resfused.nn import FusedDenseBlock, FusedDenseLayer, FusedTransition
-from utils import assert_close, assert_low_precision, backend_cases, case_id, interpreted
+from utils import assert_close, backend_cases, case_id, check_no_grad_and_inference_mode, interpreted
 
 CASES = backend_cases()
 NATIVE = [c for c in CASES if not interpreted(*c)]
@@ -195,21 +195,7 @@ def test_no_grad_and_inference_mode(case):
     ref, fused = make_block_pair()
     fused = fused.to(device).train()
     x = torch.randn(2, 5, 6, 7, dtype=torch.float64)
-    with resfused.use_backend(backend):
-        with torch.no_grad():
-            out = fused(x.float().to(device))
-        expected = ref(x)
-        assert_close(out, expected, 1e-5, 1e-5, what="no_grad output")
-        for (name, b), (_, br) in zip(fused.named_buffers(), ref.named_buffers()):
-            if b.is_floating_point():
-                assert_close(b, br, 1e-5, 1e-5, what=f"buffer {name} after one forward")
-            else:
-                assert int(b) == 1 and int(br) == 1, f"{name}: num_batches_tracked must count one forward"
-        fused.eval()
-        ref.eval()
-        with torch.inference_mode():
-            out = fused(x.float().to(device))
-        assert_close(out, ref(x), 1e-5, 1e-5, what="inference_mode output")
+    check_no_grad_and_inference_mode(ref, fused, x, device, backend)
 
 
 @pytest.mark.parametrize("case", NATIVE, ids=case_id)
@@ -321,33 +307,6 @@ def test_densenet121_matches_torchvision_over_sgd_steps(backend, device, layout,
                     assert_close(b, br, *_tol(br, 1e-5), what=f"step {step} buffer {bn_name}")
                 else:
                     assert torch.equal(b.cpu(), br), f"step {step} {bn_name}: {b} != {br}"
-
-
-@pytest.mark.parametrize("case", NATIVE, ids=case_id)
-def test_fp32_densenet_error_within_twice_eagers_own(case):
-    """fp32 densenet121 (batch 2 at 64x64: BN over 8 values per channel in the last block)
-    against the fp64 oracle: our error is at most 2x eager fp32 torchvision's."""
-    backend, device = case
-    torch.manual_seed(0)
-    ref = _randomised_model(torchvision.models.densenet121(num_classes=10)).double().train()
-    state = {k: v.float() if v.is_floating_point() else v for k, v in ref.state_dict().items()}
-    mine = resfused.models.densenet121(num_classes=10).to(device).train()
-    mine.load_state_dict(state)
-    eager = torchvision.models.densenet121(num_classes=10).train()
-    eager.load_state_dict(state)
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    g = torch.randn(2, 10, dtype=torch.float64)
-    results = {}
-    for name, model, dtype, dev in (("oracle", ref, torch.float64, "cpu"), ("eager", eager, torch.float32, "cpu"),
-                                    ("mine", mine, torch.float32, device)):
-        xx = x.detach().to(dev, dtype).clone().requires_grad_()
-        with resfused.use_backend(backend):
-            out = model(xx)
-        out.backward(g.to(dev, dtype))
-        results[name] = [out, xx.grad] + [p.grad for p in model.parameters()]
-    names = ["output", "input grad"] + [f"grad {n}" for n, _ in mine.named_parameters()]
-    for what, o, e, m in zip(names, results["oracle"], results["eager"], results["mine"]):
-        assert_low_precision(m, e, o, what, floor=1e-6 * float(o.detach().abs().max()))
 
 
 @pytest.mark.parametrize("name", ["densenet121", "densenet161", "densenet169", "densenet201"])

@@ -80,3 +80,25 @@ def assert_low_precision(ours: torch.Tensor, eager: torch.Tensor, oracle: torch.
     assert ours_err <= LOW_PRECISION_FACTOR * eager_err + floor, (
         f"{what}: error vs fp64 oracle {ours_err:.4g} > {LOW_PRECISION_FACTOR} x eager's {eager_err:.4g}"
         f" (+ {floor:.2g})")
+
+
+def check_no_grad_and_inference_mode(ref, fused, x, device, backend):
+    """A training forward under no_grad updates every running statistic exactly once, as
+    the reference does; an eval forward under inference_mode matches the reference."""
+    import resfused
+
+    with resfused.use_backend(backend):
+        with torch.no_grad():
+            out = fused(x.float().to(device))
+        expected = ref(x)
+        assert_close(out, expected, 1e-5, 1e-5, what="no_grad output")
+        for (name, b), (_, br) in zip(fused.named_buffers(), ref.named_buffers()):
+            if b.is_floating_point():
+                assert_close(b, br, 1e-5, 1e-5, what=f"buffer {name} after one forward")
+            else:
+                assert int(b) == 1 and int(br) == 1, f"{name}: num_batches_tracked must count one forward"
+        fused.eval()
+        ref.eval()
+        with torch.inference_mode():
+            out = fused(x.float().to(device))
+        assert_close(out, ref(x), 1e-5, 1e-5, what="inference_mode output")

@@ -451,9 +451,12 @@ struct K {
       for (int j = 0; j < NV; ++j) pv.v[i][j] = V(v);
     }
   }
-  static void par_load(const BnArgs& a, int64_t c, ParV& pv) {
+  // Vector loads of the per-channel entries a kernel reads (bit i of USED: entry i),
+  // chosen at compile time so the channels_last loops load only those per channel block.
+  template <unsigned USED>
+  static inline void par_load_used(const BnArgs& a, int64_t c, ParV& pv) {
     for (int i = 0; i < 12; ++i) {
-      if (!a.p[i]) continue;
+      if (!((USED >> i) & 1u) || !a.p[i]) continue;
       for (int j = 0; j < NV; ++j) pv.v[i][j] = V::loadu(P(a, i) + c + j * L);
     }
   }
@@ -554,7 +557,9 @@ struct K {
             const int64_t nr = std::min(kRowGroup, re - rg);
             int64_t c = 0;
             for (; c < Cv; c += B) {
-              par_load(a, c, pv);
+              constexpr unsigned kUsed = (MASK == 2 ? (0x3u | (NEED_R ? 0xCu : 0u)) : 0u) | 0x30u |
+                                         (RST ? 0x300u : 0u);
+              par_load_used<kUsed>(a, c, pv);
               V a0[NV], a1[NV], a2[NV];
               for (int j = 0; j < NV; ++j) {
                 a0[j] = V::loadu(acc.data() + c + j * L);
@@ -680,7 +685,10 @@ struct K {
           const int64_t nr = std::min(kRowGroup, r1 - rg);
           int64_t c = 0;
           for (; c < Cv; c += B) {
-            par_load(a, c, pv);
+            constexpr bool kRLoad = (MASK == 2 && DRES > 0) || DRES == 2;
+            constexpr unsigned kUsed = (MASK == 2 ? (0x3u | (kRLoad ? 0xCu : 0u)) : 0u) | 0xF0u |
+                                       (DRES == 2 ? 0xF00u : 0u);
+            par_load_used<kUsed>(a, c, pv);
             for (int64_t q = 0; q < nr; ++q) {
               const int64_t o = (rg + q) * C + c;
               app_vec<MASK, DRES>(g + o, x + o, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, dx + o,

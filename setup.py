@@ -119,7 +119,7 @@ def main():
         description="Fused residual-join and dense-concatenation kernels for ResNets and DenseNets",
         packages=find_packages(include=["resfused", "resfused.*"]),
         python_requires=">=3.9",
-        install_requires=["torch>=2.4"],
+        install_requires=["torch>=2.4", "torchvision>=0.19"],
         ext_modules=ext_modules,
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         zip_safe=False,

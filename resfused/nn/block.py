@@ -40,6 +40,26 @@ def _bn_args(bn: nn.Module):
     return bn.running_mean, bn.running_var, bn.weight, bn.bias, False
 
 
+def check_module_input(name: str, x: Tensor, expected_c: int, weight: Tensor, batch_stats: bool = False) -> None:
+    """A fused module's input checks, raised before anything runs or is updated: a 4-D
+    tensor with ``expected_c`` channels on ``weight``'s device and dtype (any dtype under
+    autocast), and, when ``batch_stats``, more than one value per channel."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a Tensor input, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected 4-D input [N, {expected_c}, H, W], got {x.dim()}-D input of shape "
+                         f"{tuple(x.shape)}")
+    if x.shape[1] != expected_c:
+        raise ValueError(f"{name}: expected input of shape [N, {expected_c}, H, W], got {tuple(x.shape)}")
+    if x.device != weight.device:
+        raise RuntimeError(f"{name}: input is on {x.device} but the weights are on {weight.device}")
+    if _autocast_dtype(x) is None and x.dtype != weight.dtype:
+        raise TypeError(f"{name}: input dtype {x.dtype} does not match the weights' dtype {weight.dtype}")
+    if batch_stats and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+        raise ValueError(f"{name}: expected more than 1 value per channel when training, got input size "
+                         f"{tuple(x.shape)}")
+
+
 class _FusedBlockMixin:
     """The fused forward shared by both block kinds. Subclasses list their units."""
 
@@ -72,27 +92,10 @@ class _FusedBlockMixin:
             return ds[0], ds[1]
         return None
 
-    def _check_input(self, x: Tensor) -> None:
-        conv1 = self.conv1
-        c = conv1.in_channels
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{self._block_name()}: expected a Tensor input, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{self._block_name()}: expected 4-D input [N, {c}, H, W], got {x.dim()}-D input of "
-                             f"shape {tuple(x.shape)}")
-        if x.shape[1] != c:
-            raise ValueError(f"{self._block_name()}: expected input of shape [N, {c}, H, W], got {tuple(x.shape)}")
-        if x.device != conv1.weight.device:
-            raise RuntimeError(f"{self._block_name()}: input is on {x.device} but the block's weights are on "
-                               f"{conv1.weight.device}")
-        if _autocast_dtype(x) is None and x.dtype != conv1.weight.dtype:
-            raise TypeError(f"{self._block_name()}: input dtype {x.dtype} does not match the weights' dtype "
-                            f"{conv1.weight.dtype}")
-
     def forward(self, x: Tensor) -> Tensor:
         if not self._fusable():
             return super().forward(x)  # type: ignore[misc]
-        self._check_input(x)
+        check_module_input(self._block_name(), x, self.conv1.in_channels, self.conv1.weight)
         units = self._units()
         fused_ds = self._fused_downsample()
         bns = [bn for _, bn in units] + ([fused_ds[1]] if fused_ds else [])

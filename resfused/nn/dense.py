@@ -22,7 +22,7 @@ from ..autograd.dense import (DenseBlockFunction, DenseBlockSpec, DenseLayerSpec
                               TransitionSpec, dense_block_forward, transition_forward)
 from ..functional import check_bn_input
 from ..ops import bn_act as ops
-from .block import _autocast_dtype, _conv_spec, _no_autocast
+from .block import _autocast_dtype, _conv_spec, _no_autocast, check_module_input
 from .bn_act import advance_batch_norm, batch_norm_args
 
 
@@ -47,29 +47,11 @@ def _grad_wanted(x: Tensor, tensors: Sequence[Optional[Tensor]]) -> bool:
     return x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
 
 
-def _check_features(name: str, x: Tensor, expected_c: int, weight: Tensor, batch_stats: bool) -> None:
-    """The block/layer input checks, raised before anything runs or is updated."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: expected a Tensor input, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name}: expected 4-D input [N, {expected_c}, H, W], got {x.dim()}-D input of shape "
-                         f"{tuple(x.shape)}")
-    if x.shape[1] != expected_c:
-        raise ValueError(f"{name}: expected input of shape [N, {expected_c}, H, W], got {tuple(x.shape)}")
-    if x.device != weight.device:
-        raise RuntimeError(f"{name}: input is on {x.device} but the weights are on {weight.device}")
-    if _autocast_dtype(x) is None and x.dtype != weight.dtype:
-        raise TypeError(f"{name}: input dtype {x.dtype} does not match the weights' dtype {weight.dtype}")
-    if batch_stats and x.shape[0] * x.shape[2] * x.shape[3] == 1:
-        raise ValueError(f"{name}: expected more than 1 value per channel when training, got input size "
-                         f"{tuple(x.shape)}")
-
-
 def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor) -> Tensor:
     """Validate, advance the BNs' batch counters, then run ``layers`` as one fused dense block."""
     bns = [bn for layer in layers for bn in (layer.norm1, layer.norm2)]
     args = [batch_norm_args(bn) for bn in bns]
-    _check_features(name, x, layers[0].norm1.num_features, layers[0].conv1.weight, any(a[4] for a in args))
+    check_module_input(name, x, layers[0].norm1.num_features, layers[0].conv1.weight, any(a[4] for a in args))
     for bn, (rm, rv, w, b, training) in zip(bns, args):
         for t in (rm, rv, w, b):
             if t is not None and t.device != x.device:
@@ -171,7 +153,7 @@ class FusedTransition(_Transition):
             return super().forward(x)
         name = self._name()
         rm, rv, w, b, training = batch_norm_args(self.norm)
-        _check_features(name, x, self.norm.num_features, self.conv.weight, training)
+        check_module_input(name, x, self.norm.num_features, self.conv.weight, training)
         check_bn_input(x, rm, rv, w, b, training, prefix=f"{name}: ", name="input")
         cast = _autocast_dtype(x)
         ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))

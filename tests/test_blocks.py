@@ -12,21 +12,11 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 import resfused
 from resfused.memory import saved_bytes
 from resfused.nn import FusedBasicBlock, FusedBottleneck
-from utils import assert_close, backend_cases, case_id, check_no_grad_and_inference_mode, interpreted
+from utils import (assert_close, backend_cases, case_id, check_no_grad_and_inference_mode, interpreted,
+                   randomise_bns, run_against_reference)
 
 CASES = backend_cases()
 KINDS = {"bottleneck": (Bottleneck, FusedBottleneck), "basic": (BasicBlock, FusedBasicBlock)}
-
-
-def randomise_bns(module: nn.Module) -> None:
-    """BN parameters and running statistics away from their 1/0 defaults."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
 
 
 class CustomDownsample(nn.Module):
@@ -97,21 +87,7 @@ def test_block_matches_torchvision(case, cfg, layout, training, memory_efficient
     fused = fused.to(device).train(training)
     ref.train(training)
     x = torch.randn(2, inplanes, 7, 9, dtype=torch.float64) * 1.5 + 0.2
-    xo = x.float().to(device)
-    if layout == "channels_last":
-        xo = xo.contiguous(memory_format=torch.channels_last)
-    xo.requires_grad_()
-    xr = x.clone().requires_grad_()
-    with resfused.use_backend(backend):
-        out = fused(xo)
-        expected = ref(xr)
-        assert_close(out, expected, 1e-5, 1e-5, what="block output")
-        if layout == "channels_last":
-            assert out.is_contiguous(memory_format=torch.channels_last), "output lost channels_last"
-        g = torch.randn_like(expected)
-        out.backward(g.float().to(device))
-    expected.backward(g)
-    assert_close(xo.grad, xr.grad, 1e-4, 1e-4, what="grad x")
+    run_against_reference(fused, ref, x, layout, device, backend)
     for (name, p), (_, pr) in zip(fused.named_parameters(), ref.named_parameters()):
         scale = float(pr.grad.abs().max())
         assert_close(p.grad, pr.grad, 1e-4 * max(scale, 1.0), 1e-4, what=f"grad {name}")

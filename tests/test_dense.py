@@ -15,22 +15,11 @@ from torchvision.models.densenet import _DenseBlock, _DenseLayer, _Transition
 import resfused
 from resfused.memory import model_saved_bytes, saved_bytes
 from resfused.nn import FusedDenseBlock, FusedDenseLayer, FusedTransition
-from utils import assert_close, backend_cases, case_id, check_no_grad_and_inference_mode, interpreted
+from utils import (assert_close, backend_cases, case_id, check_no_grad_and_inference_mode, interpreted,
+                   randomise_bns, run_against_reference)
 
 CASES = backend_cases()
 NATIVE = [c for c in CASES if not interpreted(*c)]
-
-
-def randomise_bns(module: nn.Module) -> nn.Module:
-    """BN parameters and running statistics away from their 1/0 defaults."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    return module
 
 
 def make_block_pair(num_layers=3, c0=5, bn_size=2, growth=3, drop_rate=0.0, ref_memory_efficient=False):
@@ -89,21 +78,7 @@ def test_block_matches_torchvision(case, layout, training, ref_me):
     fused = fused.to(device).train(training)
     ref.train(training)
     x = torch.randn(2, 5, 6, 7, dtype=torch.float64) * 1.5 + 0.2
-    xo = x.float().to(device)
-    if layout == "channels_last":
-        xo = xo.contiguous(memory_format=torch.channels_last)
-    xo.requires_grad_()
-    xr = x.clone().requires_grad_()
-    with resfused.use_backend(backend):
-        out = fused(xo)
-        expected = ref(xr)
-        assert_close(out, expected, 1e-5, 1e-5, what="block output")
-        if layout == "channels_last":
-            assert out.is_contiguous(memory_format=torch.channels_last), "output lost channels_last"
-        g = torch.randn_like(expected)
-        out.backward(g.float().to(device))
-    expected.backward(g)
-    assert_close(xo.grad, xr.grad, 1e-4, 1e-4, what="grad x")
+    run_against_reference(fused, ref, x, layout, device, backend)
     _compare_modules(fused, ref, "block", ref_me=ref_me)
 
 
@@ -238,15 +213,6 @@ def test_layer_and_transition_match_torchvision(case, training):
     _compare_modules(trans, tref, "transition", fwd_tol=1e-12, bwd_tol=1e-10)
 
 
-def _randomised_model(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model
-
-
 def _tol(expected: torch.Tensor, rel: float):
     """(atol, rtol) relative to the tensor's largest magnitude."""
     return rel * max(float(expected.detach().abs().max()), 1e-12), rel
@@ -266,7 +232,8 @@ def test_densenet121_matches_torchvision_over_sgd_steps(backend, device, layout,
     running statistics compared at every step), then eval; both in float64, tolerances
     relative to each tensor's largest value (see test_models.py)."""
     torch.manual_seed(0)
-    ref = _randomised_model(torchvision.models.densenet121(num_classes=10, memory_efficient=ref_me)).double()
+    ref = randomise_bns(torchvision.models.densenet121(num_classes=10, memory_efficient=ref_me), bias=0.2,
+                        running_stats=False).double()
     mine = resfused.models.densenet121(num_classes=10).double().to(device)
     mine.load_state_dict(ref.state_dict())
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -326,8 +293,9 @@ def test_builder_arguments_pass_through_and_convert_revert_round_trip():
     assert m.features.denseblock1.denselayer1.conv1.out_channels == 64
     assert m.features.denseblock1.denselayer1.memory_efficient is True  # torchvision's attribute, untouched
     torch.manual_seed(0)
-    model = _randomised_model(torchvision.models.DenseNet(growth_rate=8, block_config=(2, 3, 2, 2),
-                                                          num_init_features=16, num_classes=5)).eval()
+    model = randomise_bns(torchvision.models.DenseNet(growth_rate=8, block_config=(2, 3, 2, 2),
+                                                      num_init_features=16, num_classes=5),
+                          bias=0.2, running_stats=False).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -9,19 +9,10 @@ from torch import nn
 
 import resfused
 from resfused.memory import model_saved_bytes
-from utils import assert_close, assert_low_precision, backend_cases, case_id, interpreted
+from utils import assert_close, assert_low_precision, backend_cases, case_id, interpreted, randomise_bns
 
 CASES = [c for c in backend_cases() if not interpreted(*c)]  # whole models: native backends
 MODELS = ["resnet18", "resnet50", "resnext50_32x4d"]
-
-
-def _randomised(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model
 
 
 def _tol(expected: torch.Tensor, rel: float):
@@ -40,7 +31,7 @@ def test_model_matches_torchvision_over_sgd_steps(case, name, layout):
     differences step by step (resnet50 here: ~1e-13 at step 0, ~1e-7 after 3 steps)."""
     backend, device = case
     torch.manual_seed(0)
-    ref = _randomised(getattr(torchvision.models, name)(num_classes=10)).double()
+    ref = randomise_bns(getattr(torchvision.models, name)(num_classes=10), bias=0.2, running_stats=False).double()
     mine = getattr(resfused.models, name)(num_classes=10).double().to(device)
     mine.load_state_dict(ref.state_dict())
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -85,7 +76,8 @@ def test_fp32_model_error_within_twice_eagers_own(case, name):
     conditioned) against the fp64 oracle: our error is at most 2x eager fp32 torchvision's."""
     backend, device = case
     torch.manual_seed(0)
-    ref = _randomised(getattr(torchvision.models, name)(num_classes=10)).double().train()
+    ref = randomise_bns(getattr(torchvision.models, name)(num_classes=10), bias=0.2,
+                        running_stats=False).double().train()
     state = {k: v.float() if v.is_floating_point() else v for k, v in ref.state_dict().items()}
     mine = getattr(resfused.models, name)(num_classes=10).to(device).train()
     mine.load_state_dict(state)
@@ -143,7 +135,7 @@ def test_builder_arguments_pass_through():
 
 def test_convert_revert_round_trip_is_bit_identical():
     torch.manual_seed(0)
-    model = _randomised(torchvision.models.resnet18(num_classes=10)).eval()
+    model = randomise_bns(torchvision.models.resnet18(num_classes=10), bias=0.2, running_stats=False).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -179,7 +171,7 @@ def test_convert_a_detection_backbone_with_frozen_bn():
 @pytest.mark.parametrize("name", MODELS)
 def test_fold_matches_eval_output(name):
     torch.manual_seed(0)
-    model = _randomised(getattr(resfused.models, name)(num_classes=10))
+    model = randomise_bns(getattr(resfused.models, name)(num_classes=10), bias=0.2, running_stats=False)
     model.train()
     with torch.no_grad():
         for _ in range(2):  # non-trivial running statistics

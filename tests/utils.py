@@ -102,3 +102,42 @@ def check_no_grad_and_inference_mode(ref, fused, x, device, backend):
         with torch.inference_mode():
             out = fused(x.float().to(device))
         assert_close(out, ref(x), 1e-5, 1e-5, what="inference_mode output")
+
+
+def randomise_bns(module, bias: float = 0.5, running_stats: bool = True):
+    """BN parameters (and, by default, running statistics) away from their 1/0 defaults.
+    Returns the module."""
+    from torch import nn
+
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-bias, bias)
+                if running_stats:
+                    m.running_mean.uniform_(-0.2, 0.2)
+                    m.running_var.uniform_(0.5, 1.5)
+    return module
+
+
+def run_against_reference(fused, ref, x, layout, device, backend):
+    """Forward and backward of ``fused`` (fp32 on ``device``, in ``layout``) and ``ref``
+    (x's dtype, CPU) on the same input and output gradient; checks the output (and that
+    channels_last is kept) and the input gradient. Parameter and buffer checks are the caller's."""
+    import resfused
+
+    xo = x.float().to(device)
+    if layout == "channels_last":
+        xo = xo.contiguous(memory_format=torch.channels_last)
+    xo.requires_grad_()
+    xr = x.clone().requires_grad_()
+    with resfused.use_backend(backend):
+        out = fused(xo)
+        expected = ref(xr)
+        assert_close(out, expected, 1e-5, 1e-5, what="block output")
+        if layout == "channels_last":
+            assert out.is_contiguous(memory_format=torch.channels_last), "output lost channels_last"
+        g = torch.randn_like(expected)
+        out.backward(g.float().to(device))
+    expected.backward(g)
+    assert_close(xo.grad, xr.grad, 1e-4, 1e-4, what="grad x")

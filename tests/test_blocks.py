@@ -12,8 +12,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 import resfused
 from resfused.memory import saved_bytes
 from resfused.nn import FusedBasicBlock, FusedBottleneck
-from utils import (assert_close, backend_cases, case_id, check_no_grad_and_inference_mode, interpreted,
-                   randomise_bns, run_against_reference)
+from utils import (assert_close, backend_cases, case_id, check_no_grad_and_inference_mode, gradcheck_module,
+                   interpreted, randomise_bns, run_against_reference)
 
 CASES = backend_cases()
 KINDS = {"bottleneck": (Bottleneck, FusedBottleneck), "basic": (BasicBlock, FusedBasicBlock)}
@@ -105,18 +105,8 @@ def test_gradcheck_bottleneck_with_downsample_stride2(case):
     backend, device = case
     _, fused = make_pair("bottleneck", 4, 2, 2, "standard")
     fused = fused.double().to(device)
-    names = [n for n, _ in fused.named_parameters()]
-    params = [p.detach().clone().requires_grad_() for p in fused.parameters()]
-    buffers = {n: b for n, b in fused.named_buffers()}
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
-
-    def fn(x, *ps):
-        state = dict(zip(names, ps))
-        state.update({n: b.clone() for n, b in buffers.items()})
-        with resfused.use_backend(backend):
-            return torch.func.functional_call(fused, state, (x,))
-
-    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+    gradcheck_module(fused, x, backend)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

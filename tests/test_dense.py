@@ -9,14 +9,13 @@ import re
 import pytest
 import torch
 import torchvision
-from torch import nn
 from torchvision.models.densenet import _DenseBlock, _DenseLayer, _Transition
 
 import resfused
 from resfused.memory import model_saved_bytes, saved_bytes
 from resfused.nn import FusedDenseBlock, FusedDenseLayer, FusedTransition
-from utils import (assert_close, backend_cases, case_id, check_no_grad_and_inference_mode, interpreted,
-                   randomise_bns, run_against_reference)
+from utils import (assert_close, backend_cases, case_id, check_no_grad_and_inference_mode, gradcheck_module,
+                   interpreted, randomise_bns, rel_tol, run_against_reference, sgd_step_against_reference)
 
 CASES = backend_cases()
 NATIVE = [c for c in CASES if not interpreted(*c)]
@@ -119,18 +118,8 @@ def test_gradcheck_three_layer_block(case, training):
     backend, device = case
     _, fused = make_block_pair(num_layers=3, c0=3, bn_size=2, growth=2)
     fused = fused.double().to(device).train(training)
-    names = [n for n, _ in fused.named_parameters()]
-    params = [p.detach().clone().requires_grad_() for p in fused.parameters()]
-    buffers = {n: b for n, b in fused.named_buffers()}
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
-
-    def fn(x, *ps):
-        state = dict(zip(names, ps))
-        state.update({n: b.clone() for n, b in buffers.items()})
-        with resfused.use_backend(backend):
-            return torch.func.functional_call(fused, state, (x,))
-
-    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+    gradcheck_module(fused, x, backend)
 
 
 @pytest.mark.parametrize("case", NATIVE, ids=case_id)
@@ -213,11 +202,6 @@ def test_layer_and_transition_match_torchvision(case, training):
     _compare_modules(trans, tref, "transition", fwd_tol=1e-12, bwd_tol=1e-10)
 
 
-def _tol(expected: torch.Tensor, rel: float):
-    """(atol, rtol) relative to the tensor's largest magnitude."""
-    return rel * max(float(expected.detach().abs().max()), 1e-12), rel
-
-
 # (backend, layout, torchvision's memory_efficient): every backend meets both torchvision modes
 # and both layouts without running the whole product (each case is a densenet121 in fp64).
 MODEL_CASES = [(b, d, layout, me) for (b, d) in NATIVE if b in ("cpu", "eager")
@@ -242,28 +226,7 @@ def test_densenet121_matches_torchvision_over_sgd_steps(backend, device, layout,
     opt_mine = torch.optim.SGD(mine.parameters(), lr=0.01, momentum=0.9)
     with resfused.use_backend(backend):
         for step in range(4):
-            training = step < 3
-            ref.train(training)
-            mine.train(training)
-            x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
-            target = torch.randint(0, 10, (4,))
-            xr = x.clone().requires_grad_()
-            xm = x.clone().to(device).contiguous(memory_format=fmt).requires_grad_()
-            out_ref = ref(xr)
-            out = mine(xm)
-            assert_close(out, out_ref, *_tol(out_ref, 1e-5), what=f"step {step} output")
-            loss_ref = nn.functional.cross_entropy(out_ref, target)
-            loss = nn.functional.cross_entropy(out, target.to(device))
-            opt_ref.zero_grad()
-            opt_mine.zero_grad()
-            loss_ref.backward()
-            loss.backward()
-            assert_close(xm.grad, xr.grad, *_tol(xr.grad, 1e-4), what=f"step {step} input grad")
-            for (pn, p), (_, pr) in zip(mine.named_parameters(), ref.named_parameters()):
-                assert_close(p.grad, pr.grad, *_tol(pr.grad, 1e-4), what=f"step {step} grad {pn}")
-            if training:
-                opt_ref.step()
-                opt_mine.step()
+            sgd_step_against_reference(ref, mine, opt_ref, opt_mine, step < 3, device, fmt, f"step {step}")
             for (bn_name, b), (_, br) in zip(mine.named_buffers(), ref.named_buffers()):
                 if _checkpointed_norm1(bn_name, b, br, ref_me):
                     if step == 2 and b.is_floating_point():  # eval then uses the same statistics in both
@@ -271,7 +234,7 @@ def test_densenet121_matches_torchvision_over_sgd_steps(backend, device, layout,
                             b.copy_(br)
                     continue
                 if b.is_floating_point():
-                    assert_close(b, br, *_tol(br, 1e-5), what=f"step {step} buffer {bn_name}")
+                    assert_close(b, br, *rel_tol(br, 1e-5), what=f"step {step} buffer {bn_name}")
                 else:
                     assert torch.equal(b.cpu(), br), f"step {step} {bn_name}: {b} != {br}"
 

@@ -9,15 +9,11 @@ from torch import nn
 
 import resfused
 from resfused.memory import model_saved_bytes
-from utils import assert_close, assert_low_precision, backend_cases, case_id, interpreted, randomise_bns
+from utils import (assert_close, assert_low_precision, backend_cases, case_id, interpreted, randomise_bns,
+                   rel_tol, sgd_step_against_reference)
 
 CASES = [c for c in backend_cases() if not interpreted(*c)]  # whole models: native backends
 MODELS = ["resnet18", "resnet50", "resnext50_32x4d"]
-
-
-def _tol(expected: torch.Tensor, rel: float):
-    """(atol, rtol) relative to the tensor's largest magnitude."""
-    return rel * max(float(expected.detach().abs().max()), 1e-12), rel
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -40,31 +36,10 @@ def test_model_matches_torchvision_over_sgd_steps(case, name, layout):
     opt_mine = torch.optim.SGD(mine.parameters(), lr=0.01, momentum=0.9)
     with resfused.use_backend(backend):
         for step in range(4):
-            training = step < 3
-            ref.train(training)
-            mine.train(training)
-            x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
-            target = torch.randint(0, 10, (4,))
-            xr = x.clone().requires_grad_()
-            xm = x.to(device).contiguous(memory_format=fmt).requires_grad_()
-            out_ref = ref(xr)
-            out = mine(xm)
-            assert_close(out, out_ref, *_tol(out_ref, 1e-5), what=f"{name} step {step} output")
-            loss_ref = nn.functional.cross_entropy(out_ref, target)
-            loss = nn.functional.cross_entropy(out, target.to(device))
-            opt_ref.zero_grad()
-            opt_mine.zero_grad()
-            loss_ref.backward()
-            loss.backward()
-            assert_close(xm.grad, xr.grad, *_tol(xr.grad, 1e-4), what=f"{name} step {step} input grad")
-            for (pn, p), (_, pr) in zip(mine.named_parameters(), ref.named_parameters()):
-                assert_close(p.grad, pr.grad, *_tol(pr.grad, 1e-4), what=f"{name} step {step} grad {pn}")
-            if training:
-                opt_ref.step()
-                opt_mine.step()
+            sgd_step_against_reference(ref, mine, opt_ref, opt_mine, step < 3, device, fmt, f"{name} step {step}")
     for (bn_name, b), (_, br) in zip(mine.named_buffers(), ref.named_buffers()):
         if b.is_floating_point():
-            assert_close(b, br, *_tol(br, 1e-5), what=f"{name} buffer {bn_name}")
+            assert_close(b, br, *rel_tol(br, 1e-5), what=f"{name} buffer {bn_name}")
         else:
             assert torch.equal(b.cpu(), br), f"{bn_name}: {b} != {br}"
 

@@ -141,3 +141,55 @@ def run_against_reference(fused, ref, x, layout, device, backend):
         out.backward(g.float().to(device))
     expected.backward(g)
     assert_close(xo.grad, xr.grad, 1e-4, 1e-4, what="grad x")
+
+
+def rel_tol(expected: torch.Tensor, rel: float):
+    """(atol, rtol) relative to the tensor's largest magnitude."""
+    return rel * max(float(expected.detach().abs().max()), 1e-12), rel
+
+
+def sgd_step_against_reference(ref, mine, opt_ref, opt_mine, training: bool, device, fmt, what: str):
+    """One step of both models on the same random batch (cross-entropy, 10 classes):
+    outputs, input gradient and every parameter gradient compared (float64 models, the
+    fp32 tolerances relative to each tensor's largest value), then an SGD step when training."""
+    import torch.nn.functional as F
+
+    ref.train(training)
+    mine.train(training)
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    target = torch.randint(0, 10, (4,))
+    xr = x.clone().requires_grad_()
+    xm = x.clone().to(device).contiguous(memory_format=fmt).requires_grad_()
+    out_ref = ref(xr)
+    out = mine(xm)
+    assert_close(out, out_ref, *rel_tol(out_ref, 1e-5), what=f"{what} output")
+    loss_ref = F.cross_entropy(out_ref, target)
+    loss = F.cross_entropy(out, target.to(device))
+    opt_ref.zero_grad()
+    opt_mine.zero_grad()
+    loss_ref.backward()
+    loss.backward()
+    assert_close(xm.grad, xr.grad, *rel_tol(xr.grad, 1e-4), what=f"{what} input grad")
+    for (pn, p), (_, pr) in zip(mine.named_parameters(), ref.named_parameters()):
+        assert_close(p.grad, pr.grad, *rel_tol(pr.grad, 1e-4), what=f"{what} grad {pn}")
+    if training:
+        opt_ref.step()
+        opt_mine.step()
+
+
+def gradcheck_module(module, x: torch.Tensor, backend: str) -> None:
+    """fp64 gradcheck of ``module(x)`` with respect to x and every parameter (running
+    statistics cloned per call, so each evaluation starts from the same buffers)."""
+    import resfused
+
+    names = [n for n, _ in module.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in module.parameters()]
+    buffers = {n: b for n, b in module.named_buffers()}
+
+    def fn(x, *ps):
+        state = dict(zip(names, ps))
+        state.update({n: b.clone() for n, b in buffers.items()})
+        with resfused.use_backend(backend):
+            return torch.func.functional_call(module, state, (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)

@@ -12,7 +12,8 @@ BN-ReLU outputs ``a_i`` are recomputed from ``y_i`` in backward (one elementwise
 each) instead of being kept. Running statistics are updated exactly once, in forward.
 
 Backward: the fused join backward, then per conv ``aten.convolution_backward`` and the
-fused BN-ReLU backward (relu mask from the recomputed ``a_i``).
+fused BN-ReLU backward (relu mask recomputed from ``y_i`` as ``z > 0``,
+rounded as in forward, so no activation is read).
 """
 from __future__ import annotations
 
@@ -195,9 +196,11 @@ class ResidualBlockFunction(torch.autograd.Function):
                     dx = d_inp if dx is None else dx + d_inp
                 break
             bn = spec.bns[i - 1]
-            dy, _, sums = bn_act_backward(d_inp, ys[i - 1], inp, affines[i - 1], stats[i - 1], bn.training, True,
+            # The relu mask is recomputed from y (z > 0, rounded as in forward) rather than
+            # read from a_{i-1}: one tensor fewer to read in each of the two passes.
+            del inp
+            dy, _, sums = bn_act_backward(d_inp, ys[i - 1], None, affines[i - 1], stats[i - 1], bn.training, True,
                                           backend, need_dx=True, need_sums=True)
             put(i - 1, 2, sums[1])
             put(i - 1, 3, sums[0])
-            del inp
         return (None, dx if need_x else None, d_identity, *grads)

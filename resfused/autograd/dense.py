@@ -259,12 +259,13 @@ class DenseBlockFunction(torch.autograd.Function):
             del g
             if not (need_conv1 or need(i, _N2W) or need(i, _N2B)):
                 continue
+            del a2  # the relu mask is recomputed from y1 (z > 0): one read fewer per pass
             need_sums2 = ls.norm2.training or need(i, _N2W) or need(i, _N2B)
-            dy1, _, sums2 = bn_act_backward(d_a2, y1, a2, aff2s[i], st2s[i], ls.norm2.training, True, backend,
+            dy1, _, sums2 = bn_act_backward(d_a2, y1, None, aff2s[i], st2s[i], ls.norm2.training, True, backend,
                                             need_dx=need_conv1, need_sums=need_sums2)
             put(i, _N2W, sums2[1])
             put(i, _N2B, sums2[0])
-            del a2, d_a2
+            del d_a2
             if not need_conv1:
                 continue
             xp = _gather_prefix(buf, cl, scratch, fmt)
@@ -273,17 +274,17 @@ class DenseBlockFunction(torch.autograd.Function):
                                             need_norm1, need(i, _C1W), need(i, _C1B))
             put(i, _C1W, dw1)
             put(i, _C1B, db1)
-            del dy1
+            del dy1, a1
             if need_norm1:
                 need_sums1 = ls.norm1.training or need(i, _N1W) or need(i, _N1B)
-                dxp, _, sums1 = bn_act_backward(d_a1, xp, a1, aff1s[i], st1s[i], ls.norm1.training, True,
+                dxp, _, sums1 = bn_act_backward(d_a1, xp, None, aff1s[i], st1s[i], ls.norm1.training, True,
                                                 backend, need_dx=need_prefix, need_sums=need_sums1)
                 put(i, _N1W, sums1[1])
                 put(i, _N1B, sums1[0])
                 if need_prefix:
                     gbuf[:, :cl] += dxp
                 del dxp
-            del xp, a1, d_a1
+            del xp, d_a1
         dx = gbuf[:, :ctx.c0].contiguous(memory_format=fmt) if need_x else None
         return (None, dx, *grads)
 
@@ -352,10 +353,11 @@ class TransitionFunction(torch.autograd.Function):
         a = ops.bn_act_fwd(x, affine, None, None, True, ctx.backend)
         need_bn = bool(needs[1] or needs[2] or needs[3])
         da, dcw, dcb = _conv_backward(dy, a, cw, cb, spec.conv, need_bn, bool(needs[6]), bool(needs[7]))
+        del a  # the relu mask is recomputed from x
         dx = dw = db = None
         if need_bn:
             need_sums = spec.bn.training or bool(needs[2] or needs[3])
-            dx, _, sums = bn_act_backward(da, x, a, affine, stats, spec.bn.training, True, ctx.backend,
+            dx, _, sums = bn_act_backward(da, x, None, affine, stats, spec.bn.training, True, ctx.backend,
                                           need_dx=bool(needs[1]), need_sums=need_sums)
             dw = sums[1].to(ctx.param_dtypes[0]) if needs[2] else None
             db = sums[0].to(ctx.param_dtypes[1]) if needs[3] else None

@@ -24,11 +24,12 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x);
 // out = act(x*scale + shift [+ residual | + residual*res_scale + res_shift])
 at::Tensor bn_act_fwd_cpu(const at::Tensor& x, const at::Tensor& affine, const OptTensor& residual,
                           const OptTensor& res_affine, bool relu);
-// [2 or 3, C]: sum dz, sum dz*x_hat [, sum dz*res_hat when res_stats is given]
-at::Tensor bn_act_bwd_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& affine,
+// ([2 or 3, C]: sum dz, sum dz*x_hat [, sum dz*res_hat when res_stats is given],
+//  dz in x's dtype and layout when write_dz, else empty)
+std::tuple<at::Tensor, at::Tensor> bn_act_bwd_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& affine,
                                  const at::Tensor& stats, const OptTensor& residual,
                                  const OptTensor& res_affine, const OptTensor& res_stats,
-                                 const OptTensor& out, bool relu);
+                                 const OptTensor& out, bool relu, bool write_dz);
 // (dx, dres); dres is empty when residual is not given.
 std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& affine, const at::Tensor& coef,
@@ -39,10 +40,10 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cpu(
 std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x);
 at::Tensor bn_act_fwd_cuda(const at::Tensor& x, const at::Tensor& affine, const OptTensor& residual,
                            const OptTensor& res_affine, bool relu);
-at::Tensor bn_act_bwd_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& affine,
+std::tuple<at::Tensor, at::Tensor> bn_act_bwd_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& affine,
                                   const at::Tensor& stats, const OptTensor& residual,
                                   const OptTensor& res_affine, const OptTensor& res_stats,
-                                  const OptTensor& out, bool relu);
+                                  const OptTensor& out, bool relu, bool write_dz);
 std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& affine, const at::Tensor& coef,
     const OptTensor& residual, const OptTensor& res_affine, const OptTensor& res_coef,

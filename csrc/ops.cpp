@@ -11,7 +11,7 @@ TORCH_LIBRARY(resfused_C, m) {
   m.def("bn_act_fwd(Tensor x, Tensor affine, Tensor? residual, Tensor? res_affine, bool relu) -> Tensor");
   m.def(
       "bn_act_bwd_reduce(Tensor grad_out, Tensor x, Tensor affine, Tensor stats, Tensor? residual, "
-      "Tensor? res_affine, Tensor? res_stats, Tensor? out, bool relu) -> Tensor");
+      "Tensor? res_affine, Tensor? res_stats, Tensor? out, bool relu, bool write_dz=False) -> (Tensor, Tensor)");
   m.def(
       "bn_act_bwd_apply(Tensor grad_out, Tensor x, Tensor affine, Tensor coef, Tensor? residual, "
       "Tensor? res_affine, Tensor? res_coef, Tensor? out, bool relu) -> (Tensor, Tensor)");

@@ -288,3 +288,37 @@ def test_gradcheck_fp64(case, residual, training, layout):
         inputs = (x, w, b) + ((r,) if r is not None else ())
     # the relu kink: keep inputs away from it so finite differences are meaningful
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_from", ["out", "recompute"])
+def test_reduce_writes_dz(case, layout, dtype, mask_from):
+    """bn_act_bwd_reduce(write_dz=True) returns the same sums as without, and dz equal
+    (exactly) to grad_out masked by relu; an apply pass on dz with relu=False gives the
+    apply pass's dx on grad_out."""
+    from resfused.ops import bn_act as ops
+
+    backend, device = case
+    if dtype not in __import__("resfused")._backend.SUPPORTED_DTYPES[backend]:
+        pytest.skip(f"{backend} does not support {dtype}")
+    shape = (2, 65, 5, 3)
+    x, r, g = (make_input(shape, layout, dtype, device) for _ in range(3))
+    c = shape[1]
+    affine = torch.stack([torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)])
+    stats = torch.stack([torch.randn(c, device=device), torch.rand(c, device=device) + 0.5])
+    coef = torch.randn(4, c, device=device)
+    out = ops.bn_act_fwd(x, affine, r, None, True, backend)
+    out_arg, res_arg = (out, None) if mask_from == "out" else (None, r)
+    sums, dz = ops.bn_act_bwd_reduce(g, x, affine, stats, res_arg, None, None, out_arg, True, True, backend)
+    sums_ref, empty = ops.bn_act_bwd_reduce(g, x, affine, stats, res_arg, None, None, out_arg, True, False, backend)
+    assert empty.numel() == 0
+    assert torch.equal(sums, sums_ref)
+    assert dz.dtype == x.dtype and dz.shape == x.shape
+    assert dz.is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                            else torch.contiguous_format)
+    assert torch.equal(dz, torch.where(out > 0, g, torch.zeros_like(g)))
+    dx, _ = ops.bn_act_bwd_apply(dz, x, affine, coef, None, None, None, None, False, backend)
+    dx_ref, _ = ops.bn_act_bwd_apply(g, x, affine, coef, res_arg, None, None, out_arg, True, backend)
+    assert torch.equal(dx, dx_ref)

@@ -26,7 +26,7 @@ def samples(device, layout, residual_bn):
     return {
         "bn_stats": (x,),
         "bn_act_fwd": (x, affine, r, ra, True),
-        "bn_act_bwd_reduce": (g, x, affine, stats, r, ra, rs, None, True),
+        "bn_act_bwd_reduce": (g, x, affine, stats, r, ra, rs, None, True, not residual_bn),
         "bn_act_bwd_apply": (g, x, affine, coef, r, ra, rc, out, True),
     }
 

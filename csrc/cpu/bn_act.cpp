@@ -235,9 +235,11 @@ void fill_common(BnArgs& a, const BwdCommon& b) {
 }  // namespace
 }  // namespace cpu
 
-at::Tensor bn_act_bwd_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& x_, const at::Tensor& affine,
-                                 const at::Tensor& stats_, const OptTensor& residual, const OptTensor& res_affine,
-                                 const OptTensor& res_stats, const OptTensor& out, bool relu) {
+std::tuple<at::Tensor, at::Tensor> bn_act_bwd_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& x_,
+                                                         const at::Tensor& affine, const at::Tensor& stats_,
+                                                         const OptTensor& residual, const OptTensor& res_affine,
+                                                         const OptTensor& res_stats, const OptTensor& out, bool relu,
+                                                         bool write_dz) {
   const auto L = cpu::layout_of(x_);
   const auto b = cpu::bwd_common(grad_out, x_, affine, residual, res_affine, out, relu, L);
   const bool rst = cpu::given(res_stats);
@@ -247,18 +249,20 @@ at::Tensor bn_act_bwd_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& x
   const at::Tensor stats = cpu::chan(stats_, b.x, 2, "stats");
   at::Tensor rstats;
   if (rst) rstats = cpu::chan(*res_stats, b.x, 2, "res_stats");
+  at::Tensor dz = write_dz ? cpu::out_like(b.x, L) : at::empty({0}, b.x.options());
   if (b.x.numel() == 0) {
     red.zero_();
-    return red;
+    return std::make_tuple(red, dz);
   }
   BnArgs a = cpu::base_args(b.x, L);
   cpu::fill_common(a, b);
   a.red = red.data_ptr();
+  if (write_dz) a.y = dz.data_ptr();
   a.rstats = rst ? 1 : 0;
   cpu::set_rows(a, 4, stats, 2);
   if (rst) cpu::set_rows(a, 8, rstats, 2);
   cpu::pick()->bwd_reduce(a);
-  return red;
+  return std::make_tuple(red, dz);
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cpu(const at::Tensor& grad_out, const at::Tensor& x_,

@@ -20,7 +20,7 @@ struct BnArgs {
   const void* r = nullptr;     // residual
   const void* g = nullptr;     // grad_out
   const void* o_in = nullptr;  // out (for the relu mask)
-  void* y = nullptr;           // out / dx
+  void* y = nullptr;           // out / dx / dz (bwd_reduce, when written)
   void* dres = nullptr;
   // per-channel rows, accumulation dtype (double for double x, else float), each [C]:
   //   p[0..3]  scale, shift, res_scale, res_shift   (fwd, and the recomputed relu mask)

@@ -464,31 +464,35 @@ struct K {
     for (int i = 0; i < 12; ++i) ps.v[i] = a.p[i] ? P(a, i)[c] : acc_t(0);
   }
 
-  // sums: acc[0] += dz, acc[1] += dz*x_hat, acc[2] += dz*r_hat
-  template <int MASK, bool RES, bool RST>
+  // sums: acc[0] += dz, acc[1] += dz*x_hat, acc[2] += dz*r_hat; WDZ: also store dz
+  template <int MASK, bool RES, bool RST, bool WDZ>
   static inline void red_vec(const scalar_t* g, const scalar_t* x, const scalar_t* r, const scalar_t* oin,
-                             const ParV& p, V* a0, V* a1, V* a2) {
+                             scalar_t* dzo, const ParV& p, V* a0, V* a1, V* a2) {
     V xv[NV], rv[NV], dz[NV];
     dz_vec<MASK, RES || RST>(g, x, r, oin, p, xv, rv, dz);
+    if constexpr (WDZ) io::store(dzo, dz);
     for (int j = 0; j < NV; ++j) {
       a0[j] = a0[j] + dz[j];
       a1[j] = at::vec::fmadd(dz[j], (xv[j] - p.v[4][j]) * p.v[5][j], a1[j]);
       if constexpr (RST) a2[j] = at::vec::fmadd(dz[j], (rv[j] - p.v[8][j]) * p.v[9][j], a2[j]);
     }
   }
-  template <int MASK, bool RES, bool RST>
+  template <int MASK, bool RES, bool RST, bool WDZ>
   static inline void red_one(const scalar_t* g, const scalar_t* x, const scalar_t* r, const scalar_t* oin,
-                             const ParS& p, double& a0, double& a1, double& a2) {
+                             scalar_t* dzo, const ParS& p, double& a0, double& a1, double& a2) {
     acc_t xs, rs = 0;
     const acc_t dz = dz_one<MASK, RES || RST>(g, x, r, oin, p, xs, rs);
+    if constexpr (WDZ) io::st(dzo, dz);
     a0 += dz;
     a1 += dz * ((xs - p.v[4]) * p.v[5]);
     if constexpr (RST) a2 += dz * ((rs - p.v[8]) * p.v[9]);
   }
 
-  template <int MASK, bool RES, bool RST>
+  // WDZ: also writes dz (exact: grad_out or 0) to a.y, in x's layout.
+  template <int MASK, bool RES, bool RST, bool WDZ>
   static void bwd_reduce(const BnArgs& a) {
     constexpr bool NEED_R = RES || RST;
+    scalar_t* dzo = static_cast<scalar_t*>(a.y);
     const scalar_t* g = static_cast<const scalar_t*>(a.g);
     const scalar_t* x = static_cast<const scalar_t*>(a.x);
     const scalar_t* r = static_cast<const scalar_t*>(a.r);
@@ -518,8 +522,8 @@ struct K {
             int64_t i = 0;
             for (; i + B <= n; i += B) {
               const int64_t o = base + i;
-              red_vec<MASK, RES, RST>(g + o, x + o, NEED_R ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, pv, a0,
-                                      a1, a2);
+              red_vec<MASK, RES, RST, WDZ>(g + o, x + o, NEED_R ? r + o : nullptr, MASK == 1 ? oin + o : nullptr,
+                                           WDZ ? dzo + o : nullptr, pv, a0, a1, a2);
             }
             double s0 = 0, s1 = 0, s2 = 0;
             for (int j = 0; j < NV; ++j) {
@@ -529,8 +533,8 @@ struct K {
             }
             for (; i < n; ++i) {
               const int64_t o = base + i;
-              red_one<MASK, RES, RST>(g + o, x + o, NEED_R ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, ps, s0,
-                                      s1, s2);
+              red_one<MASK, RES, RST, WDZ>(g + o, x + o, NEED_R ? r + o : nullptr, MASK == 1 ? oin + o : nullptr,
+                                           WDZ ? dzo + o : nullptr, ps, s0, s1, s2);
             }
             Q[c] += s0;
             Q[C + c] += s1;
@@ -568,8 +572,8 @@ struct K {
               }
               for (int64_t q = 0; q < nr; ++q) {
                 const int64_t o = (rg + q) * C + c;
-                red_vec<MASK, RES, RST>(g + o, x + o, NEED_R ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, pv,
-                                        a0, a1, a2);
+                red_vec<MASK, RES, RST, WDZ>(g + o, x + o, NEED_R ? r + o : nullptr,
+                                             MASK == 1 ? oin + o : nullptr, WDZ ? dzo + o : nullptr, pv, a0, a1, a2);
               }
               for (int j = 0; j < NV; ++j) {
                 a0[j].store(acc.data() + c + j * L);
@@ -581,8 +585,9 @@ struct K {
               par_one(a, c, ps);
               for (int64_t q = 0; q < nr; ++q) {
                 const int64_t o = (rg + q) * C + c;
-                red_one<MASK, RES, RST>(g + o, x + o, NEED_R ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, ps,
-                                        tacc[c], tacc[C + c], tacc[2 * C + c]);
+                red_one<MASK, RES, RST, WDZ>(g + o, x + o, NEED_R ? r + o : nullptr,
+                                             MASK == 1 ? oin + o : nullptr, WDZ ? dzo + o : nullptr, ps, tacc[c],
+                                             tacc[C + c], tacc[2 * C + c]);
               }
             }
           }
@@ -733,21 +738,25 @@ void k_fwd(const BnArgs& a) {
   })
 }
 
+template <typename Kt, bool WDZ>
+void k_bwd_reduce_w(const BnArgs& a) {
+  const bool rst = a.rstats != 0;
+  if (a.mask == 0) {
+    if (rst) Kt::template bwd_reduce<0, false, true, WDZ>(a); else Kt::template bwd_reduce<0, false, false, WDZ>(a);
+  } else if (a.mask == 1) {
+    if (rst) Kt::template bwd_reduce<1, false, true, WDZ>(a); else Kt::template bwd_reduce<1, false, false, WDZ>(a);
+  } else {
+    if (a.has_res) {
+      if (rst) Kt::template bwd_reduce<2, true, true, WDZ>(a); else Kt::template bwd_reduce<2, true, false, WDZ>(a);
+    } else {
+      Kt::template bwd_reduce<2, false, false, WDZ>(a);
+    }
+  }
+}
+
 void k_bwd_reduce(const BnArgs& a) {
   RESFUSED_DISPATCH_DTYPE(a.dtype, [&] {
-    using Kt = K<scalar_t>;
-    const bool rst = a.rstats != 0;
-    if (a.mask == 0) {
-      if (rst) Kt::template bwd_reduce<0, false, true>(a); else Kt::template bwd_reduce<0, false, false>(a);
-    } else if (a.mask == 1) {
-      if (rst) Kt::template bwd_reduce<1, false, true>(a); else Kt::template bwd_reduce<1, false, false>(a);
-    } else {
-      if (a.has_res) {
-        if (rst) Kt::template bwd_reduce<2, true, true>(a); else Kt::template bwd_reduce<2, true, false>(a);
-      } else {
-        Kt::template bwd_reduce<2, false, false>(a);
-      }
-    }
+    if (a.y) k_bwd_reduce_w<K<scalar_t>, true>(a); else k_bwd_reduce_w<K<scalar_t>, false>(a);
   })
 }
 

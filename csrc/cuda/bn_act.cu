@@ -605,6 +605,7 @@ struct RedArgs {
   const A* stats;       // [2, C]: mean, invstd
   const A* res_affine;  // [2, C] or nullptr
   const A* res_stats;   // [2, C] or nullptr
+  T* dz;                // written (dz in x's layout) when not nullptr
   int C;
   bool relu, use_out, has_res, res_aff, has_rstats, need_r;
 };
@@ -636,10 +637,10 @@ __device__ __forceinline__ RedChan<T, A> red_chan(const RedArgs<T, A>& a, int64_
   return q;
 }
 
-// Accumulate one element into (s0, s1, s2).
+// Accumulate one element into (s0, s1, s2); returns dz.
 template <typename T, typename A>
-__device__ __forceinline__ void red_elem(const RedArgs<T, A>& a, const RedChan<T, A>& q, A g, A x, A r, A o, A& s0,
-                                         A& s1, A& s2) {
+__device__ __forceinline__ A red_elem(const RedArgs<T, A>& a, const RedChan<T, A>& q, A g, A x, A r, A o, A& s0,
+                                      A& s1, A& s2) {
   A dz = g;
   if (a.relu) {
     const bool m = a.use_out ? (o > A(0)) : (preact(x, r, q.sc, q.sh, q.rsc, q.rsh, a.has_res, a.res_aff) > A(0));
@@ -648,6 +649,7 @@ __device__ __forceinline__ void red_elem(const RedArgs<T, A>& a, const RedChan<T
   s0 += dz;
   s1 += dz * ((x - q.mean) * q.inv);
   if (a.has_rstats) s2 += dz * ((r - q.rmean) * q.rinv);
+  return dz;
 }
 
 // Same partition as stats_nchw_kernel; ws is [3, S, C] (row 2 zero when unused).
@@ -675,11 +677,13 @@ __global__ void __launch_bounds__(kThreads)
     Pack<T, V> rv{}, ov{};
     if (a.need_r) rv = load_pack<V>(a.res, e);
     if (a.use_out) ov = load_pack<V>(a.out, e);
+    Pack<T, V> dzv;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      red_elem(a, cp, static_cast<A>(gv.v[j]), static_cast<A>(xv.v[j]), static_cast<A>(rv.v[j]),
-               static_cast<A>(ov.v[j]), acc[0], acc[1], acc[2]);
+      dzv.v[j] = static_cast<T>(red_elem(a, cp, static_cast<A>(gv.v[j]), static_cast<A>(xv.v[j]),
+                                         static_cast<A>(rv.v[j]), static_cast<A>(ov.v[j]), acc[0], acc[1], acc[2]));
     }
+    if (a.dz) store_pack<V>(a.dz, e, dzv);
     hv += r;
     n += q;
     if (hv >= HWv) {
@@ -722,11 +726,13 @@ __global__ void __launch_bounds__(kThreads) reduce_nhwc_kernel(RedArgs<T, A> a, 
       Pack<T, V> rv{}, ov{};
       if (a.need_r) rv = load_pack<V>(a.res, e);
       if (a.use_out) ov = load_pack<V>(a.out, e);
+      Pack<T, V> dzv;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        red_elem(a, ps[j], static_cast<A>(gv.v[j]), static_cast<A>(xv.v[j]), static_cast<A>(rv.v[j]),
-                 static_cast<A>(ov.v[j]), s0[j], s1[j], s2[j]);
+        dzv.v[j] = static_cast<T>(red_elem(a, ps[j], static_cast<A>(gv.v[j]), static_cast<A>(xv.v[j]),
+                                           static_cast<A>(rv.v[j]), static_cast<A>(ov.v[j]), s0[j], s1[j], s2[j]));
       }
+      if (a.dz) store_pack<V>(a.dz, e, dzv);
     }
   }
   const int t = ty * bdx + tx;
@@ -975,8 +981,8 @@ void reduce_impl(const RedArgs<T, typename AccOf<T>::type>& a, const Shape& s, c
   int64_t S;
   if (s.nchw) {
     constexpr int VM = VV > 4 ? 4 : VV;  // middle width for 16-bit types (HW = 14*14, ...)
-    const int V = (s.HW % VV == 0 && all_aligned<T>({a.g, a.x, a.res, a.out}, VV))   ? VV
-                  : (s.HW % VM == 0 && all_aligned<T>({a.g, a.x, a.res, a.out}, VM)) ? VM
+    const int V = (s.HW % VV == 0 && all_aligned<T>({a.g, a.x, a.res, a.out, a.dz}, VV))   ? VV
+                  : (s.HW % VM == 0 && all_aligned<T>({a.g, a.x, a.res, a.out, a.dz}, VM)) ? VM
                                                                                     : 1;
     auto kernel = V == VV ? reduce_nchw_kernel<T, A, VV> : V == VM ? reduce_nchw_kernel<T, A, VM> : reduce_nchw_kernel<T, A, 1>;
     const int64_t nvc = s.N * s.HW / V;
@@ -987,7 +993,7 @@ void reduce_impl(const RedArgs<T, typename AccOf<T>::type>& a, const Shape& s, c
         a, s.HW, nvc, chunk, ws.mutable_data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    const bool vec = s.C % VN == 0 && all_aligned<T>({a.g, a.x, a.res, a.out}, VN);
+    const bool vec = s.C % VN == 0 && all_aligned<T>({a.g, a.x, a.res, a.out, a.dz}, VN);
     auto kernel = vec ? reduce_nhwc_kernel<T, A, VN> : reduce_nhwc_kernel<T, A, 1>;
     const int V = vec ? VN : 1;
     const int64_t M = s.N * s.HW;
@@ -1062,9 +1068,11 @@ at::Tensor bn_act_fwd_cuda(const at::Tensor& x, const at::Tensor& affine, const 
   return out;
 }
 
-at::Tensor bn_act_bwd_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& affine,
-                                  const at::Tensor& stats, const OptTensor& residual, const OptTensor& res_affine,
-                                  const OptTensor& res_stats, const OptTensor& out, bool relu) {
+std::tuple<at::Tensor, at::Tensor> bn_act_bwd_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                                          const at::Tensor& affine, const at::Tensor& stats,
+                                                          const OptTensor& residual, const OptTensor& res_affine,
+                                                          const OptTensor& res_stats, const OptTensor& out, bool relu,
+                                                          bool write_dz) {
   const char* op = "resfused bn_act_bwd_reduce (cuda)";
   const Shape s = check_x(x, op);
   check_like_x(grad_out, x, s, op, "grad_out");
@@ -1083,10 +1091,11 @@ at::Tensor bn_act_bwd_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& 
   c10::cuda::CUDAGuard guard(x.device());
   const auto acc_opts = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor result = at::empty({K, s.C}, acc_opts);
-  if (s.C == 0) return result;
+  at::Tensor dz = write_dz ? at::empty_like(x) : at::empty({0}, x.options());
+  if (s.C == 0) return std::make_tuple(result, dz);
   if (s.numel == 0) {  // sums over an empty batch
     result.zero_();
-    return result;
+    return std::make_tuple(result, dz);
   }
   const int dev = x.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
@@ -1107,10 +1116,11 @@ at::Tensor bn_act_bwd_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& 
     a.stats = stats.const_data_ptr<A>();
     a.res_affine = res_aff ? res_affine->const_data_ptr<A>() : nullptr;
     a.res_stats = has_rstats ? res_stats->const_data_ptr<A>() : nullptr;
+    a.dz = write_dz ? dz.mutable_data_ptr<scalar_t>() : nullptr;
     a.C = static_cast<int>(s.C);
     reduce_impl<scalar_t>(a, s, acc_opts, result, K, dev, stream);
   });
-  return result;
+  return std::make_tuple(result, dz);
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cuda(const at::Tensor& grad_out, const at::Tensor& x,

@@ -76,8 +76,19 @@ def bn_act_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], affine: 
     """
     res_bn = res_stats is not None
     count = channel_count(x)
+    if need_sums and plain_residual_grad and relu and out is not None:
+        # The plain-residual join: the reduction pass (reading grad_out, x, out) also
+        # writes dz, which is the residual's gradient; the apply pass then reads only dz
+        # and x. 5 tensor reads + 2 writes instead of 6 + 2.
+        sums, dz = ops.bn_act_bwd_reduce(grad_out, x, affine, stats, None, None, None, out, True, True, backend)
+        dx = None
+        if need_dx:
+            coef = _grad_coefficients(stats, affine, sums[0], sums[1], training, count)
+            dx, _ = ops.bn_act_bwd_apply(dz, x, affine, coef, None, None, None, None, False, backend)
+        return dx, dz, sums
     if need_sums:
-        sums = ops.bn_act_bwd_reduce(grad_out, x, affine, stats, residual, res_affine, res_stats, out, relu, backend)
+        sums, _ = ops.bn_act_bwd_reduce(grad_out, x, affine, stats, residual, res_affine, res_stats, out, relu,
+                                        False, backend)
     else:
         sums = torch.zeros((3 if res_bn else 2, x.shape[1]), dtype=affine.dtype, device=x.device)
     dx = dres = None

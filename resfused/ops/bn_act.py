@@ -104,23 +104,25 @@ def _(x, affine, residual, res_affine, relu, backend="auto"):
 
 
 def _bn_act_bwd_reduce_impl(grad_out: Tensor, x: Tensor, affine: Tensor, stats: Tensor, residual: Optional[Tensor],
-                      res_affine: Optional[Tensor], res_stats: Optional[Tensor], out: Optional[Tensor],
-                      relu: bool, backend: str = "auto") -> Tensor:
-    """Rows (sum dz, sum dz*x_hat[, sum dz*res_hat]) as a [2 or 3, C] fp32 tensor."""
+                            res_affine: Optional[Tensor], res_stats: Optional[Tensor], out: Optional[Tensor],
+                            relu: bool, write_dz: bool = False, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """(sums, dz): rows (sum dz, sum dz*x_hat[, sum dz*res_hat]) as a [2 or 3, C] fp32
+    tensor, and the masked gradient dz (x's dtype and layout) when ``write_dz``, else empty."""
     fmt = memory_format_of(x)
     x = x.contiguous(memory_format=fmt)
     return _call("bn_act_bwd_reduce", backend, x, _like_x(grad_out, fmt), x, _per_channel(affine),
                  _per_channel(stats), _like_x(residual, fmt), _per_channel(res_affine), _per_channel(res_stats),
-                 _like_x(out, fmt), relu)
+                 _like_x(out, fmt), relu, write_dz)
 
 
 bn_act_bwd_reduce_op = torch.library.custom_op("resfused::bn_act_bwd_reduce", mutates_args=())(_bn_act_bwd_reduce_impl)
 
 
 @bn_act_bwd_reduce_op.register_fake
-def _(grad_out, x, affine, stats, residual, res_affine, res_stats, out, relu, backend="auto"):
+def _(grad_out, x, affine, stats, residual, res_affine, res_stats, out, relu, write_dz=False, backend="auto"):
     rows = 3 if res_stats is not None else 2
-    return x.new_empty((rows, x.shape[1]), dtype=eager.acc_dtype(x.dtype))
+    dz = torch.empty_like(x, memory_format=memory_format_of(x)) if write_dz else x.new_empty((0,))
+    return x.new_empty((rows, x.shape[1]), dtype=eager.acc_dtype(x.dtype)), dz
 
 
 def _bn_act_bwd_apply_impl(grad_out: Tensor, x: Tensor, affine: Tensor, coef: Tensor, residual: Optional[Tensor],

@@ -23,6 +23,10 @@ guarantees them before a backend kernel is called):
 * Backward: ``dz = grad_out * (out > 0)`` when ``relu`` (``out`` given), or with
   the mask recomputed as ``z > 0`` when ``out`` is None; ``dz = grad_out``
   otherwise. Computation in the accumulation dtype; results cast to x's dtype.
+* ``bn_act_bwd_reduce`` can also write ``dz`` (in x's dtype and layout; exact, since it
+  is ``grad_out`` or 0) when ``write_dz``: the apply pass then reads ``dz`` with
+  ``relu=False`` instead of ``grad_out`` and the mask's source, and for a plain
+  residual ``dz`` is the residual's gradient itself (one tensor fewer read and written).
 """
 from __future__ import annotations
 
@@ -85,15 +89,23 @@ def bn_act_fwd(x: Tensor, affine: Tensor, residual: Optional[Tensor], res_affine
 
 def bn_act_bwd_reduce(grad_out: Tensor, x: Tensor, affine: Tensor, stats: Tensor,
                       residual: Optional[Tensor], res_affine: Optional[Tensor],
-                      res_stats: Optional[Tensor], out: Optional[Tensor], relu: bool) -> Tensor:
-    """Rows: (sum dz, sum dz*x_hat[, sum dz*res_hat when res_stats is given])."""
+                      res_stats: Optional[Tensor], out: Optional[Tensor], relu: bool,
+                      write_dz: bool = False) -> Tuple[Tensor, Tensor]:
+    """(sums, dz): sums has rows (sum dz, sum dz*x_hat[, sum dz*res_hat when res_stats
+    is given]); dz is the masked gradient in x's dtype and layout when ``write_dz``, else
+    an empty tensor."""
     dz = _grad_preact(grad_out, x, affine, residual, res_affine, out, relu)
     xhat = (x.to(dz.dtype) - _chan(stats[0])) * _chan(stats[1])
     rows = [dz.sum((0, 2, 3)), (dz * xhat).sum((0, 2, 3))]
     if res_stats is not None:
         rhat = (residual.to(dz.dtype) - _chan(res_stats[0])) * _chan(res_stats[1])
         rows.append((dz * rhat).sum((0, 2, 3)))
-    return torch.stack(rows)
+    dz_out = dz.to(x.dtype, copy=True).contiguous(memory_format=_layout(x)) if write_dz else x.new_empty(0)
+    return torch.stack(rows), dz_out
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    return torch.contiguous_format if x.is_contiguous() else torch.channels_last
 
 
 def _apply_coef(dz: Tensor, x: Tensor, coef: Tensor) -> Tensor:

@@ -62,11 +62,11 @@ CPU_SMS = 2
 
 #: pointer arguments that carry x's dtype; every other ``*_ptr`` is in the
 #: accumulation dtype (per-channel tensors and workspaces)
-DATA_PTRS = frozenset({"x_ptr", "g_ptr", "res_ptr", "out_ptr", "dx_ptr", "dres_ptr"})
+DATA_PTRS = frozenset({"x_ptr", "g_ptr", "res_ptr", "out_ptr", "dx_ptr", "dres_ptr", "dz_ptr"})
 #: runtime 0/1 (relu_mode: 0/1/2) flag arguments; every other non-constexpr scalar is a size
 #: @triton.jit helpers that are inlined into kernels, never launched on their own
 JIT_HELPERS = frozenset({"_relu_keep", "_cast_out", "_nchw_tile"})
-FLAG_ARGS = frozenset({"has_res", "res_aff", "relu", "use_res", "res_st", "res_coef", "relu_mode"})
+FLAG_ARGS = frozenset({"has_res", "res_aff", "relu", "use_res", "res_st", "res_coef", "relu_mode", "write_dz"})
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -269,11 +269,11 @@ def _fwd_nhwc(x_ptr, aff_ptr, res_ptr, raff_ptr, out_ptr, M, C, has_res, res_aff
 
 
 @triton.jit
-def _bwd_reduce_part_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, st_ptr, raff_ptr, rst_ptr, ws_ptr,
+def _bwd_reduce_part_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, st_ptr, raff_ptr, rst_ptr, ws_ptr, dz_ptr,
                           N, C, HW, n_hwb, n_units, units_per_prog,
-                          use_res, res_aff, res_st, relu_mode,
+                          use_res, res_aff, res_st, relu_mode, write_dz,
                           ROWS: tl.constexpr, BLOCK_HW: tl.constexpr):
-    # grid (C, P); ws [P, 2 + res_st, C]
+    # grid (C, P); ws [P, 2 + res_st, C]; dz written when write_dz
     acc_ty = ws_ptr.dtype.element_ty
     c = tl.program_id(0)
     p = tl.program_id(1)
@@ -298,6 +298,7 @@ def _bwd_reduce_part_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, st_ptr, raff_
         r = tl.load(res_ptr + offs, mask=m & (use_res != 0), other=0).to(acc_ty)
         keep = _relu_keep(x, o, r, scale, shift, rs, rb, relu_mode)
         dz = tl.where(keep & m, g, 0)
+        tl.store(dz_ptr + offs, _cast_out(dz, dz_ptr), mask=m & (write_dz != 0))
         a0 += dz
         a1 += dz * ((x - mean) * invstd)
         a2 += dz * ((r - rmean) * rinv)
@@ -308,10 +309,10 @@ def _bwd_reduce_part_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, st_ptr, raff_
 
 
 @triton.jit
-def _bwd_reduce_part_nhwc(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, st_ptr, raff_ptr, rst_ptr, ws_ptr,
-                          M, C, rows_per_prog, use_res, res_aff, res_st, relu_mode,
+def _bwd_reduce_part_nhwc(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, st_ptr, raff_ptr, rst_ptr, ws_ptr, dz_ptr,
+                          M, C, rows_per_prog, use_res, res_aff, res_st, relu_mode, write_dz,
                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    # grid (cdiv(C, BLOCK_C), P); ws [P, 2 + res_st, C]
+    # grid (cdiv(C, BLOCK_C), P); ws [P, 2 + res_st, C]; dz written when write_dz
     acc_ty = ws_ptr.dtype.element_ty
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = tl.program_id(1)
@@ -341,6 +342,7 @@ def _bwd_reduce_part_nhwc(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, st_ptr, raff_
         r = tl.load(res_ptr + offs, mask=m & (use_res != 0), other=0).to(acc_ty)
         keep = _relu_keep(x, o, r, scale, shift, rs, rb, relu_mode)
         dz = tl.where(keep & m, g, 0)
+        tl.store(dz_ptr + offs, _cast_out(dz, dz_ptr), mask=m & (write_dz != 0))
         a0 += dz
         a1 += dz * ((x - mean) * invstd)
         a2 += dz * ((r - rmean) * rinv)
@@ -626,8 +628,10 @@ def _relu_mode(relu: bool, out: Optional[Tensor]) -> int:
 
 def bn_act_bwd_reduce(grad_out: Tensor, x: Tensor, affine: Tensor, stats: Tensor,
                       residual: Optional[Tensor], res_affine: Optional[Tensor],
-                      res_stats: Optional[Tensor], out: Optional[Tensor], relu: bool) -> Tensor:
-    """Rows: (sum dz, sum dz*x_hat[, sum dz*res_hat when res_stats is given])."""
+                      res_stats: Optional[Tensor], out: Optional[Tensor], relu: bool,
+                      write_dz: bool = False) -> Tuple[Tensor, Tensor]:
+    """(sums, dz): rows (sum dz, sum dz*x_hat[, sum dz*res_hat when res_stats is given]),
+    and dz in x's dtype and layout when ``write_dz`` (else an empty tensor)."""
     geo = _Geom(x)
     for nm, t in (("grad_out", grad_out), ("residual", residual), ("out", out)):
         _check_like(nm, t, x)
@@ -639,23 +643,24 @@ def bn_act_bwd_reduce(grad_out: Tensor, x: Tensor, affine: Tensor, stats: Tensor
     acc = acc_dtype(x.dtype)
     C = geo.C
     R = 3 if res_stats is not None else 2
+    dz = torch.empty_like(x) if write_dz else x.new_empty(0)
     if x.numel() == 0:
-        return torch.zeros((R, C), dtype=acc, device=x.device)
+        return torch.zeros((R, C), dtype=acc, device=x.device), dz
     mode = _relu_mode(relu, out)
     use_res = residual is not None and (mode == 2 or res_stats is not None)
     P, extra = geo.reduce_split(x)
     ws = torch.empty((P, R, C), dtype=acc, device=x.device)
     ptrs = (grad_out, x, out if mode == 1 else x, residual if residual is not None else x,
             affine, stats, res_affine if res_affine is not None else affine,
-            res_stats if res_stats is not None else stats, ws)
-    flags = (int(use_res), int(res_affine is not None), int(res_stats is not None), mode)
+            res_stats if res_stats is not None else stats, ws, dz if write_dz else x)
+    flags = (int(use_res), int(res_affine is not None), int(res_stats is not None), mode, int(bool(write_dz)))
     if geo.layout == "nchw":
         _launch("bwd_reduce_part_nchw", (C, P), (*ptrs, geo.N, C, geo.HW, *extra, *flags), geo)
     else:
         _launch("bwd_reduce_part_nhwc", (_cdiv(C, geo.block), P), (*ptrs, geo.M, C, *extra, *flags), geo)
     res = torch.empty((R, C), dtype=acc, device=x.device)
     _launch("colsum", (_cdiv(R * C, FIN_BLOCK_C),), (ws, res, P, R * C))
-    return res
+    return res, dz
 
 
 def bn_act_bwd_apply(grad_out: Tensor, x: Tensor, affine: Tensor, coef: Tensor,

@@ -322,3 +322,42 @@ def test_reduce_writes_dz(case, layout, dtype, mask_from):
     dx, _ = ops.bn_act_bwd_apply(dz, x, affine, coef, None, None, None, None, False, backend)
     dx_ref, _ = ops.bn_act_bwd_apply(g, x, affine, coef, res_arg, None, None, out_arg, True, backend)
     assert torch.equal(dx, dx_ref)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(3, 7, 5, 3), (2, 16, 1, 1), (1, 5, 4, 4)])
+def test_channel_prefix_views(case, layout, shape):
+    """x = wide[:, :C] (a dense block's prefix): every op gives exactly what it gives on a
+    contiguous copy of x, and the cpu backend reads the view in place (no copy made)."""
+    from resfused.ops import bn_act as ops
+
+    backend, device = case
+    n, c, h, w = shape
+    wide = make_input((n, c + 4, h, w), layout, torch.float32, device)
+    x = wide[:, :c]
+    xc = x.contiguous(memory_format=ops.memory_format_of(x))
+    g = make_input(shape, layout, torch.float32, device)
+    affine = torch.stack([torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)])
+    stats = torch.stack([torch.randn(c, device=device), torch.rand(c, device=device) + 0.5])
+    coef = torch.randn(4, c, device=device)
+    results = []
+    for xx in (x, xc):
+        out = ops.bn_act_fwd(xx, affine, None, None, True, backend)
+        sums, _ = ops.bn_act_bwd_reduce(g, xx, affine, stats, None, None, None, None, True, False, backend)
+        dx, _ = ops.bn_act_bwd_apply(g, xx, affine, coef, None, None, None, None, True, backend)
+        results.append((out, sums, dx))
+    for (a, s, d), (a_ref, s_ref, d_ref) in zip([results[0]], [results[1]]):
+        assert a.is_contiguous(memory_format=ops.memory_format_of(xc))
+        assert torch.equal(a, a_ref) and torch.equal(d, d_ref)
+        torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=1e-6)
+    if backend in ops.PREFIX_VIEW_BACKENDS and n * h * w > 1 and n > 1:
+        assert ops.is_prefix_view(x)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            ops.bn_act_fwd(x, affine, None, None, True, backend)
+            ops.bn_act_bwd_reduce(g, x, affine, stats, None, None, None, None, True, False, backend)
+            ops.bn_act_bwd_apply(g, x, affine, coef, None, None, None, None, True, backend)
+        copies = [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")]
+        assert not copies, f"the cpu backend copied the prefix view: {copies}"

@@ -81,19 +81,45 @@ c10::ScalarType acc_type(c10::ScalarType t) {
 struct Layout {
   bool cl;
   at::MemoryFormat fmt;
+  int64_t xs = 0;  // BnArgs::xs: 0, or the batch (NCHW) / row (CL) stride of a channel-prefix view
 };
 
-Layout layout_of(const at::Tensor& x) {
+// x[:, :C] of a wider dense tensor: NCHW-dense within each image (batch stride > C*H*W),
+// or channels_last rows of C channels with a row stride > C. Returns that stride, or 0.
+int64_t prefix_view_stride(const at::Tensor& x, bool cl) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  if (N * C * H * W == 0) return 0;
+  if (!cl) {
+    const bool inner = (W == 1 || x.stride(3) == 1) && (H == 1 || x.stride(2) == W) &&
+                       (C == 1 || x.stride(1) == H * W);
+    return inner && N > 1 && x.stride(0) > C * H * W ? x.stride(0) : 0;
+  }
+  const int64_t rs = x.stride(3);
+  const bool ok = (C == 1 || x.stride(1) == 1) && rs > C && (H == 1 || x.stride(2) == W * rs) &&
+                  (N == 1 || x.stride(0) == H * W * rs);
+  return ok && H * W * N > 1 ? rs : 0;
+}
+
+// allow_prefix: the kernel reads x through BnArgs::xs (fwd, bwd_reduce, bwd_apply).
+Layout layout_of(const at::Tensor& x, bool allow_prefix = false) {
   TORCH_CHECK(x.dim() == 4, "resfused cpu: x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
   TORCH_CHECK(x.device().is_cpu(), "resfused cpu: x must be a CPU tensor");
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
               "resfused cpu: unsupported dtype ", dt);
   if (x.is_contiguous()) return {false, at::MemoryFormat::Contiguous};
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "resfused cpu: x must be NCHW-contiguous or channels_last-contiguous");
-  return {true, at::MemoryFormat::ChannelsLast};
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return {true, at::MemoryFormat::ChannelsLast};
+  if (allow_prefix) {
+    if (const int64_t s = prefix_view_stride(x, false)) return {false, at::MemoryFormat::Contiguous, s};
+    if (const int64_t s = prefix_view_stride(x, true)) return {true, at::MemoryFormat::ChannelsLast, s};
+  }
+  TORCH_CHECK(false, "resfused cpu: x must be NCHW-contiguous or channels_last-contiguous",
+              allow_prefix ? " (or a channel-prefix view of such a tensor)" : "");
+  return {false, at::MemoryFormat::Contiguous};
 }
+
+// x as the kernel reads it: a prefix view as it is, else contiguous in L.fmt.
+at::Tensor kernel_x(const at::Tensor& x, const Layout& L) { return L.xs ? x : x.contiguous(L.fmt); }
 
 // A big tensor in x's layout (a no-op for tensors the op layer prepared).
 at::Tensor big(const at::Tensor& t, const at::Tensor& x, const Layout& L, const char* name) {
@@ -129,6 +155,7 @@ BnArgs base_args(const at::Tensor& x, const Layout& L) {
   a.C = x.size(1);
   a.HW = x.size(2) * x.size(3);
   a.cl = L.cl;
+  a.xs = L.xs;
   a.x = x.data_ptr();
   return a;
 }
@@ -167,8 +194,8 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x_) {
 
 at::Tensor bn_act_fwd_cpu(const at::Tensor& x_, const at::Tensor& affine_, const OptTensor& residual,
                           const OptTensor& res_affine, bool relu) {
-  const auto L = cpu::layout_of(x_);
-  const at::Tensor x = x_.contiguous(L.fmt);
+  const auto L = cpu::layout_of(x_, true);
+  const at::Tensor x = cpu::kernel_x(x_, L);
   const at::Tensor affine = cpu::chan(affine_, x, 2, "affine");
   const bool has_res = cpu::given(residual);
   at::Tensor r, ra;
@@ -204,7 +231,7 @@ BwdCommon bwd_common(const at::Tensor& grad_out, const at::Tensor& x_, const at:
                      const OptTensor& residual, const OptTensor& res_affine, const OptTensor& out, bool relu,
                      const Layout& L) {
   BwdCommon b;
-  b.x = x_.contiguous(L.fmt);
+  b.x = kernel_x(x_, L);
   b.g = big(grad_out, b.x, L, "grad_out");
   b.has_res = given(residual);
   if (b.has_res) b.r = big(*residual, b.x, L, "residual");
@@ -240,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_reduce_cpu(const at::Tensor& grad_
                                                          const OptTensor& residual, const OptTensor& res_affine,
                                                          const OptTensor& res_stats, const OptTensor& out, bool relu,
                                                          bool write_dz) {
-  const auto L = cpu::layout_of(x_);
+  const auto L = cpu::layout_of(x_, true);
   const auto b = cpu::bwd_common(grad_out, x_, affine, residual, res_affine, out, relu, L);
   const bool rst = cpu::given(res_stats);
   TORCH_CHECK(!rst || b.has_res, "resfused cpu: res_stats needs a residual");
@@ -270,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cpu(const at::Tensor& grad_o
                                                         const OptTensor& residual, const OptTensor& res_affine,
                                                         const OptTensor& res_coef, const OptTensor& out,
                                                         bool relu) {
-  const auto L = cpu::layout_of(x_);
+  const auto L = cpu::layout_of(x_, true);
   const auto b = cpu::bwd_common(grad_out, x_, affine, residual, res_affine, out, relu, L);
   const bool rc = cpu::given(res_coef);
   TORCH_CHECK(!rc || b.has_res, "resfused cpu: res_coef needs a residual");

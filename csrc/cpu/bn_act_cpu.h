@@ -15,6 +15,9 @@ struct BnArgs {
   c10::ScalarType dtype = c10::ScalarType::Float;
   int64_t N = 0, C = 0, HW = 0;
   bool cl = false;  // channels_last (rows of C channels) else NCHW (rows of HW)
+  // x only (fwd, bwd_reduce, bwd_apply): 0 when x is dense, else x is a channel-prefix
+  // view of a wider tensor and this is its batch stride (NCHW) or row stride (CL).
+  int64_t xs = 0;
   // big tensors (x's dtype, all in x's layout)
   const void* x = nullptr;
   const void* r = nullptr;     // residual

@@ -350,12 +350,15 @@ struct K {
     scalar_t* o = static_cast<scalar_t*>(a.y);
     const acc_t *ps = P(a, 0), *pb = P(a, 1), *prs = P(a, 2), *prb = P(a, 3);
     const int64_t C = a.C, HW = a.HW, total = a.N * C * HW;
+    // x may be a channel-prefix view: batch stride a.xs (NCHW) or row stride a.xs (CL)
+    const int64_t xdn = a.xs ? a.xs - C * HW : 0, xdr = a.xs ? a.xs - C : 0;
     const int64_t nslots = num_slots(total);
     if (!a.cl) {
       run_slots(nslots, [&](int64_t k) {
         int64_t e0, e1;
         slot_range(total, nslots, k, B, e0, e1);
         for_segments(e0, e1, HW, [&](int64_t row, int64_t e, int64_t len) {
+          const scalar_t* xq = x + (row / C) * xdn;  // x may be a channel-prefix view
           const int64_t c = row % C;
           const acc_t s = ps[c], b = pb[c], rs = RES ? prs[c] : acc_t(0), rb = RES ? prb[c] : acc_t(0);
           V sv[NV], bv[NV], rsv[NV], rbv[NV];
@@ -364,9 +367,9 @@ struct K {
           }
           int64_t i = 0;
           for (; i + B <= len; i += B)
-            fwd_vec<RES, RELU>(x + e + i, RES ? r + e + i : nullptr, o + e + i, sv, bv, rsv, rbv);
+            fwd_vec<RES, RELU>(xq + e + i, RES ? r + e + i : nullptr, o + e + i, sv, bv, rsv, rbv);
           for (; i < len; ++i)
-            fwd_one<RES, RELU>(x + e + i, RES ? r + e + i : nullptr, o + e + i, s, b, rs, rb);
+            fwd_one<RES, RELU>(xq + e + i, RES ? r + e + i : nullptr, o + e + i, s, b, rs, rb);
         });
       });
     } else {
@@ -389,13 +392,13 @@ struct K {
             }
             for (int64_t q = 0; q < nr; ++q) {
               const int64_t off = (rg + q) * C + c;
-              fwd_vec<RES, RELU>(x + off, RES ? r + off : nullptr, o + off, sv, bv, rsv, rbv);
+              fwd_vec<RES, RELU>(x + off + (rg + q) * xdr, RES ? r + off : nullptr, o + off, sv, bv, rsv, rbv);
             }
           }
           for (; c < C; ++c) {
             for (int64_t q = 0; q < nr; ++q) {
               const int64_t off = (rg + q) * C + c;
-              fwd_one<RES, RELU>(x + off, RES ? r + off : nullptr, o + off, ps[c], pb[c], RES ? prs[c] : acc_t(0),
+              fwd_one<RES, RELU>(x + off + (rg + q) * xdr, RES ? r + off : nullptr, o + off, ps[c], pb[c], RES ? prs[c] : acc_t(0),
                                  RES ? prb[c] : acc_t(0));
             }
           }
@@ -498,6 +501,8 @@ struct K {
     const scalar_t* r = static_cast<const scalar_t*>(a.r);
     const scalar_t* oin = static_cast<const scalar_t*>(a.o_in);
     const int64_t C = a.C, HW = a.HW, total = a.N * C * HW;
+    // x may be a channel-prefix view: batch stride a.xs (NCHW) or row stride a.xs (CL)
+    const int64_t xdn = a.xs ? a.xs - C * HW : 0, xdr = a.xs ? a.xs - C : 0;
     const int64_t nslots = num_slots(total);
     std::vector<double> part(static_cast<size_t>(nslots * 3 * C), 0.0);
     if (!a.cl) {
@@ -509,6 +514,7 @@ struct K {
         ParS ps;
         int64_t cur = -1;
         for_segments(e0, e1, HW, [&](int64_t row, int64_t e, int64_t len) {
+          const scalar_t* xq = x + (row / C) * xdn;  // x may be a channel-prefix view
           const int64_t c = row % C;
           if (c != cur) {
             par_bcast(a, c, pv, ps);
@@ -522,7 +528,7 @@ struct K {
             int64_t i = 0;
             for (; i + B <= n; i += B) {
               const int64_t o = base + i;
-              red_vec<MASK, RES, RST, WDZ>(g + o, x + o, NEED_R ? r + o : nullptr, MASK == 1 ? oin + o : nullptr,
+              red_vec<MASK, RES, RST, WDZ>(g + o, xq + o, NEED_R ? r + o : nullptr, MASK == 1 ? oin + o : nullptr,
                                            WDZ ? dzo + o : nullptr, pv, a0, a1, a2);
             }
             double s0 = 0, s1 = 0, s2 = 0;
@@ -533,7 +539,7 @@ struct K {
             }
             for (; i < n; ++i) {
               const int64_t o = base + i;
-              red_one<MASK, RES, RST, WDZ>(g + o, x + o, NEED_R ? r + o : nullptr, MASK == 1 ? oin + o : nullptr,
+              red_one<MASK, RES, RST, WDZ>(g + o, xq + o, NEED_R ? r + o : nullptr, MASK == 1 ? oin + o : nullptr,
                                            WDZ ? dzo + o : nullptr, ps, s0, s1, s2);
             }
             Q[c] += s0;
@@ -572,7 +578,7 @@ struct K {
               }
               for (int64_t q = 0; q < nr; ++q) {
                 const int64_t o = (rg + q) * C + c;
-                red_vec<MASK, RES, RST, WDZ>(g + o, x + o, NEED_R ? r + o : nullptr,
+                red_vec<MASK, RES, RST, WDZ>(g + o, x + o + (rg + q) * xdr, NEED_R ? r + o : nullptr,
                                              MASK == 1 ? oin + o : nullptr, WDZ ? dzo + o : nullptr, pv, a0, a1, a2);
               }
               for (int j = 0; j < NV; ++j) {
@@ -585,7 +591,7 @@ struct K {
               par_one(a, c, ps);
               for (int64_t q = 0; q < nr; ++q) {
                 const int64_t o = (rg + q) * C + c;
-                red_one<MASK, RES, RST, WDZ>(g + o, x + o, NEED_R ? r + o : nullptr,
+                red_one<MASK, RES, RST, WDZ>(g + o, x + o + (rg + q) * xdr, NEED_R ? r + o : nullptr,
                                              MASK == 1 ? oin + o : nullptr, WDZ ? dzo + o : nullptr, ps, tacc[c],
                                              tacc[C + c], tacc[2 * C + c]);
               }
@@ -652,6 +658,8 @@ struct K {
     scalar_t* dx = static_cast<scalar_t*>(a.y);
     scalar_t* dr = static_cast<scalar_t*>(a.dres);
     const int64_t C = a.C, HW = a.HW, total = a.N * C * HW;
+    // x may be a channel-prefix view: batch stride a.xs (NCHW) or row stride a.xs (CL)
+    const int64_t xdn = a.xs ? a.xs - C * HW : 0, xdr = a.xs ? a.xs - C : 0;
     const int64_t nslots = num_slots(total);
     if (!a.cl) {
       run_slots(nslots, [&](int64_t k) {
@@ -661,6 +669,7 @@ struct K {
         ParS ps;
         int64_t cur = -1;
         for_segments(e0, e1, HW, [&](int64_t row, int64_t e, int64_t len) {
+          const scalar_t* xq = x + (row / C) * xdn;  // x may be a channel-prefix view
           const int64_t c = row % C;
           if (c != cur) {
             par_bcast(a, c, pv, ps);
@@ -669,12 +678,12 @@ struct K {
           int64_t i = 0;
           for (; i + B <= len; i += B) {
             const int64_t o = e + i;
-            app_vec<MASK, DRES>(g + o, x + o, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, dx + o,
+            app_vec<MASK, DRES>(g + o, xq + o, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, dx + o,
                                 RES ? dr + o : nullptr, pv);
           }
           for (; i < len; ++i) {
             const int64_t o = e + i;
-            app_one<MASK, DRES>(g + o, x + o, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, dx + o,
+            app_one<MASK, DRES>(g + o, xq + o, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, dx + o,
                                 RES ? dr + o : nullptr, ps);
           }
         });
@@ -696,7 +705,7 @@ struct K {
             par_load_used<kUsed>(a, c, pv);
             for (int64_t q = 0; q < nr; ++q) {
               const int64_t o = (rg + q) * C + c;
-              app_vec<MASK, DRES>(g + o, x + o, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, dx + o,
+              app_vec<MASK, DRES>(g + o, x + o + (rg + q) * xdr, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, dx + o,
                                   RES ? dr + o : nullptr, pv);
             }
           }
@@ -704,7 +713,7 @@ struct K {
             par_one(a, c, ps);
             for (int64_t q = 0; q < nr; ++q) {
               const int64_t o = (rg + q) * C + c;
-              app_one<MASK, DRES>(g + o, x + o, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, dx + o,
+              app_one<MASK, DRES>(g + o, x + o + (rg + q) * xdr, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, dx + o,
                                   RES ? dr + o : nullptr, ps);
             }
           }

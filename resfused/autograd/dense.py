@@ -8,11 +8,12 @@ Dense block (DESIGN.md §3, Pleiss et al.):
   and reads channels ``[0, C_l)``. The buffer *is* the block output (torchvision's
   ``torch.cat`` order), so no concatenation is ever made.
 * **norm1 + relu1 of the prefix** runs through the fused BN-ReLU kernel and is never
-  saved; backward recomputes it. The kernels take contiguous inputs, and a channel prefix
-  is a strided view of the buffer (in NCHW and in channels_last alike), so each layer first
-  gathers its prefix into one scratch buffer shared by all layers of the block (allocated
-  once per forward and once per backward, sized for the last layer): one extra
-  read/write of the prefix per layer, forward and backward. The kernel's output
+  saved; backward recomputes it. A channel prefix is a strided view of the buffer (in
+  NCHW and in channels_last alike). The cpu kernels read that view in place
+  (``ops.PREFIX_VIEW_BACKENDS``); for the other backends each layer first gathers its
+  prefix into one scratch buffer shared by all layers of the block (allocated once per
+  forward and once per backward, sized for the last layer): one extra read/write of the
+  prefix per layer, forward and backward. The kernel's output
   ``relu(bn1(prefix))`` is a transient the op allocates (the ops have no ``out=``
   variant), released as soon as conv1 has read it.
 * **Statistics cache.** Each channel's batch (mean, biased var) is computed once, when the
@@ -87,17 +88,22 @@ def prefix_widths(c0: int, spec: DenseBlockSpec) -> List[int]:
     return widths
 
 
-def _prefix_scratch(buf: Tensor, widths: List[int]) -> Optional[Tensor]:
+def _prefix_scratch(buf: Tensor, widths: List[int], backend: str) -> Optional[Tensor]:
     """One flat scratch big enough for the widest prefix a layer gathers (none for layer 0
-    alone: it reads the block input directly in forward)."""
-    if not widths:
+    alone: it reads the block input directly in forward; none for a backend that reads the
+    prefix as a view)."""
+    if not widths or backend in ops.PREFIX_VIEW_BACKENDS:
         return None
     n, _, h, w = buf.shape
     return buf.new_empty(n * widths[-1] * h * w)
 
 
-def _gather_prefix(buf: Tensor, cl: int, scratch: Tensor, fmt: torch.memory_format) -> Tensor:
-    """Channels [0, cl) of ``buf``, contiguous in ``fmt``, written into the shared scratch."""
+def _prefix(buf: Tensor, cl: int, scratch: Optional[Tensor], fmt: torch.memory_format) -> Tensor:
+    """Channels [0, cl) of ``buf`` as the kernels read them: the view itself (no scratch:
+    the backend reads channel-prefix views), else gathered contiguous in ``fmt`` into the
+    shared scratch."""
+    if scratch is None:
+        return buf[:, :cl]
     n, _, h, w = buf.shape
     flat = scratch[:n * cl * h * w]
     if fmt == torch.channels_last:
@@ -132,13 +138,13 @@ def dense_block_forward(spec: DenseBlockSpec, x: Tensor, tensors: Sequence[Optio
         cache_mean[:c0].copy_(m)
         cache_var[:c0].copy_(v)
 
-    scratch = _prefix_scratch(buf, widths) if n > 1 else None
+    scratch = _prefix_scratch(buf, widths, backend) if n > 1 else None
     out = _Forward(buf, backend, [], [], [], [], [], [])
     for i, (ls, t) in enumerate(zip(spec.layers, _split(tensors, n))):
         n1w, n1b, n1rm, n1rv, c1w, c1b, n2w, n2b, n2rm, n2rv, c2w, c2b = t
         cl, k = widths[i], ls.growth
-        # the kernels read contiguous tensors: layer 0 reads the input, later ones the scratch
-        xp = x.contiguous(memory_format=fmt) if i == 0 else _gather_prefix(buf, cl, scratch, fmt)
+        # layer 0 reads the input; later ones their prefix of the buffer (a view or the scratch)
+        xp = x.contiguous(memory_format=fmt) if i == 0 else _prefix(buf, cl, scratch, fmt)
         batch = (cache_mean[:cl], cache_var[:cl]) if ls.norm1.training else None
         aff1, st1 = bn_coefficients(xp, n1w, n1b, n1rm, n1rv, ls.norm1.training, ls.norm1.momentum,
                                     ls.norm1.eps, backend, batch_stats=batch)
@@ -231,7 +237,7 @@ class DenseBlockFunction(torch.autograd.Function):
         gbuf = torch.empty_like(buf, memory_format=fmt)
         gbuf.copy_(grad_out)
         widths = prefix_widths(ctx.c0, spec)
-        scratch = _prefix_scratch(buf, widths)
+        scratch = _prefix_scratch(buf, widths, backend)
         for i in range(n - 1, -1, -1):
             ls = spec.layers[i]
             cl, k = widths[i], ls.growth
@@ -268,7 +274,7 @@ class DenseBlockFunction(torch.autograd.Function):
             del d_a2
             if not need_conv1:
                 continue
-            xp = _gather_prefix(buf, cl, scratch, fmt)
+            xp = _prefix(buf, cl, scratch, fmt)
             a1 = ops.bn_act_fwd(xp, aff1s[i], None, None, True, backend)  # recompute relu(bn1(prefix))
             d_a1, dw1, db1 = _conv_backward(dy1, a1, weights[2 * i], conv_biases[2 * i], ls.conv1,
                                             need_norm1, need(i, _C1W), need(i, _C1B))

@@ -30,7 +30,12 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
         return torch.contiguous_format
     if x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
-    return x.suggest_memory_format()
+    if x.dim() == 4 and x.shape[1] > 1:  # strided: channels_last when channels vary fastest
+        n, c, h, w = x.shape
+        s = x.stride()
+        if (w > 1 and s[1] < s[3]) or (w == 1 and h > 1 and s[1] < s[2]):
+            return torch.channels_last
+    return torch.contiguous_format
 
 
 def _like_x(t: Optional[Tensor], fmt: torch.memory_format) -> Optional[Tensor]:
@@ -69,6 +74,35 @@ def _call(op: str, backend: str, x: Tensor, *args):
     return _backend_impl(resolve(backend, x), op)(*args)
 
 
+#: backends whose fwd / bwd_reduce / bwd_apply kernels read x as a channel-prefix view
+#: (``wide[:, :C]`` of a dense NCHW or channels_last tensor) in place, without a copy
+PREFIX_VIEW_BACKENDS = frozenset({"cpu"})
+
+
+def is_prefix_view(x: Tensor) -> bool:
+    """x is ``wide[:, :C]`` of a wider NCHW- or channels_last-contiguous tensor (and not
+    itself contiguous): what a dense block's layer reads from the shared feature buffer."""
+    if x.dim() != 4 or x.numel() == 0 or x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    n, c, h, w = x.shape
+    s = x.stride()
+    nchw = (w == 1 or s[3] == 1) and (h == 1 or s[2] == w) and (c == 1 or s[1] == h * w) and n > 1 \
+        and s[0] > c * h * w
+    rs = s[3]
+    cl = (c == 1 or s[1] == 1) and rs > c and (h == 1 or s[2] == w * rs) and (n == 1 or s[0] == h * w * rs) \
+        and n * h * w > 1
+    return nchw or cl
+
+
+def _kernel_x(x: Tensor, fmt: torch.memory_format, backend: str) -> Tuple[str, Tensor]:
+    """(resolved backend, x as its kernels take it): contiguous in fmt, or a channel-prefix
+    view left in place for the backends that read one."""
+    name = resolve(backend, x)
+    if name in PREFIX_VIEW_BACKENDS and is_prefix_view(x):
+        return name, x
+    return name, x.contiguous(memory_format=fmt)
+
+
 def _bn_stats_impl(x: Tensor, backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """(mean, biased var) per channel, fp32 (fp64 for fp64 x)."""
     fmt = memory_format_of(x)
@@ -90,9 +124,9 @@ def _bn_act_fwd_impl(x: Tensor, affine: Tensor, residual: Optional[Tensor], res_
                relu: bool, backend: str = "auto") -> Tensor:
     """act(x*scale + shift [+ residual | + residual*res_scale + res_shift]) in x's dtype and layout."""
     fmt = memory_format_of(x)
-    x = x.contiguous(memory_format=fmt)
-    return _call("bn_act_fwd", backend, x, x, _per_channel(affine), _like_x(residual, fmt),
-                 _per_channel(res_affine), relu)
+    name, x = _kernel_x(x, fmt, backend)
+    return _backend_impl(name, "bn_act_fwd")(x, _per_channel(affine), _like_x(residual, fmt),
+                                             _per_channel(res_affine), relu)
 
 
 bn_act_fwd_op = torch.library.custom_op("resfused::bn_act_fwd", mutates_args=())(_bn_act_fwd_impl)
@@ -109,10 +143,10 @@ def _bn_act_bwd_reduce_impl(grad_out: Tensor, x: Tensor, affine: Tensor, stats: 
     """(sums, dz): rows (sum dz, sum dz*x_hat[, sum dz*res_hat]) as a [2 or 3, C] fp32
     tensor, and the masked gradient dz (x's dtype and layout) when ``write_dz``, else empty."""
     fmt = memory_format_of(x)
-    x = x.contiguous(memory_format=fmt)
-    return _call("bn_act_bwd_reduce", backend, x, _like_x(grad_out, fmt), x, _per_channel(affine),
-                 _per_channel(stats), _like_x(residual, fmt), _per_channel(res_affine), _per_channel(res_stats),
-                 _like_x(out, fmt), relu, write_dz)
+    name, x = _kernel_x(x, fmt, backend)
+    return _backend_impl(name, "bn_act_bwd_reduce")(
+        _like_x(grad_out, fmt), x, _per_channel(affine), _per_channel(stats), _like_x(residual, fmt),
+        _per_channel(res_affine), _per_channel(res_stats), _like_x(out, fmt), relu, write_dz)
 
 
 bn_act_bwd_reduce_op = torch.library.custom_op("resfused::bn_act_bwd_reduce", mutates_args=())(_bn_act_bwd_reduce_impl)
@@ -130,10 +164,10 @@ def _bn_act_bwd_apply_impl(grad_out: Tensor, x: Tensor, affine: Tensor, coef: Te
                      relu: bool, backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """(dx, dres): input gradients of the BN(+add)+activation; dres is empty without residual."""
     fmt = memory_format_of(x)
-    x = x.contiguous(memory_format=fmt)
-    return _call("bn_act_bwd_apply", backend, x, _like_x(grad_out, fmt), x, _per_channel(affine),
-                 _per_channel(coef), _like_x(residual, fmt), _per_channel(res_affine), _per_channel(res_coef),
-                 _like_x(out, fmt), relu)
+    name, x = _kernel_x(x, fmt, backend)
+    return _backend_impl(name, "bn_act_bwd_apply")(
+        _like_x(grad_out, fmt), x, _per_channel(affine), _per_channel(coef), _like_x(residual, fmt),
+        _per_channel(res_affine), _per_channel(res_coef), _like_x(out, fmt), relu)
 
 
 bn_act_bwd_apply_op = torch.library.custom_op("resfused::bn_act_bwd_apply", mutates_args=())(_bn_act_bwd_apply_impl)

@@ -58,16 +58,30 @@ def _backend_impl(name: str, op: str) -> Callable:
     return getattr(triton_bn_act, op)
 
 
-def resolve(backend: str, x: Tensor) -> str:
-    """Turn ``"auto"`` into a concrete backend for x and check x's dtype is supported."""
-    name = _backend.select_backend(x.device) if backend == "auto" else backend
-    why = _backend.unavailable_reason(name, x.device)
+def _trace_time_constant(fn: Callable) -> Callable:
+    """Under torch.compile, call ``fn`` while tracing and bake its result into the graph
+    (backend choice is Python bookkeeping: imports, environment, thread-local state)."""
+    mark = getattr(torch.compiler, "assume_constant_result", None)
+    return mark(fn) if mark is not None else fn
+
+
+@_trace_time_constant
+def _resolve_name(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    name = _backend.select_backend(device) if backend == "auto" else backend
+    why = _backend.unavailable_reason(name, device)
     if why:
         raise RuntimeError(f"resfused backend {name!r} cannot run here: {why}")
-    if x.dtype not in _backend.SUPPORTED_DTYPES[name]:
+    if dtype not in _backend.SUPPORTED_DTYPES[name]:
         supported = ", ".join(str(d).replace("torch.", "") for d in _backend.SUPPORTED_DTYPES[name])
-        raise TypeError(f"resfused backend {name!r} does not support input dtype {x.dtype}; supported: {supported}")
+        raise TypeError(f"resfused backend {name!r} does not support input dtype {dtype}; supported: {supported}")
     return name
+
+
+def resolve(backend: str, x: Tensor) -> str:
+    """Turn ``"auto"`` into a concrete backend for x and check x's dtype is supported.
+    Under torch.compile the choice is made once, while tracing (``use_backend`` and
+    ``RESFUSED_BACKEND`` then apply as they were at compile time)."""
+    return _resolve_name(backend, x.device, x.dtype)
 
 
 def _call(op: str, backend: str, x: Tensor, *args):

@@ -1,0 +1,113 @@
+"""torch.compile of fused models: one graph (no graph break) in training and eval, and the
+same outputs, gradients and running statistics as the uncompiled model."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.resnet import Bottleneck
+
+import resfused
+from utils import assert_close, backend_cases, case_id, interpreted, randomise_bns
+
+CASES = [c for c in backend_cases() if not interpreted(*c)]
+
+
+def _resnet18():
+    return randomise_bns(resfused.models.resnet18(num_classes=10), bias=0.2, running_stats=False)
+
+
+def _densenet():
+    tv = torchvision.models.DenseNet(growth_rate=8, block_config=(2, 3), num_init_features=16, bn_size=2,
+                                     num_classes=10)
+    return resfused.convert(randomise_bns(tv, bias=0.2, running_stats=False))
+
+
+def _converted_resnet():
+    return resfused.convert(randomise_bns(torchvision.models.resnet18(num_classes=10), bias=0.2,
+                                          running_stats=False))
+
+
+MODELS = {"resnet18": _resnet18, "densenet": _densenet, "convert(torchvision resnet18)": _converted_resnet}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("training", [True, False])
+def test_no_graph_break(case, name, training):
+    backend, device = case
+    torch.manual_seed(0)
+    model = MODELS[name]().to(device).train(training)
+    x = torch.randn(2, 3, 32, 32, device=device)
+    with resfused.use_backend(backend):
+        explanation = torch._dynamo.explain(model)(x)
+    reasons = [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
+    assert explanation.graph_break_count == 0, f"{name}: graph breaks: {reasons}"
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_compiled_matches_uncompiled(case, name, layout):
+    """fullgraph=True (aot_eager: the graph capture and autograd of torch.compile, without
+    code generation): two training steps then eval, against the uncompiled model."""
+    backend, device = case
+    torch.manual_seed(0)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    model = MODELS[name]().to(device).to(memory_format=fmt)
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with resfused.use_backend(backend):
+        for step in range(3):
+            training = step < 2
+            model.train(training)
+            ref.train(training)
+            x = torch.randn(2, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+            out, out_ref = compiled(x), ref(x)
+            assert_close(out, out_ref, 1e-5, 1e-5, f"{name} step {step} output")
+            if training:
+                out.square().sum().backward()
+                out_ref.square().sum().backward()
+                for (pn, p), q in zip(model.named_parameters(), ref.parameters()):
+                    assert_close(p.grad, q.grad, 1e-4, 1e-4, f"{name} step {step} grad {pn}")
+                    p.grad = q.grad = None
+            for (bn, b), c in zip(model.named_buffers(), ref.buffers()):
+                if b.dtype.is_floating_point:
+                    assert_close(b, c, 1e-6, 1e-5, f"{name} step {step} buffer {bn}")
+                else:
+                    assert torch.equal(b, c), f"{name} step {step} buffer {bn}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_inductor_bottleneck(case):
+    """The default compiler (inductor) on one fused bottleneck with a stride-2 downsample:
+    forward, input and parameter gradients, running statistics."""
+    backend, device = case
+    torch.manual_seed(0)
+    ds = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, stride=2, bias=False), torch.nn.BatchNorm2d(16))
+    block = resfused.convert(torch.nn.Sequential(Bottleneck(8, 4, stride=2, downsample=ds))).to(device)
+    randomise_bns(block, bias=0.2, running_stats=False)
+    ref = copy.deepcopy(block)
+    x = torch.randn(2, 8, 9, 9, device=device, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    with resfused.use_backend(backend):
+        out = torch.compile(block, fullgraph=True)(x)
+        out_ref = ref(xr)
+        out.square().sum().backward()
+        out_ref.square().sum().backward()
+    assert_close(out, out_ref, 1e-5, 1e-5, "output")
+    assert_close(x.grad, xr.grad, 1e-4, 1e-4, "input grad")
+    for (pn, p), q in zip(block.named_parameters(), ref.parameters()):
+        assert_close(p.grad, q.grad, 1e-4, 1e-4, f"grad {pn}")
+    for (bn, b), c in zip(block.named_buffers(), ref.buffers()):
+        assert_close(b.double(), c.double(), 1e-6, 1e-5, f"buffer {bn}")

@@ -21,6 +21,8 @@ have torchvision || missing+=("torchvision")
 have ninja || missing+=("ninja")
 have pytest || missing+=("pytest")
 have hypothesis || missing+=("hypothesis")
+have onnx || missing+=("onnx")          # the ONNX export tests (skipped without onnx + onnxscript)
+have onnxscript || missing+=("onnxscript")
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[setup] installing ${missing[*]}"
   # Short timeouts: on a machine without network this fails fast instead of retrying.

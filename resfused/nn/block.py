@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from ..autograd.block import BlockSpec, BNSpec, ConvSpec, ResidualBlockFunction
-from .bn_act import advance_batch_norm, batch_norm_args
+from .bn_act import advance_batch_norm, batch_norm_args, reject_onnx_export
 
 try:  # torchvision's frozen BN (detection backbones): an eval-only affine BN with buffers
     from torchvision.ops.misc import FrozenBatchNorm2d
@@ -46,6 +46,7 @@ def check_module_input(name: str, x: Tensor, expected_c: int, weight: Tensor, ba
     autocast), and, when ``batch_stats``, more than one value per channel."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a Tensor input, got {type(x).__name__}")
+    reject_onnx_export(name)
     if x.dim() != 4:
         raise ValueError(f"{name}: expected 4-D input [N, {expected_c}, H, W], got {x.dim()}-D input of shape "
                          f"{tuple(x.shape)}")

@@ -3,9 +3,27 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from .. import functional as RF
+
+
+def _in_onnx_export() -> bool:
+    return torch.onnx.is_in_onnx_export()
+
+
+if hasattr(torch.compiler, "assume_constant_result"):  # asked for real while torch.export traces strictly
+    _in_onnx_export = torch.compiler.assume_constant_result(_in_onnx_export)
+
+
+def reject_onnx_export(name: str) -> None:
+    """Fused modules run autograd Functions over resfused ops, which ONNX has no
+    translation for: say what to export instead (torch.export works unfolded)."""
+    if _in_onnx_export():
+        raise RuntimeError(f"{name}: a fused resfused module cannot be exported to ONNX as it is; export "
+                           f"resfused.fold(model) (an eval-mode ResNet, BN folded into the convs) or "
+                           f"resfused.revert(model) (any model, back to torchvision's modules)")
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -28,6 +46,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return f"{super().extra_repr()}, activation={self.activation}"
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        reject_onnx_export(type(self).__name__)
         self._check_input_dim(x)
         if x.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}) expected input with {self.num_features} "

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torchvision.models.densenet import _DenseBlock, _DenseLayer, _Transition
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from .nn.bn_act import BatchNormAct2d
 from .nn.block import FusedBasicBlock, FusedBottleneck, _bn_args
 from .nn.dense import FusedDenseBlock, FusedDenseLayer, FusedTransition
 from .ops import bn_act as ops
@@ -29,12 +30,26 @@ _DENSE_FUSED: Dict[Type[nn.Module], Type[nn.Module]] = {_DenseLayer: FusedDenseL
 _DENSE_PLAIN: Dict[Type[nn.Module], Type[nn.Module]] = {v: k for k, v in _DENSE_FUSED.items()}
 
 
-def convert(model: nn.Module, memory_efficient: bool = True) -> nn.Module:
+def convert(model: nn.Module, memory_efficient: bool = True, sync_bn: bool = False,
+            process_group=None) -> nn.Module:
     """Swap every torchvision ``Bottleneck``/``BasicBlock`` in ``model`` (the model itself
     included) for ``FusedBottleneck``/``FusedBasicBlock``, and every DenseNet ``_DenseLayer``/
     ``_DenseBlock``/``_Transition`` for ``FusedDenseLayer``/``FusedDenseBlock``/
     ``FusedTransition``, in place. Returns ``model``. ``memory_efficient`` applies to the
-    ResNet blocks; dense blocks always share storage and recompute."""
+    ResNet blocks; dense blocks always share storage and recompute.
+
+    ``sync_bn=True``: the fused ResNet blocks synchronize their batch statistics across
+    processes over ``process_group`` (None: the default group), as ``nn.SyncBatchNorm``
+    (the model's other BatchNorms, e.g. the stem's, are converted to ``nn.SyncBatchNorm``)."""
+    if sync_bn and any(type(m) in _DENSE_FUSED or type(m) in _DENSE_PLAIN for m in model.modules()):
+        raise NotImplementedError("convert(sync_bn=True): synchronized statistics are implemented for the ResNet "
+                                  "blocks only; for a DenseNet use "
+                                  "nn.SyncBatchNorm.convert_sync_batchnorm(model) without convert()")
+    if sync_bn:
+        from .distributed import resolve_group
+
+        if process_group is not None:
+            resolve_group(process_group)  # a clear error for a wrong kind of group, before any change
     for module in model.modules():
         fused = _FUSED.get(type(module))
         dense = _DENSE_FUSED.get(type(module))
@@ -45,12 +60,36 @@ def convert(model: nn.Module, memory_efficient: bool = True) -> nn.Module:
             module.memory_efficient = memory_efficient
         elif type(module) in _PLAIN:
             module.memory_efficient = memory_efficient
+        if type(module) in _PLAIN:
+            module.sync_bn, module.process_group = sync_bn, process_group
+    if sync_bn:
+        _sync_other_batch_norms(model, process_group)
     return model
+
+
+def _sync_other_batch_norms(module: nn.Module, process_group) -> None:
+    """Every BatchNorm2d outside the fused blocks (which synchronize their own) becomes a
+    synchronized ``BatchNormAct2d(activation="identity")``, in place (same parameters,
+    buffers and state_dict; unlike nn.SyncBatchNorm it runs on CPU under DDP too)."""
+    for child in module.children():
+        if type(child) in _PLAIN:
+            continue
+        if type(child) is nn.BatchNorm2d:
+            child.__class__ = BatchNormAct2d
+            child.activation, child.sync_bn, child.process_group = "identity", True, process_group
+            child._resfused_sync_of_bn = True
+        else:
+            _sync_other_batch_norms(child, process_group)
 
 
 def revert(model: nn.Module) -> nn.Module:
     """Undo ``convert``: fused blocks become torchvision's again, in place. Returns ``model``."""
     for module in model.modules():
+        if type(module) is BatchNormAct2d and module.__dict__.pop("_resfused_sync_of_bn", False):
+            module.__class__ = nn.BatchNorm2d  # a BatchNorm2d that convert(sync_bn=True) synchronized
+            for attr in ("activation", "sync_bn", "process_group"):
+                module.__dict__.pop(attr, None)
+            continue
         dense = _DENSE_PLAIN.get(type(module))
         if dense is not None:
             module.__class__ = dense
@@ -58,7 +97,8 @@ def revert(model: nn.Module) -> nn.Module:
         plain = _PLAIN.get(type(module))
         if plain is not None:
             module.__class__ = plain
-            module.__dict__.pop("memory_efficient", None)
+            for attr in ("memory_efficient", "sync_bn", "process_group"):
+                module.__dict__.pop(attr, None)
     return model
 
 

@@ -73,13 +73,15 @@ def check_residual(x: Tensor, residual: Tensor) -> None:
 def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
                    momentum: float = 0.1, eps: float = 1e-5, residual: Optional[Tensor] = None,
-                   activation: str = "relu", backend: str = "auto") -> Tensor:
+                   activation: str = "relu", backend: str = "auto", sync_group=None) -> Tensor:
     """``act(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps) + residual)``.
 
     Training uses batch statistics (biased variance to normalise, unbiased into
     ``running_var``) and updates the running statistics in place, when given;
     eval uses the running statistics. ``activation`` is ``"relu"`` or ``"identity"``.
     ``backend`` is ``"auto"`` (see ``resfused.use_backend``) or a backend name.
+    ``sync_group``: a ``torch.distributed`` process group to synchronize the batch
+    statistics over, as ``nn.SyncBatchNorm`` (training only; None: this process's batch).
     """
     relu = _check_activation(activation)
     check_bn_input(x, running_mean, running_var, weight, bias, training)
@@ -87,7 +89,8 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
         check_residual(x, residual)
     return BatchNormActFunction.apply(x, weight, bias, running_mean, running_var,
                                       residual, None, None, None, None,
-                                      training, momentum, eps, False, training, momentum, eps, relu, backend)
+                                      training, momentum, eps, False, training, momentum, eps, relu, backend,
+                                      sync_group)
 
 
 def dual_batch_norm_act(x: Tensor, residual: Tensor, bn_x: Sequence[Optional[Tensor]],

@@ -17,7 +17,7 @@ rounded as in forward, so no activation is read).
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ class BNSpec(NamedTuple):
     training: bool  # batch statistics (True) or running statistics (False)
     momentum: float
     eps: float
+    group: Any = None  # process group the batch statistics are synchronized over (sync BN)
 
 
 class BlockSpec(NamedTuple):
@@ -83,7 +84,7 @@ class ResidualBlockFunction(torch.autograd.Function):
         ys, affines, stats, acts = [], [], [], []
         for i, ((w, cb, g, b, rm, rv), conv, bn) in enumerate(zip(units, spec.convs, spec.bns)):
             y = _conv(h, w, cb, conv)
-            affine, st = bn_coefficients(y, g, b, rm, rv, bn.training, bn.momentum, bn.eps, backend)
+            affine, st = bn_coefficients(y, g, b, rm, rv, bn.training, bn.momentum, bn.eps, backend, group=bn.group)
             ys.append(y)
             affines.append(affine)
             stats.append(st)
@@ -95,7 +96,8 @@ class ResidualBlockFunction(torch.autograd.Function):
             w, cb, g, b, rm, rv = units[n]
             conv_d, bn_d = spec.downsample
             y_d = _conv(x, w, cb, conv_d)
-            aff_d, st_d = bn_coefficients(y_d, g, b, rm, rv, bn_d.training, bn_d.momentum, bn_d.eps, backend)
+            aff_d, st_d = bn_coefficients(y_d, g, b, rm, rv, bn_d.training, bn_d.momentum, bn_d.eps, backend,
+                                          group=bn_d.group)
             out = ops.bn_act_fwd(ys[-1], affines[-1], y_d, aff_d, True, backend)
         else:
             residual = x if identity is None else identity
@@ -160,7 +162,8 @@ class ResidualBlockFunction(torch.autograd.Function):
             grad_out, ys[last], out, affines[last], stats[last], bn_last.training, True, backend,
             need_dx=True, need_sums=need_sums or any_param_grad, plain_residual_grad=want_identity,
             residual=y_d if ds is not None else None, res_affine=aff_d, res_stats=st_d,
-            res_training=ds[1].training if ds is not None else False)
+            res_training=ds[1].training if ds is not None else False,
+            group=bn_last.group if bn_last.group is not None else (ds[1].group if ds is not None else None))
         put(last, 2, sums[1])
         put(last, 3, sums[0])
 
@@ -200,7 +203,7 @@ class ResidualBlockFunction(torch.autograd.Function):
             # read from a_{i-1}: one tensor fewer to read in each of the two passes.
             del inp
             dy, _, sums = bn_act_backward(d_inp, ys[i - 1], None, affines[i - 1], stats[i - 1], bn.training, True,
-                                          backend, need_dx=True, need_sums=True)
+                                          backend, need_dx=True, need_sums=True, group=bn.group)
             put(i - 1, 2, sums[1])
             put(i - 1, 3, sums[0])
         return (None, dx if need_x else None, d_identity, *grads)

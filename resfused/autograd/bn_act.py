@@ -8,11 +8,12 @@ dgamma, and dgamma_r for a BN'd residual) and one apply pass (dx, dresidual).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from ..distributed import sync_active, sync_batch_stats, sync_grad_sums
 from ..ops import bn_act as ops
 from ..ops.eager import acc_dtype
 
@@ -25,16 +26,26 @@ def channel_count(x: Tensor) -> int:
 def bn_coefficients(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                     running_mean: Optional[Tensor], running_var: Optional[Tensor],
                     training: bool, momentum: float, eps: float, backend: str,
-                    batch_stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+                    batch_stats: Optional[Tuple[Tensor, Tensor]] = None,
+                    group: Optional[Any] = None, batch_count: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """Per-channel ``affine = (scale, shift)`` and ``stats = (mean, invstd)`` of one BN,
     updating the running statistics in training (exactly once; never on an empty batch).
 
     ``batch_stats``: precomputed batch ``(mean, biased var)`` of x in the accumulation
-    dtype (the dense block's statistics cache); x is then read only for its shape."""
+    dtype (the dense block's statistics cache); x is then read only for its shape.
+    ``group``: a process group to synchronize the batch statistics over (training only;
+    ``batch_stats`` are then taken as already synchronized, over ``batch_count`` values
+    per channel)."""
     acc = acc_dtype(x.dtype)
     count = channel_count(x)
     if training:
-        mean, var = ops.bn_stats(x, backend) if batch_stats is None else batch_stats
+        if batch_stats is not None:
+            mean, var = batch_stats
+            count = count if batch_count is None else batch_count
+        else:
+            mean, var = ops.bn_stats(x, backend)
+            if sync_active(group, training):
+                mean, var, count = sync_batch_stats(mean, var, count, group)
         invstd = 1.0 / torch.sqrt(var + eps)
         if running_mean is not None and count > 0:
             with torch.no_grad():
@@ -65,17 +76,23 @@ def bn_act_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], affine: 
                     training: bool, relu: bool, backend: str, *, need_dx: bool, need_sums: bool,
                     plain_residual_grad: bool = False, residual: Optional[Tensor] = None,
                     res_affine: Optional[Tensor] = None, res_stats: Optional[Tensor] = None,
-                    res_training: bool = False):
+                    res_training: bool = False, group: Optional[Any] = None):
     """Backward of ``out = act(bn(x) [+ residual | + bn_r(residual)])``: one reduction pass
     (when ``need_sums``) and one apply pass (when a gradient is wanted).
 
     ``residual``/``res_affine``/``res_stats`` describe a BN'd residual; a plain residual
     only asks for its gradient (``plain_residual_grad``). ``out`` gives the relu mask; when
     it is None the mask is recomputed from x. Returns ``(dx, dres, sums)`` where the rows of
-    ``sums`` are (dbeta, dgamma[, dgamma_r]) in the accumulation dtype.
+    ``sums`` are (dbeta, dgamma[, dgamma_r]) in the accumulation dtype: this rank's share
+    when ``group`` synchronizes the statistics (the input gradient then uses the sums of
+    the whole distributed batch, as ``nn.SyncBatchNorm``).
     """
     res_bn = res_stats is not None
     count = channel_count(x)
+    sync = sync_active(group, training or (res_bn and res_training))
+
+    def coef_sums(sums: Tensor) -> Tuple[Tensor, int]:
+        return sync_grad_sums(sums, count, group) if sync else (sums, count)
     if need_sums and plain_residual_grad and relu and out is not None:
         # The plain-residual join: the reduction pass (reading grad_out, x, out) also
         # writes dz, which is the residual's gradient; the apply pass then reads only dz
@@ -83,7 +100,8 @@ def bn_act_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], affine: 
         sums, dz = ops.bn_act_bwd_reduce(grad_out, x, affine, stats, None, None, None, out, True, True, backend)
         dx = None
         if need_dx:
-            coef = _grad_coefficients(stats, affine, sums[0], sums[1], training, count)
+            g_sums, g_count = coef_sums(sums)
+            coef = _grad_coefficients(stats, affine, g_sums[0], g_sums[1], training, g_count)
             dx, _ = ops.bn_act_bwd_apply(dz, x, affine, coef, None, None, None, None, False, backend)
         return dx, dz, sums
     if need_sums:
@@ -93,9 +111,10 @@ def bn_act_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], affine: 
         sums = torch.zeros((3 if res_bn else 2, x.shape[1]), dtype=affine.dtype, device=x.device)
     dx = dres = None
     if need_dx or plain_residual_grad or res_bn:
-        coef = _grad_coefficients(stats, affine, sums[0], sums[1], training, count)
-        res_coef = _grad_coefficients(res_stats, res_affine, sums[0], sums[2], res_training, count) if res_bn \
-            else None
+        g_sums, g_count = coef_sums(sums)
+        coef = _grad_coefficients(stats, affine, g_sums[0], g_sums[1], training, g_count)
+        res_coef = _grad_coefficients(res_stats, res_affine, g_sums[0], g_sums[2], res_training, g_count) \
+            if res_bn else None
         # A plain residual only asks the apply pass for dres = dz; its values would be
         # read for the relu mask alone, which then comes from `out`, so grad_out stands in.
         res_arg = residual if res_bn else (grad_out if plain_residual_grad else None)
@@ -119,17 +138,19 @@ class BatchNormActFunction(torch.autograd.Function):
                 residual, res_weight, res_bias, res_running_mean, res_running_var,
                 training: bool, momentum: float, eps: float,
                 res_bn: bool, res_training: bool, res_momentum: float, res_eps: float,
-                relu: bool, backend: str):
+                relu: bool, backend: str, group=None):
         backend = ops.resolve(backend, x)
         affine, stats = bn_coefficients(x, weight, bias, running_mean, running_var,
-                                        training, momentum, eps, backend)
+                                        training, momentum, eps, backend, group=group)
         res_affine = res_stats = None
         if res_bn:
             res_affine, res_stats = bn_coefficients(residual, res_weight, res_bias, res_running_mean,
-                                                    res_running_var, res_training, res_momentum, res_eps, backend)
+                                                    res_running_var, res_training, res_momentum, res_eps, backend,
+                                                    group=group)
         out = ops.bn_act_fwd(x, affine, residual, res_affine, relu, backend)
 
         ctx.settings = (training, res_training, res_bn, relu, backend)
+        ctx.group = group
         ctx.has_residual = residual is not None
         ctx.param_dtypes = tuple(None if t is None else t.dtype for t in (weight, bias, res_weight, res_bias))
         # The relu mask comes from `out`; the residual is needed only when it is BN'd.
@@ -150,7 +171,7 @@ class BatchNormActFunction(torch.autograd.Function):
         dx, dres, sums = bn_act_backward(
             grad_out, x, out, affine, stats, training, relu, backend, need_dx=needs[0], need_sums=need_sums,
             plain_residual_grad=ctx.has_residual and not res_bn and needs[5], residual=residual,
-            res_affine=res_affine, res_stats=res_stats, res_training=res_training)
+            res_affine=res_affine, res_stats=res_stats, res_training=res_training, group=ctx.group)
         if not needs[5]:
             dres = None
 
@@ -160,4 +181,4 @@ class BatchNormActFunction(torch.autograd.Function):
         drw = sums[2].to(rw_dtype) if needs[6] else None
         drb = sums[0].to(rb_dtype) if needs[7] else None
         return (dx, dw, db, None, None, dres, drw, drb, None, None,
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None)

@@ -8,13 +8,15 @@ conv with non-zero padding mode, a custom activation) runs torchvision's own for
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import contextlib
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from ..autograd.block import BlockSpec, BNSpec, ConvSpec, ResidualBlockFunction
+from ..distributed import resolve_group
 from .bn_act import advance_batch_norm, batch_norm_args, reject_onnx_export
 
 try:  # torchvision's frozen BN (detection backbones): an eval-only affine BN with buffers
@@ -30,12 +32,13 @@ def _conv_spec(conv: nn.Module) -> Optional[ConvSpec]:
 
 
 def _bn_supported(bn: nn.Module) -> bool:
-    return isinstance(bn, nn.BatchNorm2d) or (FrozenBatchNorm2d != () and isinstance(bn, FrozenBatchNorm2d))
+    return isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) or (FrozenBatchNorm2d != () and
+                                                                 isinstance(bn, FrozenBatchNorm2d))
 
 
 def _bn_args(bn: nn.Module):
     """(running_mean, running_var, weight, bias, use_batch_stats) for either BN kind."""
-    if isinstance(bn, nn.BatchNorm2d):
+    if isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
         return batch_norm_args(bn)
     return bn.running_mean, bn.running_var, bn.weight, bn.bias, False
 
@@ -65,6 +68,16 @@ class _FusedBlockMixin:
     """The fused forward shared by both block kinds. Subclasses list their units."""
 
     memory_efficient: bool = True
+    #: synchronized batch statistics across processes (``nn.SyncBatchNorm`` semantics) over
+    #: ``process_group`` (None: the default group); an ``nn.SyncBatchNorm`` inside the block
+    #: (``nn.SyncBatchNorm.convert_sync_batchnorm``) is synchronized over its own group
+    sync_bn: bool = False
+    process_group = None
+
+    def _sync_group(self, bn: nn.Module):
+        if isinstance(bn, nn.SyncBatchNorm):
+            return resolve_group(bn.process_group)
+        return resolve_group(self.process_group) if self.sync_bn else None
 
     def _units(self) -> List[Tuple[nn.Module, nn.Module]]:
         raise NotImplementedError
@@ -106,8 +119,11 @@ class _FusedBlockMixin:
         identity = None
         if self.downsample is not None and fused_ds is None:
             identity = self.downsample(x)
-        momenta = [advance_batch_norm(bn) if isinstance(bn, nn.BatchNorm2d) else 0.0 for bn in bns]
-        bn_specs = [BNSpec(a[4], m, bn.eps) for a, m, bn in zip(args, momenta, bns)]
+        groups = [self._sync_group(bn) if a[4] else None for a, bn in zip(args, bns)]
+        saved = _snapshot(bns) if any(g is not None for g in groups) else []
+        momenta = [advance_batch_norm(bn) if isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) else 0.0
+                   for bn in bns]
+        bn_specs = [BNSpec(a[4], m, bn.eps, grp) for a, m, bn, grp in zip(args, momenta, bns, groups)]
         conv_specs = [_conv_spec(c) for c in convs]
         n = len(units)
         spec = BlockSpec(tuple(conv_specs[:n]), tuple(bn_specs[:n]),
@@ -123,7 +139,7 @@ class _FusedBlockMixin:
         if cast is not None:
             x = x.to(cast)
             identity = None if identity is None else identity.to(cast)
-        with _no_autocast(x):
+        with _no_autocast(x), _restore_on_error(saved):
             return ResidualBlockFunction.apply(spec, x, identity, *tensors)
 
 
@@ -149,6 +165,25 @@ def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     return None
 
 
+def _snapshot(bns: Sequence[nn.Module]) -> List[Tuple[Tensor, Tensor]]:
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    return [(t, t.clone()) for bn in bns for t in (getattr(bn, n, None) for n in names) if t is not None]
+
+
+@contextlib.contextmanager
+def _restore_on_error(saved: List[Tuple[Tensor, Tensor]]):
+    """Synchronized statistics can fail mid-block (a rank with another shape): put every
+    BN's running statistics and batch count back (``saved``: taken before anything moved),
+    so a call that raises changes nothing."""
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for t, old in saved:
+                t.copy_(old)
+        raise
+
+
 def _no_autocast(x: Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
@@ -156,9 +191,11 @@ def _no_autocast(x: Tensor):
 class FusedBasicBlock(_FusedBlockMixin, BasicBlock):
     """torchvision ``BasicBlock`` (same constructor and state_dict), fused."""
 
-    def __init__(self, *args, memory_efficient: bool = True, **kwargs):
+    def __init__(self, *args, memory_efficient: bool = True, sync_bn: bool = False, process_group=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.memory_efficient = memory_efficient
+        self.sync_bn, self.process_group = sync_bn, process_group
 
     def _units(self):
         return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
@@ -167,9 +204,11 @@ class FusedBasicBlock(_FusedBlockMixin, BasicBlock):
 class FusedBottleneck(_FusedBlockMixin, Bottleneck):
     """torchvision ``Bottleneck`` (same constructor and state_dict), fused."""
 
-    def __init__(self, *args, memory_efficient: bool = True, **kwargs):
+    def __init__(self, *args, memory_efficient: bool = True, sync_bn: bool = False, process_group=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.memory_efficient = memory_efficient
+        self.sync_bn, self.process_group = sync_bn, process_group
 
     def _units(self):
         return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]

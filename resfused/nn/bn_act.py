@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as RF
+from ..distributed import resolve_group
 
 
 def _in_onnx_export() -> bool:
@@ -35,12 +36,19 @@ class BatchNormAct2d(nn.BatchNorm2d):
     ``affine=False`` and ``track_running_stats=False`` behave as in ``nn.BatchNorm2d``.
     """
 
+    sync_bn: bool = False
+    process_group = None
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
-                 activation: str = "relu"):
+                 activation: str = "relu", sync_bn: bool = False, process_group=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         RF._check_activation(activation)
         self.activation = activation
+        # sync_bn: batch statistics synchronized over process_group (None: the default
+        # group) in training, as nn.SyncBatchNorm (which DistributedDataParallel only
+        # accepts on GPUs; this one runs on any device)
+        self.sync_bn, self.process_group = sync_bn, process_group
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}"
@@ -56,9 +64,18 @@ class BatchNormAct2d(nn.BatchNorm2d):
         RF.check_bn_input(x, running_mean, running_var, weight, bias, bn_training)
         if residual is not None:
             RF.check_residual(x, residual)
+        group = resolve_group(self.process_group) if (self.sync_bn and bn_training) else None
+        saved = [(t, t.clone()) for t in (self.running_mean, self.running_var, self.num_batches_tracked)
+                 if group is not None and t is not None]
         momentum = advance_batch_norm(self)
-        return RF.batch_norm_act(x, running_mean, running_var, weight, bias, bn_training,
-                                 momentum, self.eps, residual, self.activation)
+        try:
+            return RF.batch_norm_act(x, running_mean, running_var, weight, bias, bn_training,
+                                     momentum, self.eps, residual, self.activation, sync_group=group)
+        except BaseException:
+            with torch.no_grad():  # a failed synchronization (ranks disagree) changes nothing
+                for t, old in saved:
+                    t.copy_(old)
+            raise
 
 
 def batch_norm_args(bn: nn.modules.batchnorm._BatchNorm):

@@ -1,0 +1,149 @@
+"""Synchronized batch statistics under DistributedDataParallel: 2 processes on the gloo
+backend (CPU) give the gradients, outputs and running statistics of one process with the
+concatenated batch; ranks that disagree on shapes raise on every rank (no hang) and change
+no running statistic; a wrong kind of process group is a clear error."""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+import resfused
+from utils import assert_close, rel_tol
+
+WORLD = 2
+BATCH = 3  # per rank
+
+
+def _reference_and_input(how):
+    """torchvision's resnet18 (convert: the whole model under DDP); for torch's own
+    convert_sync_batchnorm, two bare blocks (nn.SyncBatchNorm outside our blocks needs a GPU)."""
+    torch.manual_seed(0)
+    if how == "convert":
+        model = torchvision.models.resnet18(num_classes=5)
+        x = torch.randn(WORLD * BATCH, 3, 32, 32)
+    else:
+        ds = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+        model = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 16, stride=2, downsample=ds))
+        x = torch.randn(WORLD * BATCH, 8, 9, 9)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model, x
+
+
+def _worker(rank, init_file, how, result_dir):
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+        torch.set_num_threads(1)
+        tv, x = _reference_and_input(how)
+        if how == "convert":
+            model = resfused.convert(copy.deepcopy(tv), sync_bn=True)
+            run = nn.parallel.DistributedDataParallel(model)
+        else:  # torch's own conversion applied to an already converted model; DDP refuses
+            # nn.SyncBatchNorm on CPU, so gradients are averaged here as DDP would
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(resfused.convert(copy.deepcopy(tv)))
+            run = model
+        assert any(isinstance(m, resfused.FusedBasicBlock) for m in model.modules())
+        xs = x[rank * BATCH:(rank + 1) * BATCH]
+        for step in range(2):
+            out = run(xs)
+            out.square().mean().backward()
+            if how != "convert":
+                for p in model.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= WORLD
+            torch.save({"out": out.detach(), "grads": [p.grad.clone() for p in model.parameters()],
+                        "buffers": [b.clone() for b in model.buffers()]},
+                       os.path.join(result_dir, f"{how}-{rank}-{step}.pt"))
+            for p in model.parameters():
+                p.grad = None
+        dist.barrier()
+    except Exception:
+        with open(os.path.join(result_dir, f"error-{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn(fn, *args):
+    with tempfile.TemporaryDirectory() as d:
+        init_file = os.path.join(d, "init")
+        mp.spawn(fn, args=(init_file, *args), nprocs=WORLD, join=True)
+
+
+@pytest.mark.parametrize("how", ["convert", "convert_sync_batchnorm"])
+def test_ddp_sync_bn_equals_one_process_with_the_whole_batch(how, tmp_path):
+    _spawn(_worker, how, str(tmp_path))
+    tv, x = _reference_and_input(how)
+    for step in range(2):
+        out = tv(x)
+        out.square().mean().backward()
+        for rank in range(WORLD):
+            got = torch.load(tmp_path / f"{how}-{rank}-{step}.pt")
+            mine = out[rank * BATCH:(rank + 1) * BATCH].detach()
+            assert_close(got["out"], mine, *rel_tol(mine, 1e-5), f"step {step} rank {rank} output")
+            for (name, p), g in zip(tv.named_parameters(), got["grads"]):
+                assert_close(g, p.grad, *rel_tol(p.grad, 1e-4), f"step {step} rank {rank} grad {name}")
+            for (name, b), g in zip(tv.named_buffers(), got["buffers"]):
+                if b.dtype.is_floating_point:
+                    assert_close(g, b, *rel_tol(b, 1e-5), f"step {step} rank {rank} buffer {name}")
+                else:
+                    assert torch.equal(g, b), f"step {step} rank {rank} buffer {name}"
+        for p in tv.parameters():
+            p.grad = None
+
+
+def _mismatch_worker(rank, init_file, result_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        width = 4 if rank == 0 else 6  # the ranks disagree on the channel count
+        block = resfused.convert(nn.Sequential(BasicBlock(width, width)), sync_bn=True)
+        before = copy.deepcopy(block.state_dict())
+        try:
+            block(torch.randn(2, width, 5, 5))
+            message = "no error"
+        except RuntimeError as exc:
+            message = str(exc)
+        unchanged = all(torch.equal(v, before[k]) for k, v in block.state_dict().items())
+        with open(os.path.join(result_dir, f"mismatch-{rank}.txt"), "w") as f:
+            f.write(f"{unchanged}\n{message}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_channels_raise_on_every_rank(tmp_path):
+    _spawn(_mismatch_worker, str(tmp_path))
+    for rank in range(WORLD):
+        unchanged, message = (tmp_path / f"mismatch-{rank}.txt").read_text().split("\n", 1)
+        assert "ranks disagree on the channel count" in message, message
+        assert unchanged == "True", f"rank {rank}: running statistics changed by a call that raised"
+
+
+def test_wrong_process_group_and_uninitialized_are_clear_errors():
+    model = torchvision.models.resnet18(num_classes=5)
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed.ProcessGroup"):
+        resfused.convert(copy.deepcopy(model), sync_bn=True, process_group="world")
+    fused = resfused.convert(copy.deepcopy(model), sync_bn=True)
+    before = copy.deepcopy(fused.state_dict())
+    with pytest.raises(RuntimeError, match="not initialized"):
+        fused(torch.randn(2, 3, 32, 32))
+    assert all(torch.equal(v, before[k]) for k, v in fused.state_dict().items())
+    fused.eval()  # running statistics: nothing to synchronize
+    fused(torch.randn(2, 3, 32, 32))
+    dense = torchvision.models.DenseNet(growth_rate=8, block_config=(2,), num_init_features=8, num_classes=5)
+    with pytest.raises(NotImplementedError, match="ResNet blocks only"):
+        resfused.convert(dense, sync_bn=True)

@@ -38,13 +38,10 @@ def convert(model: nn.Module, memory_efficient: bool = True, sync_bn: bool = Fal
     ``FusedTransition``, in place. Returns ``model``. ``memory_efficient`` applies to the
     ResNet blocks; dense blocks always share storage and recompute.
 
-    ``sync_bn=True``: the fused ResNet blocks synchronize their batch statistics across
-    processes over ``process_group`` (None: the default group), as ``nn.SyncBatchNorm``
-    (the model's other BatchNorms, e.g. the stem's, are converted to ``nn.SyncBatchNorm``)."""
-    if sync_bn and any(type(m) in _DENSE_FUSED or type(m) in _DENSE_PLAIN for m in model.modules()):
-        raise NotImplementedError("convert(sync_bn=True): synchronized statistics are implemented for the ResNet "
-                                  "blocks only; for a DenseNet use "
-                                  "nn.SyncBatchNorm.convert_sync_batchnorm(model) without convert()")
+    ``sync_bn=True``: the fused blocks synchronize their batch statistics across processes
+    over ``process_group`` (None: the default group), as ``nn.SyncBatchNorm``; the model's
+    other BatchNorm2d (the stem's, DenseNet's final norm) become synchronized
+    ``BatchNormAct2d(activation="identity")`` modules, which run on CPU under DDP too."""
     if sync_bn:
         from .distributed import resolve_group
 
@@ -60,7 +57,7 @@ def convert(model: nn.Module, memory_efficient: bool = True, sync_bn: bool = Fal
             module.memory_efficient = memory_efficient
         elif type(module) in _PLAIN:
             module.memory_efficient = memory_efficient
-        if type(module) in _PLAIN:
+        if type(module) in _PLAIN or type(module) in _DENSE_PLAIN:
             module.sync_bn, module.process_group = sync_bn, process_group
     if sync_bn:
         _sync_other_batch_norms(model, process_group)
@@ -72,7 +69,7 @@ def _sync_other_batch_norms(module: nn.Module, process_group) -> None:
     synchronized ``BatchNormAct2d(activation="identity")``, in place (same parameters,
     buffers and state_dict; unlike nn.SyncBatchNorm it runs on CPU under DDP too)."""
     for child in module.children():
-        if type(child) in _PLAIN:
+        if type(child) in _PLAIN or type(child) in _DENSE_PLAIN:
             continue
         if type(child) is nn.BatchNorm2d:
             child.__class__ = BatchNormAct2d
@@ -93,6 +90,8 @@ def revert(model: nn.Module) -> nn.Module:
         dense = _DENSE_PLAIN.get(type(module))
         if dense is not None:
             module.__class__ = dense
+            for attr in ("sync_bn", "process_group"):
+                module.__dict__.pop(attr, None)
             continue
         plain = _PLAIN.get(type(module))
         if plain is not None:

@@ -41,6 +41,7 @@ from torch import Tensor
 from ..ops import bn_act as ops
 from ..ops.eager import acc_dtype
 from .block import BNSpec, ConvSpec, _conv, _conv_backward
+from ..distributed import sync_batch_stats
 from .bn_act import bn_act_backward, bn_coefficients
 
 # norm1 weight, bias, running mean, running var, conv1 weight, bias,
@@ -128,13 +129,21 @@ def dense_block_forward(spec: DenseBlockSpec, x: Tensor, tensors: Sequence[Optio
 
     # Statistics cache: a channel's batch (mean, var) is computed once, when it is written,
     # for as long as some later layer's norm1 normalises with batch statistics.
+    # With synchronized statistics (sync BN) the cache holds the whole distributed batch's.
     last_batch_norm1 = max((i for i, ls in enumerate(spec.layers) if ls.norm1.training), default=-1)
+    group = next((ls.norm1.group for ls in spec.layers if ls.norm1.group is not None), None)
     acc = acc_dtype(x.dtype)
     cache_mean = cache_var = None
+    count = N * H * W
+
+    def channel_stats(t: Tensor) -> Tuple[Tensor, Tensor, int]:
+        m, v = ops.bn_stats(t, backend)
+        return sync_batch_stats(m, v, N * H * W, group) if group is not None else (m, v, N * H * W)
+
     if last_batch_norm1 >= 0:
         cache_mean = torch.empty(total, dtype=acc, device=x.device)
         cache_var = torch.empty(total, dtype=acc, device=x.device)
-        m, v = ops.bn_stats(x, backend)
+        m, v, count = channel_stats(x)
         cache_mean[:c0].copy_(m)
         cache_var[:c0].copy_(v)
 
@@ -147,13 +156,13 @@ def dense_block_forward(spec: DenseBlockSpec, x: Tensor, tensors: Sequence[Optio
         xp = x.contiguous(memory_format=fmt) if i == 0 else _prefix(buf, cl, scratch, fmt)
         batch = (cache_mean[:cl], cache_var[:cl]) if ls.norm1.training else None
         aff1, st1 = bn_coefficients(xp, n1w, n1b, n1rm, n1rv, ls.norm1.training, ls.norm1.momentum,
-                                    ls.norm1.eps, backend, batch_stats=batch)
+                                    ls.norm1.eps, backend, batch_stats=batch, batch_count=count)
         a1 = ops.bn_act_fwd(xp, aff1, None, None, True, backend)  # the shared scratch, never saved
         del xp
         y1 = _conv(a1, c1w, c1b, ls.conv1)
         del a1
         aff2, st2 = bn_coefficients(y1, n2w, n2b, n2rm, n2rv, ls.norm2.training, ls.norm2.momentum,
-                                    ls.norm2.eps, backend)
+                                    ls.norm2.eps, backend, group=ls.norm2.group)
         a2 = ops.bn_act_fwd(y1, aff2, None, None, True, backend)
         y2 = _conv(a2, c2w, c2b, ls.conv2)
         del a2
@@ -168,7 +177,7 @@ def dense_block_forward(spec: DenseBlockSpec, x: Tensor, tensors: Sequence[Optio
             del noise
         buf[:, cl:cl + k].copy_(y2)
         if i < last_batch_norm1:
-            m, v = ops.bn_stats(y2, backend)
+            m, v, _ = channel_stats(y2)
             cache_mean[cl:cl + k].copy_(m)
             cache_var[cl:cl + k].copy_(v)
         del y2
@@ -268,7 +277,7 @@ class DenseBlockFunction(torch.autograd.Function):
             del a2  # the relu mask is recomputed from y1 (z > 0): one read fewer per pass
             need_sums2 = ls.norm2.training or need(i, _N2W) or need(i, _N2B)
             dy1, _, sums2 = bn_act_backward(d_a2, y1, None, aff2s[i], st2s[i], ls.norm2.training, True, backend,
-                                            need_dx=need_conv1, need_sums=need_sums2)
+                                            need_dx=need_conv1, need_sums=need_sums2, group=ls.norm2.group)
             put(i, _N2W, sums2[1])
             put(i, _N2B, sums2[0])
             del d_a2
@@ -284,7 +293,8 @@ class DenseBlockFunction(torch.autograd.Function):
             if need_norm1:
                 need_sums1 = ls.norm1.training or need(i, _N1W) or need(i, _N1B)
                 dxp, _, sums1 = bn_act_backward(d_a1, xp, None, aff1s[i], st1s[i], ls.norm1.training, True,
-                                                backend, need_dx=need_prefix, need_sums=need_sums1)
+                                                backend, need_dx=need_prefix, need_sums=need_sums1,
+                                                group=ls.norm1.group)
                 put(i, _N1W, sums1[1])
                 put(i, _N1B, sums1[0])
                 if need_prefix:
@@ -318,7 +328,8 @@ def _pool(y: Tensor, p: PoolSpec) -> Tensor:
 
 def transition_forward(spec: TransitionSpec, x: Tensor, w, b, rm, rv, cw, cb):
     backend = ops.resolve(spec.backend, x)
-    affine, stats = bn_coefficients(x, w, b, rm, rv, spec.bn.training, spec.bn.momentum, spec.bn.eps, backend)
+    affine, stats = bn_coefficients(x, w, b, rm, rv, spec.bn.training, spec.bn.momentum, spec.bn.eps, backend,
+                                    group=spec.bn.group)
     a = ops.bn_act_fwd(x, affine, None, None, True, backend)
     y = _conv(a, cw, cb, spec.conv)
     del a
@@ -364,7 +375,7 @@ class TransitionFunction(torch.autograd.Function):
         if need_bn:
             need_sums = spec.bn.training or bool(needs[2] or needs[3])
             dx, _, sums = bn_act_backward(da, x, None, affine, stats, spec.bn.training, True, ctx.backend,
-                                          need_dx=bool(needs[1]), need_sums=need_sums)
+                                          need_dx=bool(needs[1]), need_sums=need_sums, group=spec.bn.group)
             dw = sums[1].to(ctx.param_dtypes[0]) if needs[2] else None
             db = sums[0].to(ctx.param_dtypes[1]) if needs[3] else None
         dcw = dcw.to(ctx.param_dtypes[4]) if (needs[6] and dcw is not None) else None

@@ -22,7 +22,8 @@ from ..autograd.dense import (DenseBlockFunction, DenseBlockSpec, DenseLayerSpec
                               TransitionSpec, dense_block_forward, transition_forward)
 from ..functional import check_bn_input
 from ..ops import bn_act as ops
-from .block import _autocast_dtype, _conv_spec, _no_autocast, check_module_input
+from ..distributed import resolve_group
+from .block import _autocast_dtype, _conv_spec, _no_autocast, _restore_on_error, _snapshot, check_module_input
 from .bn_act import advance_batch_norm, batch_norm_args
 
 
@@ -47,10 +48,21 @@ def _grad_wanted(x: Tensor, tensors: Sequence[Optional[Tensor]]) -> bool:
     return x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
 
 
-def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor) -> Tensor:
+class _SyncMixin:
+    #: batch statistics synchronized across processes over ``process_group`` (None: the
+    #: default group), as nn.SyncBatchNorm; set by ``resfused.convert(model, sync_bn=True)``
+    sync_bn: bool = False
+    process_group = None
+
+    def _group(self, training: bool):
+        return resolve_group(self.process_group) if (self.sync_bn and training) else None
+
+
+def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: _SyncMixin) -> Tensor:
     """Validate, advance the BNs' batch counters, then run ``layers`` as one fused dense block."""
     bns = [bn for layer in layers for bn in (layer.norm1, layer.norm2)]
     args = [batch_norm_args(bn) for bn in bns]
+    group = owner._group(any(a[4] for a in args))
     check_module_input(name, x, layers[0].norm1.num_features, layers[0].conv1.weight, any(a[4] for a in args))
     for bn, (rm, rv, w, b, training) in zip(bns, args):
         for t in (rm, rv, w, b):
@@ -58,14 +70,17 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor) -> Tensor:
                 raise RuntimeError(f"{name}: input is on {x.device} but a BatchNorm's tensors are on {t.device}")
     cast = _autocast_dtype(x)
     ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))  # backend and dtype
+    saved = _snapshot(bns) if group is not None else []
     momenta = [advance_batch_norm(bn) for bn in bns]  # only after every check has passed
     layer_specs, tensors = [], []
     for j, layer in enumerate(layers):
         (rm1, rv1, w1, b1, t1), (rm2, rv2, w2, b2, t2) = args[2 * j], args[2 * j + 1]
         n1, n2 = layer.norm1, layer.norm2
         drop = layer.drop_rate if (layer.training and layer.drop_rate > 0) else 0.0
-        layer_specs.append(DenseLayerSpec(BNSpec(t1, momenta[2 * j], n1.eps), _conv_spec(layer.conv1),
-                                          BNSpec(t2, momenta[2 * j + 1], n2.eps), _conv_spec(layer.conv2),
+        layer_specs.append(DenseLayerSpec(BNSpec(t1, momenta[2 * j], n1.eps, group if t1 else None),
+                                          _conv_spec(layer.conv1),
+                                          BNSpec(t2, momenta[2 * j + 1], n2.eps, group if t2 else None),
+                                          _conv_spec(layer.conv2),
                                           layer.conv2.out_channels, float(drop)))
         cw1, cb1, cw2, cb2 = layer.conv1.weight, layer.conv1.bias, layer.conv2.weight, layer.conv2.bias
         if cast is not None:
@@ -76,13 +91,13 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor) -> Tensor:
     spec = DenseBlockSpec(tuple(layer_specs), "auto")
     if cast is not None:
         x = x.to(cast)
-    with _no_autocast(x):
+    with _no_autocast(x), _restore_on_error(saved):
         if _grad_wanted(x, tensors):
             return DenseBlockFunction.apply(spec, x, *tensors)
         return dense_block_forward(spec, x, tensors, keep=False).buf
 
 
-class FusedDenseLayer(_DenseLayer):
+class FusedDenseLayer(_SyncMixin, _DenseLayer):
     """torchvision ``_DenseLayer`` (same constructor and state_dict), fused. Standalone it
     returns the new features only, like torchvision's; inside a ``FusedDenseBlock`` the
     block runs all its layers as one node."""
@@ -99,11 +114,11 @@ class FusedDenseLayer(_DenseLayer):
             if not all(isinstance(t, Tensor) for t in inputs):
                 raise TypeError(f"{self._layer_name()}: expected a Tensor or a list of Tensors")
             input = torch.cat(inputs, 1) if len(inputs) != 1 else inputs[0]
-        out = _run_dense_layers(self._layer_name(), [self], input)
+        out = _run_dense_layers(self._layer_name(), [self], input, self)
         return out[:, input.shape[1]:]
 
 
-class FusedDenseBlock(_DenseBlock):
+class FusedDenseBlock(_SyncMixin, _DenseBlock):
     """torchvision ``_DenseBlock`` (same constructor and state_dict: ``denselayer%d``), fused:
     the output is torchvision's ``torch.cat([x, new_1, ..., new_L], 1)``, written in place
     into one shared buffer."""
@@ -129,10 +144,10 @@ class FusedDenseBlock(_DenseBlock):
     def forward(self, init_features: Tensor) -> Tensor:
         if not self._fusable():
             return super().forward(init_features)
-        return _run_dense_layers(f"{self._block_name()}.denselayer1", list(self.values()), init_features)
+        return _run_dense_layers(f"{self._block_name()}.denselayer1", list(self.values()), init_features, self)
 
 
-class FusedTransition(_Transition):
+class FusedTransition(_SyncMixin, _Transition):
     """torchvision ``_Transition`` (norm → relu → 1x1 conv → avg pool; same state_dict),
     with the fused BN-ReLU recomputed in backward instead of kept."""
 
@@ -157,6 +172,8 @@ class FusedTransition(_Transition):
         check_bn_input(x, rm, rv, w, b, training, prefix=f"{name}: ", name="input")
         cast = _autocast_dtype(x)
         ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))
+        group = self._group(training)
+        saved = _snapshot([self.norm]) if group is not None else []
         momentum = advance_batch_norm(self.norm)
         pool = self.pool
 
@@ -166,14 +183,14 @@ class FusedTransition(_Transition):
         stride = pool.stride if pool.stride is not None else pool.kernel_size
         pspec = PoolSpec(pair(pool.kernel_size), pair(stride), pair(pool.padding), bool(pool.ceil_mode),
                          bool(pool.count_include_pad), pool.divisor_override)
-        spec = TransitionSpec(BNSpec(training, momentum, self.norm.eps), _conv_spec(self.conv), pspec, "auto")
+        spec = TransitionSpec(BNSpec(training, momentum, self.norm.eps, group), _conv_spec(self.conv), pspec, "auto")
         cw, cb = self.conv.weight, self.conv.bias
         if cast is not None:
             cw = cw.to(cast)
             cb = None if cb is None else cb.to(cast)
             x = x.to(cast)
         tensors = (w, b, rm, rv, cw, cb)
-        with _no_autocast(x):
+        with _no_autocast(x), _restore_on_error(saved):
             if _grad_wanted(x, tensors):
                 return TransitionFunction.apply(spec, x, *tensors)
             return transition_forward(spec, x, *tensors)[0]

@@ -18,11 +18,13 @@ _NAMES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext
 
 
 _RESNET_DOC = ("torchvision's ``{name}`` with fused blocks (same arguments, same state_dict). "
-               "``memory_efficient`` (default True) recomputes the inner BN-ReLU outputs in backward.")
+               "``memory_efficient`` (default True) recomputes the inner BN-ReLU outputs in backward; "
+               "``sync_bn``/``process_group`` synchronize batch statistics across processes "
+               "(see ``resfused.convert``).")
 _DENSENET_DOC = ("torchvision's ``{name}`` with fused dense blocks and transitions (same arguments, same "
                  "state_dict). Dense blocks always share feature storage and recompute norm1/relu1 and relu2 in "
                  "backward; torchvision's ``memory_efficient`` (checkpointing) is accepted and only matters after "
-                 "``resfused.revert``.")
+                 "``resfused.revert``. ``sync_bn``/``process_group`` as in ``resfused.convert``.")
 _DENSE_NAMES = ["densenet121", "densenet161", "densenet169", "densenet201"]
 
 
@@ -31,6 +33,7 @@ def _builder(name: str, doc: str, takes_memory_efficient: bool):
 
     def build(**kwargs) -> nn.Module:
         fused = {"memory_efficient": kwargs.pop("memory_efficient", True)} if takes_memory_efficient else {}
+        fused.update(sync_bn=kwargs.pop("sync_bn", False), process_group=kwargs.pop("process_group", None))
         return convert(tv_builder(**kwargs), **fused)
 
     build.__name__ = name

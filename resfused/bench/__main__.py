@@ -108,7 +108,8 @@ def _default_out() -> str:
 class Progress:
     """A tqdm bar on a terminal when tqdm is installed; else one line per case."""
 
-    def __init__(self, total: int, stream=sys.stderr):
+    def __init__(self, total: int, stream=None):
+        stream = sys.stderr if stream is None else stream
         self.total, self.done, self.stream = total, 0, stream
         self.bar = None
         self.start = time.perf_counter()

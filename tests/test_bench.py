@@ -59,6 +59,7 @@ def tiny_run(tmp_path_factory):
     (["--device", "tpu"], "cpu, cuda, cuda:N"),
     (["--case", "vgg16"], "join, bn_relu, apply"),
     (["--preset", "huge"], "'quick', 'full', 'tiny'"),
+    (["--mode", "train"], "fwd, fwd_bwd, train_step, inference, saved, max_batch"),
 ])
 def test_bad_choice_exits_2_naming_choices(argv, choices, capsys, tmp_path):
     code, err = _exit_code(TINY[:4] + argv + ["--out", str(tmp_path)], capsys)
@@ -112,13 +113,34 @@ def test_list_runs_nothing(capsys, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_interrupted_run_writes_nothing(monkeypatch, capsys, tmp_path):
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "run_case", interrupt)
-    assert cli.main(TINY + ["--level", "op", "--out", str(tmp_path)]) == 130
-    assert "no result files written" in capsys.readouterr().err
-    assert os.listdir(tmp_path) == []
+def test_interrupted_run_is_never_presented_as_complete(monkeypatch, capsys, tmp_path):
+    real = cli.run_case
+    calls = []
+
+    def interrupt_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(cli, "run_case", interrupt_second)
+    assert cli.main(TINY + ["--level", "op", "--out", str(tmp_path), "--no-plot"]) == 130
+    assert "INCOMPLETE RUN" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["latest-cpu-tiny-incomplete.csv", "latest-cpu-tiny-incomplete.json",
+                                            "latest-cpu-tiny-incomplete.md"]
+    with open(tmp_path / "latest-cpu-tiny-incomplete.json") as f:
+        record = json.load(f)
+    assert record["complete"] is False and record["incomplete_reason"] == "interrupted"
+    assert len({r["case"] for r in record["results"]}) == 1 and len(record["cases_not_run"]) == 7
+
+
+def test_time_budget_marks_the_record_incomplete(capsys, tmp_path):
+    rc = cli.main(TINY + ["--level", "op", "--case", "apply", "--max-time", "1e-9", "--out", str(tmp_path),
+                          "--no-plot"])
+    assert rc == 3
+    with open(tmp_path / "latest-cpu-tiny-incomplete.json") as f:
+        record = json.load(f)
+    assert record["complete"] is False and "--max-time" in record["incomplete_reason"]
+    assert not os.path.exists(tmp_path / "latest-cpu-tiny.json")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,21 +11,26 @@ Each case runs every provider that applies (the eager baseline always), taking t
 process. Per case and provider: median and spread of the time over repeats after warm-up
 (CUDA events on a GPU, perf_counter on a CPU), throughput (GB/s and fraction of measured copy
 bandwidth for ops, images/s otherwise), peak memory (CUDA), bytes saved for backward (any
-device), and the max relative error against eager of the same run: a resfused result beyond
-tolerance fails the run (exit 1). Results: a table on stdout, and JSON, CSV, markdown and PNG
-plots under --out. Bad input exits 2 before anything runs.
+device), and the max relative error against eager of the same run. Results: a table on
+stdout, and JSON, CSV, markdown and PNG plots under --out, written when the run ends.
+
+Exit status: 0 all measured and correct; 1 a resfused result beyond tolerance (or raising);
+2 bad input, found before anything runs (nothing written); 3 --max-time ran out and 130
+interrupted (Ctrl-C, SIGTERM): what was measured is written as <name>-incomplete.* with
+"complete": false, never under the final name.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from typing import List, Optional, Sequence
 
 import torch
 
-from .cases import DTYPES, LEVELS, PRESETS, PROVIDERS, WORKLOADS, select_cases
+from .cases import DTYPES, LEVELS, MODES, PRESETS, PROVIDERS, WORKLOADS, select_cases
 from .runner import (REPO_ROOT, available_bytes, available_cores, case_providers, context, estimate_bytes,
                      run_case)
 from . import report
@@ -55,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quick, full (the default: thorough) or tiny (toy shapes, for testing the tool)")
     p.add_argument("--case", default=None, help=f"comma-separated workloads to keep: {', '.join(WORKLOADS)}")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores available)")
+    p.add_argument("--mode", default=None, help=f"comma-separated modes to keep: {', '.join(MODES)}")
+    p.add_argument("--max-time", type=float, default=None,
+                   help="stop starting new cases after this many seconds; the record is then written as "
+                        "<name>-incomplete.* with \"complete\": false (exit 3)")
     p.add_argument("--batch", type=int, default=None, help="replace every case's batch size")
     p.add_argument("--out", default=None, help="directory for JSON/CSV/markdown/PNG (default: benchmarks/results "
                                                "in a source checkout)")
@@ -171,9 +180,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtypes = _split(parser, args.dtype, "--dtype", tuple(DTYPES)) if args.dtype else None
     explicit = _split(parser, args.provider, "--provider", PROVIDERS) if args.provider else []
     names = _split(parser, args.case, "--case", WORKLOADS) if args.case else None
+    modes = _split(parser, args.mode, "--mode", MODES) if args.mode else None
     if args.quick and args.preset not in (None, "quick"):
         parser.error(f"argument --quick: conflicts with --preset {args.preset}")
     preset = "quick" if args.quick else (args.preset or "full")
+    if args.max_time is not None and args.max_time <= 0:
+        parser.error(f"argument --max-time: must be a positive number of seconds, got {args.max_time:g}")
     if args.batch is not None and args.batch < 1:
         parser.error(f"argument --batch: must be a positive integer, got {args.batch}")
     if args.threads is not None and args.threads < 1:
@@ -193,9 +205,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          f"(choose from {', '.join(runnable)})")
     providers = explicit or list(PROVIDERS)
     cases = select_cases(preset, device.type, levels, dtypes, names, args.batch)
+    if modes:
+        cases = [c for c in cases if c.mode in modes]
     if not cases:
         parser.error(f"no case of preset {preset} on {device.type} matches --level {','.join(levels)}"
-                     + (f" --case {','.join(names)}" if names else ""))
+                     + (f" --case {','.join(names)}" if names else "") + (f" --mode {','.join(modes)}" if modes else ""))
     old = None
     if args.compare:
         try:
@@ -236,8 +250,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     progress = Progress(len(plan))
     results, failures = [], []
+    interrupted = None
+    previous_term = _sigterm_interrupts()
     try:
         for case, run, skipped in plan:
+            if args.max_time is not None and time.perf_counter() - t0 > args.max_time:
+                interrupted = f"the time budget (--max-time {args.max_time:g} s) ran out"
+                break
             progress.begin(case.label)
             res = run_case(case, run, skipped, device, progress.log)
             for row in res.rows:
@@ -247,40 +266,61 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             failures += res.failures
             progress.step()
     except KeyboardInterrupt:
+        interrupted = "interrupted"
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
         progress.close()
-        print("interrupted: no result files written", file=sys.stderr)
-        return 130
-    progress.close()
     wall = time.perf_counter() - t0
+    done = {r["case"] for r in results}
     record = {
         "format": report.RECORD_FORMAT,
-        "complete": True,
+        "complete": interrupted is None,
         "passed": not failures,
         "context": ctx,
         "config": {"preset": preset, "levels": levels, "providers": explicit or "default", "dtypes": dtypes or "preset",
-                   "device": str(device), "batch": args.batch, "cases": [c.key for c in cases],
-                   "argv": list(sys.argv[1:] if argv is None else argv)},
+                   "modes": modes or "preset", "device": str(device), "batch": args.batch,
+                   "cases": [c.key for c in cases], "argv": list(sys.argv[1:] if argv is None else argv)},
         "wall_s": round(wall, 1),
         "failures": failures,
         "results": results,
     }
+    if interrupted:
+        # Never under the final name: a partial run is kept, marked, beside it.
+        record["incomplete_reason"] = interrupted
+        record["cases_not_run"] = [c.key for c in cases if c.key not in done]
+        stem += "-incomplete"
     paths = report.write_record(record, stem)
-    if not args.no_plot:
+    if not args.no_plot and results:
         pngs, why = report.plot(record, stem)
         paths += pngs
         if why:
             print(f"# {why}", file=sys.stderr)
-    print(report.report_text(record, markdown=args.markdown))
-    if old is not None:
+    if results:
+        print(report.report_text(record, markdown=args.markdown))
+    if old is not None and results:
         print()
         print(report.compare(old, record, markdown=args.markdown))
-    print(f"\n# {len(cases)} cases in {wall:.0f} s; wrote " + ", ".join(os.path.relpath(p) for p in paths))
+    print(f"\n# {len(done)} of {len(cases)} cases in {wall:.0f} s; wrote " + ", ".join(os.path.relpath(p) for p in paths))
+    if interrupted:
+        print(f"INCOMPLETE RUN: {interrupted} after {len(done)} of {len(cases)} cases; the record is marked "
+              f'"complete": false and named {os.path.basename(stem)}.*', file=sys.stderr)
     if failures:
         bar = "!" * 78
         print(f"\n{bar}\nCORRECTNESS CHECK FAILED: {len(failures)} resfused result(s) do not match eager PyTorch\n"
               + "\n".join(f"  - {f}" for f in failures) + f"\n{bar}", file=sys.stderr)
         return 1
-    return 0
+    return 130 if interrupted == "interrupted" else (3 if interrupted else 0)
+
+
+def _sigterm_interrupts():
+    """SIGTERM (``timeout``, a job scheduler) ends the run like Ctrl-C: the cases measured
+    so far are written, marked incomplete. Returns the previous handler."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return signal.getsignal(signal.SIGTERM)
 
 
 if __name__ == "__main__":

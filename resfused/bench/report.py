@@ -145,11 +145,22 @@ def report_text(record: dict, markdown: bool = False) -> str:
             continue
         parts.append(("\n" if markdown else "\n## ") + LEVEL_TITLES[level] + ("\n" if markdown else ""))
         parts.append(format_table(rows, markdown))
+    parts.append("")
+    parts += [("* " if markdown else "- ") + line for line in LEGEND]
     notes = skipped_lines(record["results"])
-    if notes:
-        parts.append("")
-        parts += [("* " if markdown else "- ") + n for n in notes]
+    parts += [("* " if markdown else "- ") + n for n in notes]
     return "\n".join(parts)
+
+
+LEGEND = (
+    "median ms: median over the timed repeats (after warm-up; providers take turns); IQR: their interquartile "
+    "range as a % of the median; speed-up: the eager baseline's median / the provider's",
+    "mem ratio: the provider's peak memory (CUDA) or bytes saved for backward (elsewhere) / the baseline's "
+    "(max batch cases: the baseline's largest batch / the provider's)",
+    "max rel err: max |a - b| / max |b| over the compared outputs and gradients, against the eager baseline (fp32) "
+    "or against eager in fp32 (bf16/fp16: the baseline's row shows eager's own error, and resfused must stay "
+    "within 2x of it); a resfused MISMATCH fails the run",
+)
 
 
 LEVEL_TITLES = {

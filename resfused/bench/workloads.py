@@ -238,23 +238,22 @@ def _op_instance(case: Case, provider: str, sh: Shared, device: torch.device, re
 # block level
 
 def build_block(case: Case, provider: str) -> nn.Module:
+    """torchvision's block for eager providers (``memory_efficient=True`` for tv_memeff), the
+    resfused subclass with the same constructor for resfused providers."""
     from torchvision.models.densenet import _DenseBlock
     from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    from ..nn import FusedBasicBlock, FusedBottleneck, FusedDenseBlock
 
     fused = resfused_backend(provider) is not None
     p = block_params(case.name, case.variant)
     if case.name == "bottleneck":
-        if fused:
-            from ..nn import FusedBottleneck as Bottleneck  # noqa: N811
-        return Bottleneck(p["inplanes"], p["planes"])
+        return (FusedBottleneck if fused else Bottleneck)(p["inplanes"], p["planes"])
     if case.name == "basicblock":
-        if fused:
-            from ..nn import FusedBasicBlock as BasicBlock  # noqa: N811
-        return BasicBlock(p["inplanes"], p["planes"])
-    if fused:
-        from ..nn import FusedDenseBlock as _DenseBlock  # noqa: N811
-    return _DenseBlock(p["num_layers"], p["num_input_features"], p["bn_size"], p["growth_rate"], drop_rate=0.0,
-                       memory_efficient=provider == "tv_memeff")
+        return (FusedBasicBlock if fused else BasicBlock)(p["inplanes"], p["planes"])
+    return (FusedDenseBlock if fused else _DenseBlock)(p["num_layers"], p["num_input_features"], p["bn_size"],
+                                                       p["growth_rate"], drop_rate=0.0,
+                                                       memory_efficient=provider == "tv_memeff")
 
 
 def _block_instance(case: Case, provider: str, sh: Shared, device: torch.device, reference: bool) -> Instance:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from resfused.bench.cases import PROVIDERS, baseline_provider, select_cases
-from resfused.bench.runner import available_cores, case_providers, check_outputs, sync
+from resfused.bench.runner import available_cores, case_providers, check_outputs, mismatch_message, sync
 from resfused.bench.workloads import make_instance, make_shared
 
 PRESET = os.environ.get("RESFUSED_BENCH_PRESET", "tiny")
@@ -49,8 +49,7 @@ def test_case(benchmark, case, provider):
     base = baseline_provider(case)
     if provider != base:
         verdict = check_outputs(case, {base: base_out, provider: inst.check()}, base, ref)[provider]
-        assert verdict["ok"], (f"{provider} on {case.label}: max relative error {verdict['max_rel_err']:.3g} in "
-                               f"{verdict['err_tensor']} against {verdict['against']} exceeds {verdict['tol']:.3g}")
+        assert verdict["ok"], mismatch_message(case, provider, verdict)
 
     def call():
         inst.run()

@@ -157,9 +157,11 @@ LEGEND = (
     "range as a % of the median; speed-up: the eager baseline's median / the provider's",
     "mem ratio: the provider's peak memory (CUDA) or bytes saved for backward (elsewhere) / the baseline's "
     "(max batch cases: the baseline's largest batch / the provider's)",
-    "max rel err: max |a - b| / max |b| over the compared outputs and gradients, against the eager baseline (fp32) "
-    "or against eager in fp32 (bf16/fp16: the baseline's row shows eager's own error, and resfused must stay "
-    "within 2x of it); a resfused MISMATCH fails the run",
+    "max rel err: the largest max |a - b| / max |b| of the compared outputs and gradients, against the eager "
+    "baseline (fp32) or against eager in fp32 (bf16/fp16: the baseline's row shows eager's own error)",
+    "check: outputs are held to their max relative error, gradients to their relative L2 error (a ReLU input "
+    "within rounding of 0 flips one gradient element between correct implementations); fp32 within a fixed "
+    "tolerance, bf16/fp16 within 2x eager's own error; a resfused MISMATCH fails the run",
 )
 
 

@@ -29,22 +29,28 @@ from .workloads import Instance, make_instance, make_shared, op_bytes_moved, pro
 MiB = 2 ** 20
 GiB = 2 ** 30
 
-# Correctness tolerances: max |a - b| / max |b| of each compared tensor against eager.
-# fp32: fixed per level and kind of tensor. Model gradients are checked on the first conv's
-# weight, at the end of 18-121 layers of backward: there eager PyTorch's own fp32 result is
-# 1-2% off the fp64 one and eager NCHW and channels_last differ by up to 4% (resnet50, batch 8,
-# 224x224), so that tolerance only catches gross errors; the forward (loss, logits) is held to
-# 1e-3 (observed ~1e-5). bf16/fp16: within 2x eager's own error against the fp32 eager
-# reference (never tighter than the dtype's epsilon).
-FP32_TOLERANCE = {"op": 1e-4, "block": 1e-4, "model": 1e-3}
-FP32_MODEL_GRAD_TOLERANCE = 0.1
+# Correctness check. Each compared tensor is held to one measure:
+#   * outputs (out, logits, loss): max |a - b| / max |b|;
+#   * gradients: ||a - b|| / ||b|| (relative L2). Where a ReLU's input lies within rounding of
+#     0, two correct implementations can put it on different sides; that gradient element
+#     then differs by its whole value (and a few neighbours through the convs), so a
+#     gradient's max error is not a check across implementations: eager NCHW against eager
+#     channels_last differs by up to 7% at one element of a dense block's input gradient
+#     (relative L2 1e-3), and by 2-4% everywhere in resnet50's first-conv gradient, which sits
+#     behind 50 layers of them (batch 8, 224x224, fp32, CPU).
+# fp32: against the eager baseline, within FP32_TOLERANCE[(level, kind)] (observed: outputs
+# ~1e-6 for ops and blocks and ~1e-5 for models; gradients ~1e-6 for ops and plain blocks,
+# 1e-3 for dense blocks, 2e-2 for models). bf16/fp16: against eager in fp32, within 2x the
+# eager baseline's own error there (DESIGN.md §6), never tighter than the dtype's epsilon.
+# Every tensor's max relative error is recorded and printed whatever its measure.
+FP32_TOLERANCE = {("op", "output"): 1e-4, ("op", "grad"): 1e-3,
+                  ("block", "output"): 1e-4, ("block", "grad"): 1e-2,
+                  ("model", "output"): 1e-3, ("model", "grad"): 1e-1}
 LOW_PRECISION_FACTOR = 2.0
 
 
-def fp32_tolerance(level: str, tensor: str) -> float:
-    if level == "model" and tensor.startswith("grad"):
-        return FP32_MODEL_GRAD_TOLERANCE
-    return FP32_TOLERANCE[level]
+def tensor_kind(name: str) -> str:
+    return "grad" if name.startswith("grad") else "output"
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -314,19 +320,23 @@ def summarize(samples: List[float]) -> dict:
 # ---------------------------------------------------------------------------------------------
 # correctness
 
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b| (inf for NaN, inf or a shape mismatch)."""
+def rel_errors(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Tuple[float, float]:
+    """(max |a - b| / max |b|, ||a - b|| / ||b||); inf for NaN, inf or a shape mismatch."""
     if a is None or b is None:
-        return 0.0 if a is None and b is None else math.inf
+        return (0.0, 0.0) if a is None and b is None else (math.inf, math.inf)
     if a.shape != b.shape:
-        return math.inf
+        return math.inf, math.inf
     a = a.detach().double() if a.device.type == "cpu" else a.detach().float()
     b = b.detach().double() if b.device.type == "cpu" else b.detach().float()
-    diff = (a - b).abs().max().item()
-    scale = b.abs().max().item()
-    if not math.isfinite(diff):
-        return math.inf
-    return diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
+    d = a - b
+    out = []
+    for diff, scale in ((d.abs().max(), b.abs().max()), (d.norm(), b.norm())):
+        diff, scale = diff.item(), scale.item()
+        if not math.isfinite(diff):
+            out.append(math.inf)
+        else:
+            out.append(diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf))
+    return out[0], out[1]
 
 
 def dtype_eps(dtype: str) -> float:
@@ -335,21 +345,30 @@ def dtype_eps(dtype: str) -> float:
 
 def check_outputs(case: Case, outputs: Dict[str, Dict[str, torch.Tensor]], base: str,
                   reference: Optional[Dict[str, torch.Tensor]]) -> Dict[str, dict]:
-    """For every provider: its max relative error and the tolerance of the tensor that is
-    worst against its tolerance, and whether every tensor passes. fp32: against the eager
-    baseline. bf16/fp16: against eager in fp32, within 2x the baseline's own error there."""
+    """Every provider's verdict: ``ok``; ``max_rel_err`` (the largest max relative error of any
+    compared tensor, printed); and for the tensor worst against its tolerance, its name, the
+    measure it is held to, its error in that measure and the tolerance. fp32: against the
+    eager baseline. bf16/fp16: against eager in fp32, within 2x the baseline's own error."""
     result: Dict[str, dict] = {}
     against = outputs[base] if reference is None else reference
-    eager_err = None if reference is None else {k: rel_error(outputs[base].get(k), v) for k, v in reference.items()}
     floor = dtype_eps(case.dtype)
+
+    def measure(name: str, errs: Tuple[float, float]) -> float:
+        return errs[0] if tensor_kind(name) == "output" else errs[1]
+
+    eager_err = None
+    if reference is not None:
+        eager_err = {k: measure(k, rel_errors(outputs[base].get(k), v)) for k, v in reference.items()}
     for p, out in outputs.items():
         if p == base and reference is None:
             continue
-        worst = None
+        worst, max_rel = None, 0.0
         for k, v in against.items():
-            err = rel_error(out.get(k), v)
+            errs = rel_errors(out.get(k), v)
+            max_rel = max(max_rel, errs[0])
+            err = measure(k, errs)
             if eager_err is None:
-                tol = fp32_tolerance(case.level, k)
+                tol = FP32_TOLERANCE[(case.level, tensor_kind(k))]
             else:
                 tol = max(LOW_PRECISION_FACTOR * eager_err[k], floor)
             ratio = err / tol
@@ -358,8 +377,9 @@ def check_outputs(case: Case, outputs: Dict[str, Dict[str, torch.Tensor]], base:
         if worst is None:
             continue
         ratio, err, tol, k = worst
-        verdict = {"max_rel_err": err, "err_tensor": k, "tol": tol, "ok": p == base or ratio <= 1.0,
-                   "against": base if reference is None else "eager fp32"}
+        verdict = {"ok": p == base or ratio <= 1.0, "max_rel_err": max_rel, "check_tensor": k,
+                   "check_measure": "max relative" if tensor_kind(k) == "output" else "relative L2",
+                   "check_err": err, "tol": tol, "against": base if reference is None else "eager fp32"}
         if eager_err is not None:
             verdict["eager_err"] = eager_err[k]
         result[p] = verdict
@@ -374,6 +394,13 @@ class CaseResult:
     case: Case
     rows: List[dict]
     failures: List[str] = field(default_factory=list)
+
+
+def mismatch_message(case: Case, provider: str, verdict: dict) -> str:
+    extra = f", eager's own {verdict['eager_err']:.3g}" if "eager_err" in verdict else ""
+    return (f"{case.label} {provider}: {verdict['check_measure']} error {verdict['check_err']:.3g} in "
+            f"{verdict['check_tensor']} against {verdict['against']} exceeds the tolerance {verdict['tol']:.3g}{extra} "
+            f"(max relative error {verdict['max_rel_err']:.3g})")
 
 
 def _row(case: Case, provider: str, base: str) -> dict:
@@ -485,13 +512,10 @@ def _run_measured(st: _Case, providers: Sequence[str], device: torch.device) -> 
         free_memory(device)
     for p, verdict in check_outputs(case, outputs, base, reference).items():
         row = st.rows[p]
-        row.update({k: verdict[k] for k in ("max_rel_err", "err_tensor", "tol", "against")})
-        if "eager_err" in verdict:
-            row["eager_err"] = verdict["eager_err"]
+        row.update({k: v for k, v in verdict.items() if k != "ok"})
         if not verdict["ok"]:
             row["status"] = "mismatch"
-            msg = (f"{case.label} {p}: max relative error {verdict['max_rel_err']:.3g} in {verdict['err_tensor']} "
-                   f"against {verdict['against']} exceeds the tolerance {verdict['tol']:.3g}")
+            msg = mismatch_message(case, p, verdict)
             if resfused_backend(p) is not None:
                 st.failures.append(msg)
                 st.log(f"  MISMATCH {msg}")
@@ -667,5 +691,5 @@ def _largest_batch(probe: Callable[[int], None], start: int, inst: Instance, dev
 
 
 __all__ = ["CaseResult", "FP32_TOLERANCE", "available_bytes", "case_providers", "check_outputs", "context",
-           "estimate_bytes", "is_oom", "provider_skip_reason", "rel_error", "run_case", "summarize",
+           "estimate_bytes", "is_oom", "mismatch_message", "provider_skip_reason", "rel_errors", "run_case", "summarize",
            "time_interleaved"]

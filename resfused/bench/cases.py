@@ -195,7 +195,7 @@ def _cpu_quick() -> List[Case]:
         _op("join", ("fwd", "fwd_bwd"), ("fp32",), _BOTH, _CPU_JOIN, **t_op)       # TARGET
         + _op("bn_relu", ("fwd_bwd",), ("fp32",), _BOTH, _CPU_JOIN, **t_op)
         + _op("apply", ("fwd",), ("fp32",), _BOTH, _CPU_JOIN, **t_op)
-        + _blocks(_STAGE2, ("fp32",), _NCHW, 8, reps=5, warmup=1)
+        + _blocks(_STAGE2, ("fp32",), _NCHW, 8, reps=3, warmup=1)
         + _model("resnet50", "saved", ("fp32",), _NCHW, 4)                          # TARGET
         + _model("densenet121", "saved", ("fp32",), _NCHW, 4)                       # TARGET
         + _model("resnet50", "train_step", ("fp32",), _NCHW, 8, **t_model)          # TARGET

@@ -166,7 +166,9 @@ def _summary_line(row: dict) -> str:
     if row.get("max_batch") is not None:
         bits.append(f"max batch {row['max_batch']}")
     if row.get("max_rel_err") is not None:
-        bits.append(f"err {row['max_rel_err']:.1e}")
+        bits.append(f"max rel err {row['max_rel_err']:.1e}")
+    if row.get("check_err") is not None and not row.get("baseline"):
+        bits.append(f"checked {row['check_err']:.1e} / {row['tol']:.0e}")
     if row.get("status") not in (None, "ok"):
         bits.append(row["status"].upper())
     return "  ".join(bits)

@@ -11,6 +11,8 @@ import os
 import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .cases import PROVIDERS
+
 RECORD_FORMAT = 1
 CONTEXT_COLUMNS = ("device", "device_type", "torch", "torchvision", "triton", "cuda", "commit", "date")
 
@@ -253,10 +255,8 @@ def plot(record: dict, stem: str) -> Tuple[List[str], Optional[str]]:
         for r in rows:
             if r["case"] not in cases:
                 cases.append(r["case"])
-        providers: List[str] = []
-        for r in rows:
-            if not r.get("baseline") and r["provider"] not in providers:
-                providers.append(r["provider"])
+        order = {p: i for i, p in enumerate(PROVIDERS)}
+        providers = sorted({r["provider"] for r in rows if not r.get("baseline")}, key=lambda p: order.get(p, 99))
         titles = {r["case"]: case_title(r) for r in rows}
         by = {(r["case"], r["provider"]): r for r in rows}
         fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.1 * len(cases) + 4), 9), squeeze=True)

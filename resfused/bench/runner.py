@@ -523,6 +523,7 @@ def _run_measured(st: _Case, providers: Sequence[str], device: torch.device) -> 
                 st.log(f"  warning: {msg} (a peer, not resfused: reported, does not fail the run)")
     del outputs, reference
     if not case.timed:
+        _memory_ratios(st)
         return
 
     def on_error(name, exc):

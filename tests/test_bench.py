@@ -141,6 +141,9 @@ def test_time_budget_marks_the_record_incomplete(capsys, tmp_path):
         record = json.load(f)
     assert record["complete"] is False and "--max-time" in record["incomplete_reason"]
     assert not os.path.exists(tmp_path / "latest-cpu-tiny.json")
+    # a whole run under the same name removes the incomplete leftovers
+    assert cli.main(TINY + ["--level", "op", "--case", "apply", "--out", str(tmp_path), "--no-plot"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["latest-cpu-tiny.csv", "latest-cpu-tiny.json", "latest-cpu-tiny.md"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ interrupted (Ctrl-C, SIGTERM): what was measured is written as <name>-incomplete
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import signal
 import sys
@@ -292,6 +293,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         record["cases_not_run"] = [c.key for c in cases if c.key not in done]
         stem += "-incomplete"
     paths = report.write_record(record, stem)
+    if not interrupted:  # a whole run replaces what an interrupted one left under this name
+        for leftover in glob.glob(glob.escape(stem) + "-incomplete.*") + glob.glob(glob.escape(stem) + "-incomplete-*.png"):
+            os.unlink(leftover)
     if not args.no_plot and results:
         pngs, why = report.plot(record, stem)
         paths += pngs

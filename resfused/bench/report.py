@@ -349,10 +349,14 @@ def compare(old: dict, new: dict, markdown: bool = False) -> str:
         if name is None or name != oname or not ov:
             continue
         change = 100 * (nv - ov) / ov
-        lines.append([case_title(r), r["provider"], name, f"{ov:.4g}", f"{nv:.4g}", f"{change:+.1f}%"])
-    header = ["case", "provider", "metric", "old", "new", "change"]
+        speedups = ""
+        if o.get("speedup") is not None and r.get("speedup") is not None and not r.get("baseline"):
+            speedups = f"{o['speedup']:.2f}x -> {r['speedup']:.2f}x"
+        lines.append([case_title(r), r["provider"], name, f"{ov:.4g}", f"{nv:.4g}", f"{change:+.1f}%", speedups])
+    header = ["case", "provider", "metric", "old", "new", "change", "speed-up vs eager (old -> new)"]
     out = [f"Compared with {old.get('context', {}).get('date', '?')} ({len(lines)} results in both runs; "
-           f"for ms and MiB negative is better, for max batch positive)"]
+           f"for ms and MiB negative is better, for max batch positive; speed-ups are measured side by side "
+           f"within each run, so they drift less than absolute times)"]
     out += [f"  note: {n}" for n in notes]
     if not lines:
         out.append("(no result in common)")

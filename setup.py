@@ -122,6 +122,7 @@ def main():
         install_requires=["torch>=2.4", "torchvision>=0.19"],
         ext_modules=ext_modules,
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        entry_points={"console_scripts": ["resfused-bench=resfused.bench.__main__:main"]},
         zip_safe=False,
     )
 

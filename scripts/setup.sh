@@ -3,6 +3,8 @@
 #   * Installs torch/torchvision (pinned, CUDA 13.0 build) when torch is missing, and the
 #     test tools (pytest, hypothesis, ninja) when missing. On a machine with torch
 #     already installed and no network (the GPU machine), nothing is installed.
+#   * Tries the benchmark's optional tools (matplotlib for its plots, tqdm for its progress
+#     bar); without them it prints why the plots are skipped and shows text progress.
 #   * Builds resfused._C (CPU kernels always; CUDA kernels when torch is a CUDA build and
 #     a toolkit is found). ninja makes a rebuild with no source change take seconds.
 # Knobs: PYTHON, TORCH_CUDA_ARCH_LIST, RESFUSED_SKIP_CUDA_BUILD, MAX_JOBS, CUDA_HOME.
@@ -27,10 +29,21 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "[setup] installing ${missing[*]}"
   # Short timeouts: on a machine without network this fails fast instead of retrying.
   if ! "$PY" -m pip install --quiet --retries 0 --timeout 10 "${missing[@]}"; then
+    offline=1
     # Offline machines (the GPU machine) may lack optional test tools; only pytest is required.
     have pytest || { echo "[setup] pytest is required and could not be installed" >&2; exit 1; }
     echo "[setup] warning: could not install ${missing[*]}; continuing without" >&2
   fi
+fi
+
+offline=${offline:-0}
+optional=()
+have matplotlib || optional+=("matplotlib")
+have tqdm || optional+=("tqdm")
+if [ ${#optional[@]} -gt 0 ] && [ "$offline" = 0 ]; then
+  echo "[setup] installing optional benchmark tools: ${optional[*]}"
+  "$PY" -m pip install --quiet --retries 0 --timeout 10 "${optional[@]}" \
+    || echo "[setup] note: could not install ${optional[*]}; the benchmark runs without (no plots, text progress)" >&2
 fi
 
 echo "[setup] building resfused._C"

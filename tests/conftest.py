@@ -1,17 +1,38 @@
 """Test set-up: Triton runs through its interpreter where there is no GPU (set before
 anything imports triton), seeds are fixed per test, and backends are parametrised over
-what this machine can run, so every GPU test is the CPU test on another device."""
+what this machine can run, so every GPU test is the CPU test on another device.
+
+On a GPU, fp32 convolutions and matmuls run in true fp32 (no TF32: the tests compare fp32
+results with a float64 oracle at 1e-5, which TF32's 10-bit mantissa misses by far), and
+cuBLAS gets the workspace setting that ``torch.use_deterministic_algorithms(True)``
+requires (without it every matmul on a CUDA tensor raises in deterministic mode).
+
+SIGTERM (``timeout``, a job's time limit) stops the run as Ctrl-C does, so the failures
+so far are still reported and ``--junitxml`` is still written."""
 import os
 import random
+import signal
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS is first used
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 import pytest  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
+
+
+if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+    signal.signal(signal.SIGTERM, _terminated)
 
 
 @pytest.fixture(autouse=True)

@@ -53,7 +53,7 @@ def _compare_modules(fused, ref, what, fwd_tol=1e-5, bwd_tol=1e-4, ref_me=False)
         if b.is_floating_point():
             assert_close(b, br, fwd_tol, fwd_tol, what=f"{what} buffer {name}")
         else:
-            assert torch.equal(b.cpu(), br), f"{what} buffer {name}: {b} != {br}"
+            assert torch.equal(b.cpu(), br.cpu()), f"{what} buffer {name}: {b} != {br}"
 
 
 def _block_params():
@@ -125,15 +125,17 @@ def test_gradcheck_three_layer_block(case, training):
 @pytest.mark.parametrize("case", NATIVE, ids=case_id)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_dropout_matches_torchvision(case, layout):
-    """Dropout on the new features, torchvision's semantics and (on the CPU) its random
-    stream: same seed, same mask; backward applies the mask kept from forward."""
+    """Dropout on the new features, torchvision's semantics and its random stream: same
+    seed, same mask (torchvision runs on the same device: a CUDA generator draws other
+    numbers than the CPU one); backward applies the mask kept from forward."""
     backend, device = case
     ref, fused = make_block_pair(num_layers=3, drop_rate=0.4)
+    ref = ref.to(device)
     fused = fused.double().to(device).train()
     x = torch.randn(2, 5, 6, 7, dtype=torch.float64)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     xo = x.clone().to(device).contiguous(memory_format=fmt).requires_grad_()
-    xr = x.clone().contiguous(memory_format=fmt).requires_grad_()
+    xr = x.clone().to(device).contiguous(memory_format=fmt).requires_grad_()
     with resfused.use_backend(backend):
         torch.manual_seed(7)
         out = fused(xo)

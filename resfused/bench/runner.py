@@ -621,7 +621,12 @@ def _run_max_batch(st: _Case, providers: Sequence[str], device: torch.device) ->
     case = st.case
     total = torch.cuda.get_device_properties(device).total_memory
     budget = total if case.mem_budget_gib is None else min(total, int(case.mem_budget_gib * GiB))
-    shared = make_shared(case, device)
+    try:
+        shared = make_shared(case, device)
+    except Exception as exc:  # noqa: BLE001
+        for p in providers:
+            st.drop(p, exc, "setting up the case")
+        return
     free_memory(device)
     fraction = budget / total
     set_fraction = getattr(torch.cuda, "set_per_process_memory_fraction", None)

@@ -76,11 +76,14 @@ class Shared:
         self._grads: Dict[tuple, Tensor] = {}
         self._inputs: Dict[tuple, Tensor] = {}
         gen = torch.Generator().manual_seed(0)
-        self.x = torch.randn(case.shape, generator=gen).to(device)          # fp32, NCHW master copy
+        # The big tensors are drawn where they live: a CPU generator makes tens of millions
+        # of numbers a second, seconds per case at a GPU's shapes (on the CPU: the same draw).
+        big = _generator(device, 0, gen)
+        self.x = torch.randn(case.shape, generator=big, device=device)      # fp32, NCHW master copy
         self.state: Optional[dict] = None
         if case.level == "op":
             c = case.shape[1]
-            self.r = torch.randn(case.shape, generator=gen).to(device)
+            self.r = torch.randn(case.shape, generator=big, device=device)
             self.weight = (torch.rand(c, generator=gen) + 0.5).to(device)
             self.bias = (torch.randn(c, generator=gen) * 0.1).to(device)
             self.running_mean = (torch.randn(c, generator=gen) * 0.1).to(device)
@@ -106,10 +109,17 @@ class Shared:
                                   and out.is_contiguous(memory_format=torch.channels_last)) else "nchw"
         key = (tuple(out.shape), out.dtype, fmt)
         if key not in self._grads:
-            gen = torch.Generator().manual_seed(1)
-            g = torch.randn(tuple(out.shape), generator=gen).to(self.device).to(out.dtype)
+            gen = _generator(self.device, 1)
+            g = torch.randn(tuple(out.shape), generator=gen, device=self.device).to(out.dtype)
             self._grads[key] = g.contiguous(memory_format=memory_format(fmt)) if out.dim() == 4 else g
         return self._grads[key]
+
+
+def _generator(device: torch.device, seed: int, cpu: Optional[torch.Generator] = None) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` (``cpu``, when given, on the CPU)."""
+    if device.type == "cpu":
+        return cpu if cpu is not None else torch.Generator().manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _randomised_state(module: nn.Module, gen: torch.Generator) -> dict:
@@ -363,9 +373,9 @@ def _model_instance(case: Case, provider: str, sh: Shared, device: torch.device,
         return {"loss": loss.detach().reshape(1), "logits": logits.detach(), "grad_first_conv": first.grad.clone()}
 
     def probe(batch: int):
-        gen = torch.Generator().manual_seed(2)
-        inp = torch.randn((batch,) + tuple(case.shape[1:]), generator=gen).to(device).contiguous(memory_format=mf)
-        target = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+        gen = _generator(device, 2)
+        inp = torch.randn((batch,) + tuple(case.shape[1:]), generator=gen, device=device).contiguous(memory_format=mf)
+        target = torch.randint(0, 1000, (batch,), generator=gen, device=device)
         step(inp, target)
         clear()
 

@@ -8,11 +8,13 @@
 #
 # Everything fits in GPU_CHECK_BUDGET_S seconds (default 470, under 8 minutes): the build
 # first, then the quick benchmark (the project's main job: up to 120 s, keeping 200 s for the
-# tests), then the tests that run on the GPU (up to 300 s) and the CPU ones while time is
-# left (CI runs those in full), then, if at least 120 s remain, torch.compile of
-# torchvision's resnet50 training step beside resfused (compiling takes about a minute).
-# A step that runs out of time is stopped with SIGTERM; the benchmark then writes what it
-# measured as *-incomplete.* ("complete": false).
+# tests), then the tests that run on the GPU (up to 300 s, the torch.compile ones last) and
+# the CPU ones while time is left (CI runs those in full), then, if at least 120 s remain,
+# torch.compile of torchvision's resnet50 training step beside resfused (compiling takes
+# about a minute). A step that runs out of time is stopped with SIGTERM; the benchmark then
+# writes what it measured as *-incomplete.* ("complete": false), pytest the failures so far
+# and its JUnit XML. Offline: RESFUSED_NO_INSTALL=1 (no pip call); a CUDA build that fails
+# is retried without the CUDA kernels (RESFUSED_SKIP_CUDA_BUILD=1) so the rest still runs.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -20,6 +22,7 @@ OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export MAX_JOBS=${MAX_JOBS:-16}
+export RESFUSED_NO_INSTALL=${RESFUSED_NO_INSTALL:-1}   # the GPU machine is offline: no pip calls
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
 t0=$(date +%s)
 status=0
@@ -29,8 +32,20 @@ cap() { local want=$1 have; have=$(left); (( have - ${2:-0} < want )) && want=$(
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 git rev-parse HEAD > "$OUT/commit.txt" 2>/dev/null || true
 git status --porcelain --untracked-files=no > "$OUT/git-status.txt" 2>/dev/null || true
-bash scripts/setup.sh > "$OUT/setup.log" 2>&1 || { echo "setup/build failed (see setup.log)"; tail -n 40 "$OUT/setup.log"; exit 1; }
-cp build.log "$OUT/build.log" 2>/dev/null || true
+if ! bash scripts/setup.sh > "$OUT/setup.log" 2>&1; then
+  echo "setup/build failed (see setup.log, build.log)"; tail -n 40 "$OUT/setup.log"; status=1
+  cp build.log "$OUT/build.log" 2>/dev/null || true
+  # A CUDA toolkit that torch rejects (another major version, an unsupported host compiler)
+  # must not cost the whole check: build the CPU kernels only and go on with the triton
+  # and eager backends on the GPU.
+  export RESFUSED_SKIP_CUDA_BUILD=1
+  echo "retrying with RESFUSED_SKIP_CUDA_BUILD=1 (no resfused[cuda] in this check)"
+  bash scripts/setup.sh > "$OUT/setup-cpu-only.log" 2>&1 \
+    || { echo "setup failed again (see setup-cpu-only.log)"; tail -n 40 "$OUT/setup-cpu-only.log"; exit 1; }
+  cp build.log "$OUT/build-cpu-only.log" 2>/dev/null || true
+else
+  cp build.log "$OUT/build.log" 2>/dev/null || true
+fi
 echo "build: $(( $(date +%s) - t0 )) s"
 "$PY" -m resfused.info --json > "$OUT/info.json" 2>&1 || status=1
 
@@ -47,15 +62,23 @@ fi
 echo "benchmark: $(( $(date +%s) - t0 )) s"
 
 # 2. The test suite: first every case that runs on the GPU (test ids name the device, e.g.
-#    "cuda-cuda", "triton-cuda"), then, while the budget lasts, the CPU cases CI also runs.
-t=$(cap 300 10)
-if (( t >= 30 )); then
-  timeout -k 15 "$t" "$PY" -m pytest -q -p no:cacheprovider -k cuda --junitxml="$OUT/tests-gpu.xml" \
-    > "$OUT/tests-gpu.log" 2>&1 || status=1
-  tail -n 25 "$OUT/tests-gpu.log"
-else
-  echo "tests skipped: $t s left of the ${BUDGET} s budget" | tee "$OUT/tests-gpu.log"; status=1
-fi
+#    "cuda-cuda", "triton-cuda"), the torch.compile tests last of them (tracing is CPU-bound:
+#    minutes; a budget that runs out should cut those, not the kernels' tests), then, while
+#    the budget lasts, the CPU cases CI also runs.
+#    SIGTERM from timeout stops pytest like Ctrl-C (tests/conftest.py): the failures so far
+#    are listed and the JUnit XML is written. --durations: where the time went, for next time.
+gpu_tests() {  # name, -k expression, minimum seconds worth starting
+  local t; t=$(cap 300 10)
+  if (( t >= $3 )); then
+    timeout -k 15 "$t" "$PY" -m pytest -q -p no:cacheprovider -k "$2" --durations=25 \
+      --junitxml="$OUT/tests-$1.xml" > "$OUT/tests-$1.log" 2>&1 || status=1
+    tail -n 60 "$OUT/tests-$1.log"
+  else
+    echo "tests ($1) skipped: $t s left of the ${BUDGET} s budget" | tee "$OUT/tests-$1.log"; status=1
+  fi
+}
+gpu_tests gpu "cuda and not test_compile" 30
+gpu_tests gpu-compile "cuda and test_compile" 30
 echo "gpu tests: $(( $(date +%s) - t0 )) s"
 t=$(cap 300 130)
 if (( t >= 60 )); then

@@ -84,15 +84,18 @@ def _attrs_descriptor_cls():
 
 def _make_sources(fn, sig: Dict[str, str], constexprs: Dict[str, int], aligned: bool):
     """Candidate ASTSource objects, most likely form for this triton first. Pointers are
-    16-byte aligned (as torch allocations are); with ``aligned`` the size arguments are
-    also marked divisible by 16, the specialisation the JIT makes for such sizes."""
+    16-byte aligned (as torch allocations are); with ``aligned`` the size arguments the JIT
+    specialises (those not in the kernel's ``do_not_specialize``) are also marked
+    divisible by 16, the specialisation the JIT makes for such sizes."""
     from triton.compiler import ASTSource
     from . import bn_act
 
     names = _arg_names(fn)
     ptr_idx = [i for i, n in enumerate(names) if sig[n].startswith("*")]
     if aligned:
-        ptr_idx += [i for i, n in enumerate(names) if sig[n] == "i32" and n not in bn_act.FLAG_ARGS]
+        unspecialized = set(getattr(fn, "do_not_specialize", None) or ()) | bn_act.FLAG_ARGS
+        ptr_idx += [i for i, n in enumerate(names)
+                    if sig[n] == "i32" and n not in unspecialized and i not in unspecialized]
     cands = []
     attrs_cls = _attrs_descriptor_cls()
     if attrs_cls is not None:

@@ -19,10 +19,15 @@ a small finalize kernel sums the ``P`` partials in a fixed order. No atomics.
 
 Optional operands (residual, its affine, the mask source, the residual's stats or
 coefficients) are runtime flags, not constexprs: an absent operand is a masked-off load
-(no memory traffic) whose neutral value makes the arithmetic exact (``r*1 + 0``), so
-each kernel has one compiled variant per (dtype, tile shape). The variants the
-launchers can use are listed in ``KERNELS`` / ``BLOCKS`` / ``DTYPES`` below; the AOT
-check (``resfused.triton.aot``) compiles exactly those.
+(no memory traffic) whose neutral value makes the arithmetic exact (``r*1 + 0``). The
+JIT would still specialise every integer argument on being 1 or a multiple of 16, one
+compiled variant per combination of flags and sizes met; flags, batch sizes and loop
+bounds are therefore marked ``do_not_specialize`` (``UNSPECIALIZED``), and only the
+contiguous extent the loads vectorise along (HW for NCHW, C for NHWC and the finalize
+kernels) keeps its specialisation. Each kernel then has at most three compiled variants
+per (dtype, tile shape): that extent 1, a multiple of 16, or neither. The (dtype, tile)
+variants the launchers can use are listed in ``KERNELS`` / ``BLOCKS`` / ``DTYPES``
+below; the AOT check (``resfused.triton.aot``) compiles exactly those.
 
 Arithmetic is in the accumulation dtype (fp32, fp64 for fp64 x); ``x*scale + shift``
 may be contracted to an FMA by the compiler (ulp-level difference to eager).
@@ -63,10 +68,18 @@ CPU_SMS = 2
 #: pointer arguments that carry x's dtype; every other ``*_ptr`` is in the
 #: accumulation dtype (per-channel tensors and workspaces)
 DATA_PTRS = frozenset({"x_ptr", "g_ptr", "res_ptr", "out_ptr", "dx_ptr", "dres_ptr", "dz_ptr"})
-#: runtime 0/1 (relu_mode: 0/1/2) flag arguments; every other non-constexpr scalar is a size
 #: @triton.jit helpers that are inlined into kernels, never launched on their own
 JIT_HELPERS = frozenset({"_relu_keep", "_cast_out", "_nchw_tile"})
+#: runtime 0/1 (relu_mode: 0/1/2) flag arguments; every other non-constexpr scalar is a size
 FLAG_ARGS = frozenset({"has_res", "res_aff", "relu", "use_res", "res_st", "res_coef", "relu_mode", "write_dz"})
+#: integer arguments the JIT must not specialise (on == 1 or % 16 == 0): the flags, and
+#: sizes no vectorised load depends on. Left specialised: HW in the NCHW kernels (offsets
+#: are ``(n*C + c)*HW + hw``), C in the NHWC ones (``m*C + c``), C / K in the finalize kernels.
+UNSPECIALIZED = {
+    "nchw": tuple(sorted(FLAG_ARGS | {"N", "C", "n_hwb", "n_units", "units_per_prog"})),
+    "nhwc": tuple(sorted(FLAG_ARGS | {"M", "rows_per_prog"})),
+    None: ("P", "count"),
+}
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -131,7 +144,7 @@ def _nchw_tile(u, c, N, C, HW, n_hwb, ROWS: tl.constexpr, BLOCK_HW: tl.constexpr
 # ---- statistics: partial shifted sums ------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED["nchw"])
 def _stats_part_nchw(x_ptr, ws_ptr, N, C, HW, n_hwb, n_units, units_per_prog,
                      ROWS: tl.constexpr, BLOCK_HW: tl.constexpr):
     # grid (C, P); a unit is (group of ROWS images, block of BLOCK_HW pixels) of channel c
@@ -155,7 +168,7 @@ def _stats_part_nchw(x_ptr, ws_ptr, N, C, HW, n_hwb, n_units, units_per_prog,
     tl.store(base + 2 * C, pivot)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED["nhwc"])
 def _stats_part_nhwc(x_ptr, ws_ptr, M, C, rows_per_prog,
                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     # grid (cdiv(C, BLOCK_C), P); program p reduces rows [p*rows_per_prog, +rows_per_prog)
@@ -182,7 +195,7 @@ def _stats_part_nhwc(x_ptr, ws_ptr, M, C, rows_per_prog,
     tl.store(base + 2 * C, pivot, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED[None])
 def _stats_finalize(ws_ptr, mean_ptr, var_ptr, P, C, count,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # ws [P, 3, C]: (sum(x - pivot), sum((x - pivot)^2), pivot)
@@ -206,7 +219,7 @@ def _stats_finalize(ws_ptr, mean_ptr, var_ptr, P, C, count,
     tl.store(var_ptr + cols, var, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED[None])
 def _colsum(ws_ptr, out_ptr, P, K, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # out[k] = sum_p ws[p, k], in order p = 0..P-1 blocks (deterministic)
     acc_ty = ws_ptr.dtype.element_ty
@@ -223,7 +236,7 @@ def _colsum(ws_ptr, out_ptr, P, K, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr)
 # ---- forward apply -------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED["nchw"])
 def _fwd_nchw(x_ptr, aff_ptr, res_ptr, raff_ptr, out_ptr, N, C, HW, n_hwb, has_res, res_aff, relu,
               ROWS: tl.constexpr, BLOCK_HW: tl.constexpr):
     # grid (cdiv(N, ROWS) * n_hwb, C): ROWS images x BLOCK_HW pixels of one channel, so the
@@ -243,7 +256,7 @@ def _fwd_nchw(x_ptr, aff_ptr, res_ptr, raff_ptr, out_ptr, N, C, HW, n_hwb, has_r
     tl.store(out_ptr + offs, _cast_out(z, out_ptr), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED["nhwc"])
 def _fwd_nhwc(x_ptr, aff_ptr, res_ptr, raff_ptr, out_ptr, M, C, has_res, res_aff, relu,
               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     # grid (cdiv(M, BLOCK_M), cdiv(C, BLOCK_C))
@@ -268,7 +281,7 @@ def _fwd_nhwc(x_ptr, aff_ptr, res_ptr, raff_ptr, out_ptr, M, C, has_res, res_aff
 # ---- backward reduction: partial (sum dz, sum dz*x_hat, sum dz*r_hat) -----------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED["nchw"])
 def _bwd_reduce_part_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, st_ptr, raff_ptr, rst_ptr, ws_ptr, dz_ptr,
                           N, C, HW, n_hwb, n_units, units_per_prog,
                           use_res, res_aff, res_st, relu_mode, write_dz,
@@ -308,7 +321,7 @@ def _bwd_reduce_part_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, st_ptr, raff_
     tl.store(base + 2 * C, tl.sum(tl.sum(a2, axis=1), axis=0), mask=res_st != 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED["nhwc"])
 def _bwd_reduce_part_nhwc(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, st_ptr, raff_ptr, rst_ptr, ws_ptr, dz_ptr,
                           M, C, rows_per_prog, use_res, res_aff, res_st, relu_mode, write_dz,
                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -355,7 +368,7 @@ def _bwd_reduce_part_nhwc(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, st_ptr, raff_
 # ---- backward apply ------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED["nchw"])
 def _bwd_apply_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, coef_ptr, raff_ptr, rcoef_ptr, dx_ptr, dres_ptr,
                     N, C, HW, n_hwb, use_res, res_aff, res_coef, has_res, relu_mode,
                     ROWS: tl.constexpr, BLOCK_HW: tl.constexpr):
@@ -388,7 +401,7 @@ def _bwd_apply_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, coef_ptr, raff_ptr,
     tl.store(dres_ptr + offs, _cast_out(dres, dres_ptr), mask=m & (has_res != 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED["nhwc"])
 def _bwd_apply_nhwc(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, coef_ptr, raff_ptr, rcoef_ptr, dx_ptr, dres_ptr,
                     M, C, use_res, res_aff, res_coef, has_res, relu_mode,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):

@@ -463,15 +463,23 @@ def run_case(case: Case, providers: Sequence[str], skipped: Dict[str, str], devi
     return st.result()
 
 
+def _shared_or_drop(st: "_Case", providers: Sequence[str], device: torch.device):
+    """The case's shared set-up (weights, inputs); None, with every provider dropped and the
+    reason recorded, when it fails."""
+    try:
+        return make_shared(st.case, device)
+    except Exception as exc:  # noqa: BLE001
+        for p in providers:
+            st.drop(p, exc, "setting up the case")
+        return None
+
+
 def _run_measured(st: _Case, providers: Sequence[str], device: torch.device) -> None:
     from ..memory import saved_bytes
 
     case, base = st.case, st.base
-    try:
-        shared = make_shared(case, device)
-    except Exception as exc:  # noqa: BLE001
-        for p in providers:
-            st.drop(p, exc, "setting up the case")
+    shared = _shared_or_drop(st, providers, device)
+    if shared is None:
         return
     insts: Dict[str, Instance] = {}
     for p in providers:
@@ -621,11 +629,8 @@ def _run_max_batch(st: _Case, providers: Sequence[str], device: torch.device) ->
     case = st.case
     total = torch.cuda.get_device_properties(device).total_memory
     budget = total if case.mem_budget_gib is None else min(total, int(case.mem_budget_gib * GiB))
-    try:
-        shared = make_shared(case, device)
-    except Exception as exc:  # noqa: BLE001
-        for p in providers:
-            st.drop(p, exc, "setting up the case")
+    shared = _shared_or_drop(st, providers, device)
+    if shared is None:
         return
     free_memory(device)
     fraction = budget / total

@@ -217,17 +217,13 @@ def _op_instance(case: Case, provider: str, sh: Shared, device: torch.device, re
             out.backward(sh.grad_for(out))
             return out
 
-        def run():
-            call()
-            clear()
-
-        def check():
-            out = call()
+        def results(out):
             res = {"out": out.detach(), "grad_x": x.grad, "grad_weight": w.grad, "grad_bias": b.grad}
             if case.name == "join":
                 res["grad_r"] = r.grad
-            clear()
             return res
+
+        run, check = _train_fns(call, clear, results)
     else:
         ctx = torch.no_grad if case.name == "apply" else contextlib.nullcontext
 
@@ -242,6 +238,21 @@ def _op_instance(case: Case, provider: str, sh: Shared, device: torch.device, re
     return Instance(run=run, check=check, saved_exclude=(w, b, rm, rv), clear=clear,
                     measure_saved=provider != "compile" and case.name != "apply",
                     static=lambda: _tensor_bytes((w, b, rm, rv)), keep=[x, r])
+
+
+def _train_fns(call: Callable, clear: Callable, results: Callable):
+    """``run`` (forward + backward, gradients cleared) and ``check`` (the same, returning
+    ``results(out)``: output and gradients, taken before they are cleared)."""
+    def run():
+        call()
+        clear()
+
+    def check():
+        res = results(call())
+        clear()
+        return res
+
+    return run, check
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,16 +298,7 @@ def _block_instance(case: Case, provider: str, sh: Shared, device: torch.device,
             out.backward(sh.grad_for(out))
         return out
 
-    def run():
-        call()
-        clear()
-
-    def check():
-        out = call()
-        res = {"out": out.detach(), "grad_x": x.grad}
-        clear()
-        return res
-
+    run, check = _train_fns(call, clear, lambda out: {"out": out.detach(), "grad_x": x.grad})
     return Instance(run=run, check=check, saved_exclude=list(module.parameters()) + list(module.buffers()),
                     measure_saved=provider != "compile", clear=clear,
                     static=lambda: _tensor_bytes(list(module.parameters()) + list(module.buffers())),

@@ -317,3 +317,37 @@ def test_text_progress_without_tqdm(monkeypatch):
     progress.close()
     text = "".join(stream.lines)
     assert "[1/2" in text and "op join fwd" in text and "eager 1 ms" in text
+
+
+@pytest.mark.parametrize("fixed,per,budget_images", [(1000, 100, 77), (10**6, 3000, 1000), (50, 7, 8), (0, 1, 5)])
+def test_largest_batch_search(fixed, per, budget_images):
+    """The max-batch search finds the largest multiple of 8 that fits, and with the peak
+    readings it needs few probes (a linear model's prediction is tried first)."""
+    from resfused.bench import runner
+
+    budget = fixed + per * budget_images
+    state = {"peak": 0}
+    probes = []
+
+    def probe(batch):
+        probes.append(batch)
+        need = fixed + per * batch
+        if need > budget:
+            raise RuntimeError("CUDA out of memory. Tried to allocate ...")
+        state["peak"] = need
+
+    class Inst:
+        def clear(self):
+            pass
+
+    expected = max(0, budget_images // 8 * 8)
+    cpu = torch.device("cpu")
+    plain = runner._largest_batch(probe, 8, Inst(), cpu)
+    n_plain = len(probes)
+    probes.clear()
+    modelled = runner._largest_batch(probe, 8, Inst(), cpu, budget=budget,
+                                     peak=(lambda: state.update(peak=0), lambda: state["peak"]))
+    assert plain == modelled == expected
+    assert len(probes) <= max(4, n_plain), (probes, n_plain)
+    if expected >= 64:
+        assert len(probes) < n_plain

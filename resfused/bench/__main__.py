@@ -1,7 +1,7 @@
 """``python -m resfused.bench`` (also the ``resfused-bench`` command): resfused against eager
 PyTorch and its peers, measured side by side in one run.
 
-    python -m resfused.bench --quick                  # < 2 min on a 2-core CPU, < 1 min on an H100
+    python -m resfused.bench --quick                  # < 2 min on a 2-core CPU (GPU: not yet timed)
     python -m resfused.bench                          # the thorough preset
     python -m resfused.bench --level op --provider 'resfused[cpu]' --dtype fp32,bf16
     python -m resfused.bench --quick --compare benchmarks/results/cpu-amd-epyc-2threads-quick.json

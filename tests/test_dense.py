@@ -15,7 +15,8 @@ import resfused
 from resfused.memory import model_saved_bytes, saved_bytes
 from resfused.nn import FusedDenseBlock, FusedDenseLayer, FusedTransition
 from utils import (assert_close, backend_cases, case_id, check_no_grad_and_inference_mode, gradcheck_module,
-                   interpreted, randomise_bns, rel_tol, run_against_reference, sgd_step_against_reference)
+                   interpreted, paired_for_sgd, randomise_bns, rel_tol, run_against_reference,
+                   sgd_step_against_reference)
 
 CASES = backend_cases()
 NATIVE = [c for c in CASES if not interpreted(*c)]
@@ -220,12 +221,8 @@ def test_densenet121_matches_torchvision_over_sgd_steps(backend, device, layout,
     torch.manual_seed(0)
     ref = randomise_bns(torchvision.models.densenet121(num_classes=10, memory_efficient=ref_me), bias=0.2,
                         running_stats=False).double()
-    mine = resfused.models.densenet121(num_classes=10).double().to(device)
-    mine.load_state_dict(ref.state_dict())
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    mine = mine.to(memory_format=fmt)
-    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9)
-    opt_mine = torch.optim.SGD(mine.parameters(), lr=0.01, momentum=0.9)
+    mine = resfused.models.densenet121(num_classes=10).double()
+    mine, fmt, opt_ref, opt_mine = paired_for_sgd(ref, mine, device, layout)
     with resfused.use_backend(backend):
         for step in range(4):
             sgd_step_against_reference(ref, mine, opt_ref, opt_mine, step < 3, device, fmt, f"step {step}")

@@ -9,8 +9,8 @@ from torch import nn
 
 import resfused
 from resfused.memory import model_saved_bytes
-from utils import (assert_close, assert_low_precision, backend_cases, case_id, interpreted, randomise_bns,
-                   rel_tol, sgd_step_against_reference)
+from utils import (assert_close, assert_low_precision, backend_cases, case_id, interpreted, paired_for_sgd,
+                   randomise_bns, rel_tol, sgd_step_against_reference)
 
 CASES = [c for c in backend_cases() if not interpreted(*c)]  # whole models: native backends
 MODELS = ["resnet18", "resnet50", "resnext50_32x4d"]
@@ -28,12 +28,8 @@ def test_model_matches_torchvision_over_sgd_steps(case, name, layout):
     backend, device = case
     torch.manual_seed(0)
     ref = randomise_bns(getattr(torchvision.models, name)(num_classes=10), bias=0.2, running_stats=False).double()
-    mine = getattr(resfused.models, name)(num_classes=10).double().to(device)
-    mine.load_state_dict(ref.state_dict())
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    mine = mine.to(memory_format=fmt)
-    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9)
-    opt_mine = torch.optim.SGD(mine.parameters(), lr=0.01, momentum=0.9)
+    mine = getattr(resfused.models, name)(num_classes=10).double()
+    mine, fmt, opt_ref, opt_mine = paired_for_sgd(ref, mine, device, layout)
     with resfused.use_backend(backend):
         for step in range(4):
             sgd_step_against_reference(ref, mine, opt_ref, opt_mine, step < 3, device, fmt, f"{name} step {step}")

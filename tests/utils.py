@@ -148,6 +148,17 @@ def rel_tol(expected: torch.Tensor, rel: float):
     return rel * max(float(expected.detach().abs().max()), 1e-12), rel
 
 
+def paired_for_sgd(ref, mine, device, layout: str):
+    """``mine`` loaded with ``ref``'s state_dict, on ``device`` in ``layout``, and an SGD
+    optimizer (lr 0.01, momentum 0.9) for each: ``(mine, fmt, opt_ref, opt_mine)``."""
+    mine.load_state_dict(ref.state_dict())
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    mine = mine.to(device).to(memory_format=fmt)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9)
+    opt_mine = torch.optim.SGD(mine.parameters(), lr=0.01, momentum=0.9)
+    return mine, fmt, opt_ref, opt_mine
+
+
 def sgd_step_against_reference(ref, mine, opt_ref, opt_mine, training: bool, device, fmt, what: str):
     """One step of both models on the same random batch (cross-entropy, 10 classes):
     outputs, input gradient and every parameter gradient compared (float64 models, the

@@ -8,8 +8,7 @@ conv with non-zero padding mode, a custom activation) runs torchvision's own for
 """
 from __future__ import annotations
 
-import contextlib
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +16,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from ..autograd.block import BlockSpec, BNSpec, ConvSpec, ResidualBlockFunction
 from ..distributed import resolve_group
-from .bn_act import advance_batch_norm, batch_norm_args, reject_onnx_export
+from .bn_act import (SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norm, batch_norm_args,
+                     reject_onnx_export)
 
 try:  # torchvision's frozen BN (detection backbones): an eval-only affine BN with buffers
     from torchvision.ops.misc import FrozenBatchNorm2d
@@ -64,20 +64,24 @@ def check_module_input(name: str, x: Tensor, expected_c: int, weight: Tensor, ba
                          f"{tuple(x.shape)}")
 
 
-class _FusedBlockMixin:
-    """The fused forward shared by both block kinds. Subclasses list their units."""
+class _FusedBlockMixin(SyncBNMixin):
+    """The fused forward shared by both block kinds (torchvision's constructor plus
+    ``memory_efficient``, ``sync_bn`` and ``process_group``). Subclasses list their units."""
 
     memory_efficient: bool = True
-    #: synchronized batch statistics across processes (``nn.SyncBatchNorm`` semantics) over
-    #: ``process_group`` (None: the default group); an ``nn.SyncBatchNorm`` inside the block
-    #: (``nn.SyncBatchNorm.convert_sync_batchnorm``) is synchronized over its own group
-    sync_bn: bool = False
-    process_group = None
+
+    def __init__(self, *args, memory_efficient: bool = True, sync_bn: bool = False, process_group=None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.memory_efficient = memory_efficient
+        self.sync_bn, self.process_group = sync_bn, process_group
 
     def _sync_group(self, bn: nn.Module):
+        """An ``nn.SyncBatchNorm`` inside the block (``nn.SyncBatchNorm.convert_sync_batchnorm``)
+        is synchronized over its own group; any other BN as the block says."""
         if isinstance(bn, nn.SyncBatchNorm):
             return resolve_group(bn.process_group)
-        return resolve_group(self.process_group) if self.sync_bn else None
+        return self._group(True)
 
     def _units(self) -> List[Tuple[nn.Module, nn.Module]]:
         raise NotImplementedError
@@ -165,25 +169,6 @@ def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     return None
 
 
-def _snapshot(bns: Sequence[nn.Module]) -> List[Tuple[Tensor, Tensor]]:
-    names = ("running_mean", "running_var", "num_batches_tracked")
-    return [(t, t.clone()) for bn in bns for t in (getattr(bn, n, None) for n in names) if t is not None]
-
-
-@contextlib.contextmanager
-def _restore_on_error(saved: List[Tuple[Tensor, Tensor]]):
-    """Synchronized statistics can fail mid-block (a rank with another shape): put every
-    BN's running statistics and batch count back (``saved``: taken before anything moved),
-    so a call that raises changes nothing."""
-    try:
-        yield
-    except BaseException:
-        with torch.no_grad():
-            for t, old in saved:
-                t.copy_(old)
-        raise
-
-
 def _no_autocast(x: Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
@@ -191,24 +176,12 @@ def _no_autocast(x: Tensor):
 class FusedBasicBlock(_FusedBlockMixin, BasicBlock):
     """torchvision ``BasicBlock`` (same constructor and state_dict), fused."""
 
-    def __init__(self, *args, memory_efficient: bool = True, sync_bn: bool = False, process_group=None,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
-        self.memory_efficient = memory_efficient
-        self.sync_bn, self.process_group = sync_bn, process_group
-
     def _units(self):
         return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
 
 
 class FusedBottleneck(_FusedBlockMixin, Bottleneck):
     """torchvision ``Bottleneck`` (same constructor and state_dict), fused."""
-
-    def __init__(self, *args, memory_efficient: bool = True, sync_bn: bool = False, process_group=None,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
-        self.memory_efficient = memory_efficient
-        self.sync_bn, self.process_group = sync_bn, process_group
 
     def _units(self):
         return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]

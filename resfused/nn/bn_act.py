@@ -1,7 +1,8 @@
 """``BatchNormAct2d``: ``nn.BatchNorm2d`` whose forward fuses ``+ residual`` and the activation."""
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +19,38 @@ if hasattr(torch.compiler, "assume_constant_result"):  # asked for real while to
     _in_onnx_export = torch.compiler.assume_constant_result(_in_onnx_export)
 
 
+class SyncBNMixin:
+    """Synchronized batch statistics across processes (``nn.SyncBatchNorm`` semantics) over
+    ``process_group`` (None: the default group), for the fused modules; set by their
+    ``sync_bn``/``process_group`` arguments or ``resfused.convert(model, sync_bn=True)``."""
+
+    sync_bn: bool = False
+    process_group = None
+
+    def _group(self, training: bool):
+        """The resolved group when statistics are synchronized (batch statistics only)."""
+        return resolve_group(self.process_group) if (self.sync_bn and training) else None
+
+
+def _snapshot(bns: Sequence[nn.Module]) -> List[Tuple[Tensor, Tensor]]:
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    return [(t, t.clone()) for bn in bns for t in (getattr(bn, n, None) for n in names) if t is not None]
+
+
+@contextlib.contextmanager
+def _restore_on_error(saved: List[Tuple[Tensor, Tensor]]):
+    """Synchronized statistics can fail mid-call (a rank with another shape): put every
+    BN's running statistics and batch count back (``saved``: taken before anything moved),
+    so a call that raises changes nothing."""
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for t, old in saved:
+                t.copy_(old)
+        raise
+
+
 def reject_onnx_export(name: str) -> None:
     """Fused modules run autograd Functions over resfused ops, which ONNX has no
     translation for: say what to export instead (torch.export works unfolded)."""
@@ -27,7 +60,7 @@ def reject_onnx_export(name: str) -> None:
                            f"resfused.revert(model) (any model, back to torchvision's modules)")
 
 
-class BatchNormAct2d(nn.BatchNorm2d):
+class BatchNormAct2d(SyncBNMixin, nn.BatchNorm2d):
     """A drop-in ``nn.BatchNorm2d`` (same arguments, buffers and state_dict) computing
     ``act(bn(x) + residual)`` in one fused pass.
 
@@ -35,9 +68,6 @@ class BatchNormAct2d(nn.BatchNorm2d):
     gives the cumulative moving average through ``num_batches_tracked``;
     ``affine=False`` and ``track_running_stats=False`` behave as in ``nn.BatchNorm2d``.
     """
-
-    sync_bn: bool = False
-    process_group = None
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
@@ -64,18 +94,12 @@ class BatchNormAct2d(nn.BatchNorm2d):
         RF.check_bn_input(x, running_mean, running_var, weight, bias, bn_training)
         if residual is not None:
             RF.check_residual(x, residual)
-        group = resolve_group(self.process_group) if (self.sync_bn and bn_training) else None
-        saved = [(t, t.clone()) for t in (self.running_mean, self.running_var, self.num_batches_tracked)
-                 if group is not None and t is not None]
+        group = self._group(bn_training)
+        saved = _snapshot([self]) if group is not None else []
         momentum = advance_batch_norm(self)
-        try:
+        with _restore_on_error(saved):
             return RF.batch_norm_act(x, running_mean, running_var, weight, bias, bn_training,
                                      momentum, self.eps, residual, self.activation, sync_group=group)
-        except BaseException:
-            with torch.no_grad():  # a failed synchronization (ranks disagree) changes nothing
-                for t, old in saved:
-                    t.copy_(old)
-            raise
 
 
 def batch_norm_args(bn: nn.modules.batchnorm._BatchNorm):

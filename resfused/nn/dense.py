@@ -22,9 +22,8 @@ from ..autograd.dense import (DenseBlockFunction, DenseBlockSpec, DenseLayerSpec
                               TransitionSpec, dense_block_forward, transition_forward)
 from ..functional import check_bn_input
 from ..ops import bn_act as ops
-from ..distributed import resolve_group
-from .block import _autocast_dtype, _conv_spec, _no_autocast, _restore_on_error, _snapshot, check_module_input
-from .bn_act import advance_batch_norm, batch_norm_args
+from .block import _autocast_dtype, _conv_spec, _no_autocast, check_module_input
+from .bn_act import SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norm, batch_norm_args
 
 
 def _keeps_size(conv: nn.Conv2d) -> bool:
@@ -48,17 +47,7 @@ def _grad_wanted(x: Tensor, tensors: Sequence[Optional[Tensor]]) -> bool:
     return x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
 
 
-class _SyncMixin:
-    #: batch statistics synchronized across processes over ``process_group`` (None: the
-    #: default group), as nn.SyncBatchNorm; set by ``resfused.convert(model, sync_bn=True)``
-    sync_bn: bool = False
-    process_group = None
-
-    def _group(self, training: bool):
-        return resolve_group(self.process_group) if (self.sync_bn and training) else None
-
-
-def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: _SyncMixin) -> Tensor:
+def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: SyncBNMixin) -> Tensor:
     """Validate, advance the BNs' batch counters, then run ``layers`` as one fused dense block."""
     bns = [bn for layer in layers for bn in (layer.norm1, layer.norm2)]
     args = [batch_norm_args(bn) for bn in bns]
@@ -97,7 +86,7 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: _Syn
         return dense_block_forward(spec, x, tensors, keep=False).buf
 
 
-class FusedDenseLayer(_SyncMixin, _DenseLayer):
+class FusedDenseLayer(SyncBNMixin, _DenseLayer):
     """torchvision ``_DenseLayer`` (same constructor and state_dict), fused. Standalone it
     returns the new features only, like torchvision's; inside a ``FusedDenseBlock`` the
     block runs all its layers as one node."""
@@ -118,7 +107,7 @@ class FusedDenseLayer(_SyncMixin, _DenseLayer):
         return out[:, input.shape[1]:]
 
 
-class FusedDenseBlock(_SyncMixin, _DenseBlock):
+class FusedDenseBlock(SyncBNMixin, _DenseBlock):
     """torchvision ``_DenseBlock`` (same constructor and state_dict: ``denselayer%d``), fused:
     the output is torchvision's ``torch.cat([x, new_1, ..., new_L], 1)``, written in place
     into one shared buffer."""
@@ -147,7 +136,7 @@ class FusedDenseBlock(_SyncMixin, _DenseBlock):
         return _run_dense_layers(f"{self._block_name()}.denselayer1", list(self.values()), init_features, self)
 
 
-class FusedTransition(_SyncMixin, _Transition):
+class FusedTransition(SyncBNMixin, _Transition):
     """torchvision ``_Transition`` (norm → relu → 1x1 conv → avg pool; same state_dict),
     with the fused BN-ReLU recomputed in backward instead of kept."""
 

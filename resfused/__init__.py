@@ -5,6 +5,7 @@ one says what is missing and how to build it (``python -m resfused.info``).
 """
 from . import functional, nn, ops
 from ._backend import BACKENDS, select_backend, use_backend
+from .conv_select import use_conv
 from .convert import convert, fold, revert
 from .nn import (BatchNormAct2d, FusedBasicBlock, FusedBottleneck, FusedDenseBlock, FusedDenseLayer,
                  FusedTransition)
@@ -14,4 +15,4 @@ __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "BatchNormAct2d", "FusedBasicBlock", "FusedBottleneck", "FusedDenseBlock",
            "FusedDenseLayer", "FusedTransition", "convert", "fold", "functional",
-           "models", "nn", "ops", "revert", "select_backend", "use_backend"]
+           "models", "nn", "ops", "revert", "select_backend", "use_backend", "use_conv"]

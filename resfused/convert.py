@@ -17,9 +17,11 @@ from torchvision.models.densenet import _DenseBlock, _DenseLayer, _Transition
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .nn.bn_act import BatchNormAct2d
-from .nn.block import FusedBasicBlock, FusedBottleneck, _bn_args
+from .nn.block import (FusedBasicBlock, FusedBottleneck, _autocast_dtype, _bn_args, _no_autocast, select_conv,
+                       triton_conv_reason)
 from .nn.dense import FusedDenseBlock, FusedDenseLayer, FusedTransition
 from .ops import bn_act as ops
+from .ops import conv as conv_ops
 
 _FUSED: Dict[Type[nn.Module], Type[nn.Module]] = {Bottleneck: FusedBottleneck, BasicBlock: FusedBasicBlock}
 _PLAIN: Dict[Type[nn.Module], Type[nn.Module]] = {v: k for k, v in _FUSED.items()}
@@ -151,6 +153,11 @@ class FoldedBlock(nn.Module):
         self.register_buffer("res_affine", None if down_bias is None else torch.stack([one, down_bias.float()]))
 
     def forward(self, x: Tensor) -> Tensor:
+        if not _exporting() and self._conv_path(x) == "triton":
+            return self._forward_triton(x)
+        return self._forward_library(x)
+
+    def _forward_library(self, x: Tensor) -> Tensor:
         h = x
         for conv in self.inner:
             h = torch.relu(conv(h))
@@ -165,6 +172,48 @@ class FoldedBlock(nn.Module):
             return torch.relu(z + identity)
         return ops.bn_act_fwd(y, self.affine.to(_acc(y)), identity,
                               None if self.res_affine is None else self.res_affine.to(_acc(y)), True)
+
+
+    def _convs(self):
+        return list(self.inner) + [self.last] + ([self.down] if self.down is not None else [])
+
+    def _conv_path(self, x: Tensor) -> str:
+        convs = self._convs()
+        why = triton_conv_reason(x, [c.groups for c in convs])
+        if not why and any(type(c) is not nn.Conv2d or c.padding_mode != "zeros" or isinstance(c.padding, str)
+                           for c in convs):
+            why = "a convolution with non-zero padding mode runs in the library"
+        if not why and torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            why = ("gradients would be needed; the Triton path of a folded block is for inference (run it under "
+                   "torch.no_grad() or torch.inference_mode())")
+        key = (f"folded|{str(x.dtype).replace('torch.', '')}|x{tuple(x.shape)}|"
+               f"w{[tuple(c.weight.shape) for c in convs]}|conv{[(c.stride, c.padding, c.dilation) for c in convs]}|"
+               f"grad{torch.is_grad_enabled()}")
+        return select_conv(type(self).__name__, why, x, key,
+                           lambda: {"library": lambda: self._forward_library(x),
+                                    "triton": lambda: self._forward_triton(x)})
+
+    def _forward_triton(self, x: Tensor) -> Tensor:
+        """The same block as three Triton convolutions: bias + ReLU in the inner convs'
+        epilogues, and bias + residual + ReLU (the join) in the last one's."""
+        cast = _autocast_dtype(x)
+        if cast is not None:
+            x = x.to(cast)
+        tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+
+        def run(conv: nn.Conv2d, h: Tensor, bias: Tensor, residual=None, relu=True) -> Tensor:
+            w = conv.weight.to(h.dtype)
+            return conv_ops.conv_bn_fwd(h, w, list(conv.stride), list(conv.padding), list(conv.dilation), None,
+                                        bias.float(), residual, relu, False, tf32, "triton")[0]
+
+        with _no_autocast(x):
+            h = x
+            for conv in self.inner:
+                h = run(conv, h, conv.bias)
+            identity = x
+            if self.down is not None:
+                identity = run(self.down, x, self.res_affine[1], relu=False)
+            return run(self.last, h, self.affine[1], residual=identity)
 
 
 def _exporting() -> bool:

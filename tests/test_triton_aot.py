@@ -42,10 +42,9 @@ def aot_rows():
 
 
 def _expected():
-    from resfused.triton import aot, bn_act
+    from resfused.triton import aot
 
-    return {(spec.name, aot.variant_label(dt, cx, al))
-            for spec, dt, cx in bn_act.variants() for al in (False, True)}
+    return {(v.name, v.label) for v in aot.all_variants()}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -61,14 +60,18 @@ def test_every_kernel_compiles_without_spills(aot_rows, arch):
     assert not spilled, f"register spills on sm_{arch}: {spilled}"
     for r in rows:
         assert 0 < r["n_regs"] <= 255, r
-        assert r["shared"] <= 48 * 1024, r  # static-launch limit, far above what these use
+        # bn_act: under the static-launch limit; conv GEMM tiles: under sm_80's 163 KiB per block
+        assert r["shared"] <= (163 if r["name"].startswith("conv_") else 48) * 1024, r
 
 
-def test_variants_cover_every_kernel():
-    """Each kernel function in bn_act is in the registry the launchers and aot share."""
+@pytest.mark.parametrize("module", ["bn_act", "conv"])
+def test_variants_cover_every_kernel(module):
+    """Each kernel function of a Triton module is in the registry the launchers and aot share."""
+    import importlib
+
     import triton
 
-    from resfused.triton import bn_act
+    mod = importlib.import_module(f"resfused.triton.{module}")
 
     kinds = [triton.runtime.JITFunction]
     try:
@@ -77,9 +80,14 @@ def test_variants_cover_every_kernel():
         kinds.append(InterpretedFunction)
     except ImportError:
         pass
-    registered = {id(s.fn) for s in bn_act.KERNELS.values()}
-    jitted = [name for name, obj in vars(bn_act).items()
-              if isinstance(obj, tuple(kinds)) and name not in bn_act.JIT_HELPERS]
-    assert jitted, "found no Triton kernels in bn_act"
-    missing = [n for n in jitted if id(getattr(bn_act, n)) not in registered]
-    assert not missing, f"kernels not in bn_act.KERNELS (so not AOT-checked): {missing}"
+    registered = {id(s.fn) for s in mod.KERNELS.values()}
+    jitted = [name for name, obj in vars(mod).items()
+              if isinstance(obj, tuple(kinds)) and name not in mod.JIT_HELPERS]
+    assert jitted, f"found no Triton kernels in {module}"
+    missing = [n for n in jitted if id(getattr(mod, n)) not in registered]
+    assert not missing, f"kernels not in {module}.KERNELS (so not AOT-checked): {missing}"
+    from resfused.triton import aot
+
+    names = {v.name for v in aot.all_variants()}
+    prefix = "conv_" if module == "conv" else ""
+    assert {prefix + k for k in mod.KERNELS} <= names

@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..distributed import sync_active, sync_batch_stats, sync_grad_sums
 from ..ops import bn_act as ops
-from .bn_act import bn_act_backward, bn_coefficients
+from ..ops import conv as conv_ops
+from .bn_act import _grad_coefficients, bn_act_backward, bn_coefficients, channel_count
 
 TENSORS_PER_UNIT = 6  # conv weight, conv bias, bn weight, bn bias, running mean, running var
 
@@ -49,6 +51,11 @@ class BlockSpec(NamedTuple):
     downsample: Optional[Tuple[ConvSpec, BNSpec]]  # the fused conv-BN downsample branch, if any
     memory_efficient: bool
     backend: str
+    #: "library": F.conv2d / aten.convolution_backward around the fused elementwise kernels;
+    #: "triton" / "eager": the fused conv ops (``resfused.ops.conv``) of that backend, with
+    #: each inner BN-ReLU in the next conv's prologue and the statistics in the epilogue
+    conv: str = "library"
+    tf32: bool = False  # the fused conv ops may multiply fp32 in TF32
 
 
 def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], c: ConvSpec) -> Tensor:
@@ -63,6 +70,39 @@ def _conv_backward(grad: Tensor, inp: Tensor, w: Tensor, b: Optional[Tensor], c:
     return torch.ops.aten.convolution_backward(grad, inp, w, bias_sizes, list(c.stride), list(c.padding),
                                                list(c.dilation), False, [0, 0], c.groups,
                                                [need_inp, need_w, need_b and b is not None])
+
+
+def _fused_conv(spec: BlockSpec, h: Tensor, w: Tensor, c: ConvSpec, bn: BNSpec, prologue: Optional[Tensor],
+                g, b, rm, rv, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """y = conv(prologue(h)) with the BN statistics from the conv's epilogue; returns
+    (y, affine, stats) of the BN that follows (running statistics updated once)."""
+    y, mean, var = conv_ops.conv_bn_fwd(h, w, list(c.stride), list(c.padding), list(c.dilation), prologue, None,
+                                        None, False, bn.training, spec.tf32, spec.conv)
+    batch_stats, count = None, None
+    if bn.training:
+        count = channel_count(y)
+        if sync_active(bn.group, True):
+            mean, var, count = sync_batch_stats(mean, var, count, bn.group)
+        batch_stats = (mean, var)
+    affine, st = bn_coefficients(y, g, b, rm, rv, bn.training, bn.momentum, bn.eps, backend,
+                                 batch_stats=batch_stats, batch_count=count)
+    return y, affine, st
+
+
+def _fused_conv_backward(spec: BlockSpec, dy: Tensor, inp: Tensor, w: Tensor, c: ConvSpec,
+                         prologue: Optional[Tensor], need_inp: bool, need_w: bool,
+                         bn_stats: Optional[Tensor] = None):
+    """(d_inp or dz, sums, dw) of a fused conv whose input was ``relu(inp*scale + shift)``
+    (``prologue``) or ``inp`` itself; with a prologue, d_inp is the ReLU-masked gradient
+    dz and sums are (Σdz, Σdz*x̂) of the BN with ``bn_stats``."""
+    dw = conv_ops.conv_bn_wgrad(dy, inp, list(w.shape), list(c.stride), list(c.padding), list(c.dilation),
+                                prologue, spec.tf32, spec.conv) if need_w else None
+    d_inp = sums = None
+    if need_inp:
+        d_inp, sums = conv_ops.conv_bn_dgrad(dy, w, list(inp.shape), list(c.stride), list(c.padding),
+                                             list(c.dilation), inp if prologue is not None else None, prologue,
+                                             bn_stats, spec.tf32, spec.conv)
+    return d_inp, sums, dw
 
 
 def _units(tensors: Sequence[Optional[Tensor]], n: int) -> List[Sequence[Optional[Tensor]]]:
@@ -80,24 +120,35 @@ class ResidualBlockFunction(torch.autograd.Function):
         backend = ops.resolve(spec.backend, x)
         n = len(spec.convs)
         units = _units(tensors, n + (1 if spec.downsample else 0))
+        fused = spec.conv != "library"
         h = x
         ys, affines, stats, acts = [], [], [], []
         for i, ((w, cb, g, b, rm, rv), conv, bn) in enumerate(zip(units, spec.convs, spec.bns)):
-            y = _conv(h, w, cb, conv)
-            affine, st = bn_coefficients(y, g, b, rm, rv, bn.training, bn.momentum, bn.eps, backend, group=bn.group)
+            if fused:  # the previous BN-ReLU runs in this conv's prologue: a is never written
+                y, affine, st = _fused_conv(spec, h, w, conv, bn, affines[-1] if i else None, g, b, rm, rv, backend)
+            else:
+                y = _conv(h, w, cb, conv)
+                affine, st = bn_coefficients(y, g, b, rm, rv, bn.training, bn.momentum, bn.eps, backend,
+                                             group=bn.group)
             ys.append(y)
             affines.append(affine)
             stats.append(st)
             if i < n - 1:
-                h = ops.bn_act_fwd(y, affine, None, None, True, backend)
-                acts.append(h)
+                if fused:
+                    h = y
+                else:
+                    h = ops.bn_act_fwd(y, affine, None, None, True, backend)
+                    acts.append(h)
         y_d = aff_d = st_d = None
         if spec.downsample is not None:
             w, cb, g, b, rm, rv = units[n]
             conv_d, bn_d = spec.downsample
-            y_d = _conv(x, w, cb, conv_d)
-            aff_d, st_d = bn_coefficients(y_d, g, b, rm, rv, bn_d.training, bn_d.momentum, bn_d.eps, backend,
-                                          group=bn_d.group)
+            if fused:
+                y_d, aff_d, st_d = _fused_conv(spec, x, w, conv_d, bn_d, None, g, b, rm, rv, backend)
+            else:
+                y_d = _conv(x, w, cb, conv_d)
+                aff_d, st_d = bn_coefficients(y_d, g, b, rm, rv, bn_d.training, bn_d.momentum, bn_d.eps, backend,
+                                              group=bn_d.group)
             out = ops.bn_act_fwd(ys[-1], affines[-1], y_d, aff_d, True, backend)
         else:
             residual = x if identity is None else identity
@@ -148,6 +199,7 @@ class ResidualBlockFunction(torch.autograd.Function):
                 grads[unit * k + j] = value.to(ctx.param_dtypes[unit][j])
 
         any_param_grad = any(needs[3:])
+        fused = spec.conv != "library"
         need_x = bool(needs[1])
         ds = spec.downsample
         last = n - 1
@@ -171,7 +223,11 @@ class ResidualBlockFunction(torch.autograd.Function):
         if ds is not None:
             put(n, 2, sums[2])
             put(n, 3, sums[0])
-            if want_ds:
+            if want_ds and fused:
+                dx_d, _, dw_d = _fused_conv_backward(spec, dres, x, weights[n], ds[0], None, need_x, need(n, 0))
+                put(n, 0, dw_d)
+                dx = dx_d
+            elif want_ds:
                 dx_d, dw_d, db_d = _conv_backward(dres, x, weights[n], conv_biases[n], ds[0],
                                                   need_x, need(n, 0), need(n, 1))
                 put(n, 0, dw_d)
@@ -183,6 +239,27 @@ class ResidualBlockFunction(torch.autograd.Function):
 
         # Units from last to first: conv backward, then the BN-ReLU that produced its input.
         for i in range(last, -1, -1):
+            if fused:
+                # wgrad recomputes a_{i-1} in its prologue; dgrad's epilogue applies the
+                # ReLU mask and reduces (Σdz, Σdz*x̂), so only the apply pass is left.
+                inp = x if i == 0 else ys[i - 1]
+                pro = None if i == 0 else affines[i - 1]
+                d_inp, sums, dw = _fused_conv_backward(spec, dy, inp, weights[i], spec.convs[i], pro,
+                                                       i > 0 or need_x, need(i, 0), None if i == 0 else stats[i - 1])
+                put(i, 0, dw)
+                if i == 0:
+                    if need_x and d_inp is not None:
+                        dx = d_inp if dx is None else dx + d_inp
+                    break
+                bn = spec.bns[i - 1]
+                put(i - 1, 2, sums[1])
+                put(i - 1, 3, sums[0])
+                g_sums, g_count = sums, channel_count(inp)
+                if sync_active(bn.group, bn.training):
+                    g_sums, g_count = sync_grad_sums(sums, g_count, bn.group)
+                coef = _grad_coefficients(stats[i - 1], affines[i - 1], g_sums[0], g_sums[1], bn.training, g_count)
+                dy, _ = ops.bn_act_bwd_apply(d_inp, inp, affines[i - 1], coef, None, None, None, None, False, backend)
+                continue
             if i == 0:
                 inp = x
             elif kept_acts:

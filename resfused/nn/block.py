@@ -8,14 +8,17 @@ conv with non-zero padding mode, a custom activation) runs torchvision's own for
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from ..autograd.block import BlockSpec, BNSpec, ConvSpec, ResidualBlockFunction
+from .. import conv_select
+from .._backend import unavailable_reason
+from ..autograd.block import TENSORS_PER_UNIT, BlockSpec, BNSpec, ConvSpec, ResidualBlockFunction
 from ..distributed import resolve_group
+from ..ops.bn_act import _compiling, _trace_time_constant, memory_format_of
 from .bn_act import (SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norm, batch_norm_args,
                      reject_onnx_export)
 
@@ -119,6 +122,11 @@ class _FusedBlockMixin(SyncBNMixin):
         bns = [bn for _, bn in units] + ([fused_ds[1]] if fused_ds else [])
         convs = [conv for conv, _ in units] + ([fused_ds[0]] if fused_ds else [])
         args = [_bn_args(bn) for bn in bns]
+        if _forced_conv() == "triton":  # refused before any running statistic moves
+            why = triton_conv_reason(x, [c.groups for c in convs], any(c.bias is not None for c in convs),
+                                     dtype=_autocast_dtype(x) or x.dtype)
+            if why:
+                raise RuntimeError(_forced_message(self._block_name(), why))
         # A custom downsample module runs eagerly; its output is the (plain) identity.
         identity = None
         if self.downsample is not None and fused_ds is None:
@@ -144,7 +152,104 @@ class _FusedBlockMixin(SyncBNMixin):
             x = x.to(cast)
             identity = None if identity is None else identity.to(cast)
         with _no_autocast(x), _restore_on_error(saved):
+            spec = spec._replace(conv=block_conv(self._block_name(), spec, x, identity, tensors),
+                                 tf32=x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32)
             return ResidualBlockFunction.apply(spec, x, identity, *tensors)
+
+
+#: dtypes the Triton convolutions take
+TRITON_CONV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_forced_conv = _trace_time_constant(conv_select.forced_conv)
+_cached_conv = _trace_time_constant(conv_select.cached)
+_triton_unavailable = _trace_time_constant(unavailable_reason)
+
+
+def triton_conv_reason(x: Tensor, groups: Sequence[int], biased: bool = False,
+                       dtype: Optional[torch.dtype] = None) -> str:
+    """Why convolutions with these ``groups`` (and a bias, when ``biased``) on x (run in
+    ``dtype``, x's by default) cannot run as the Triton convolutions ("" when they can)."""
+    why = _triton_unavailable("triton", x.device)
+    if why:
+        return why
+    dtype = x.dtype if dtype is None else dtype
+    if dtype not in TRITON_CONV_DTYPES:
+        return f"they take float16, bfloat16 or float32 inputs, got {dtype}"
+    if x.dim() == 4 and x.shape[1] > 1 and memory_format_of(x) != torch.channels_last:
+        return "they take channels_last inputs (x.to(memory_format=torch.channels_last))"
+    if any(g != 1 for g in groups):
+        return "grouped convolutions (groups > 1) run in the library"
+    if biased:
+        return "a convolution with a bias runs in the library"
+    return ""
+
+
+def _block_reason(spec: BlockSpec, x: Tensor, tensors: List[Optional[Tensor]]) -> str:
+    convs = list(spec.convs) + ([spec.downsample[0]] if spec.downsample else [])
+    biased = any(tensors[i * TENSORS_PER_UNIT + 1] is not None for i in range(len(convs)))
+    return triton_conv_reason(x, [c.groups for c in convs], biased)
+
+
+def _forced_message(name: str, why: str) -> str:
+    return f"{name}: use_conv('triton') was forced but the Triton convolutions cannot run it: {why}"
+
+
+def select_conv(name: str, why: str, x: Tensor, key: str, runs, may_time: bool = True) -> str:
+    """"library" or "triton" for one call (``resfused.use_conv``): forced, or on CUDA the
+    cached / timed faster of ``runs`` (zero-argument callables per path) for ``key``."""
+    forced = _forced_conv()
+    if forced == "library":
+        return "library"
+    if forced == "triton":
+        if why:
+            raise RuntimeError(_forced_message(name, why))
+        return "triton"
+    if why or x.device.type != "cuda":
+        return "library"
+    key = f"{conv_select.versions_key(x.device)}|{key}"
+    if _compiling() or not may_time:
+        return _cached_conv(key) or "library"
+    return conv_select.choose(key, x.device, runs())
+
+
+def _shape_key(spec: BlockSpec, x: Tensor, tensors: List[Optional[Tensor]]) -> str:
+    weights = [tuple(tensors[i * TENSORS_PER_UNIT].shape) for i in range(len(tensors) // TENSORS_PER_UNIT)]
+    convs = list(spec.convs) + ([spec.downsample[0]] if spec.downsample else [])
+    train = [bn.training for bn in spec.bns]
+    return (f"block|{str(x.dtype).replace('torch.', '')}|x{tuple(x.shape)}|w{weights}|"
+            f"conv{[(c.stride, c.padding, c.dilation) for c in convs]}|train{train}|grad{torch.is_grad_enabled()}|"
+            f"tf32{x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32}")
+
+
+def _tuning_runs(spec: BlockSpec, x: Tensor, identity: Optional[Tensor], tensors: List[Optional[Tensor]]):
+    """One forward (+ backward, when gradients would flow) of the block per conv path, on
+    detached inputs and copies of the running statistics: nothing of the model changes."""
+    grad = torch.is_grad_enabled()
+
+    def make(conv: str):
+        s = spec._replace(conv=conv, tf32=x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32)
+
+        def run():
+            ts = [None if t is None else (t.detach().clone() if j % TENSORS_PER_UNIT in (4, 5)
+                                          else t.detach().requires_grad_(t.requires_grad and grad))
+                  for j, t in enumerate(tensors)]
+            xi = x.detach().requires_grad_(x.requires_grad and grad)
+            out = ResidualBlockFunction.apply(s, xi, None if identity is None else identity.detach(), *ts)
+            if out.requires_grad:
+                out.backward(torch.ones_like(out))
+        return run
+
+    return {"library": make("library"), "triton": make("triton")}
+
+
+def block_conv(name: str, spec: BlockSpec, x: Tensor, identity: Optional[Tensor],
+               tensors: List[Optional[Tensor]]) -> str:
+    """The conv path of one block call: "library" or "triton". No timing while tracing,
+    nor under synchronized BN (ranks could choose apart): the cache decides there."""
+    synced = any(bn.group is not None for bn in spec.bns) or \
+        (spec.downsample is not None and spec.downsample[1].group is not None)
+    return select_conv(name, _block_reason(spec, x, tensors), x, _shape_key(spec, x, tensors),
+                       lambda: _tuning_runs(spec, x, identity, tensors), may_time=not synced)
 
 
 def _autocast_takes_device() -> bool:

@@ -1,8 +1,8 @@
 """Ahead-of-time compile check of every Triton kernel in ``resfused.triton``.
 
 ``compile_all(arch)`` compiles each kernel, for each dtype and constexpr variant the
-launchers can use (``bn_act.variants()``, the same registry the launchers draw their
-tile constexprs from), for ``GPUTarget("cuda", arch, 32)``. No GPU is needed: Triton
+launchers can use (``all_variants()``: ``bn_act.variants()`` and ``conv.variants()``, the
+registries the launchers draw their constexprs from), for ``GPUTarget("cuda", arch, 32)``. No GPU is needed: Triton
 produces PTX and a cubin on the CPU. Registers and spills come from ``ptxas -v`` run on
 the produced PTX (the compiled kernel's ``n_regs``/``n_spills`` are only filled in when a
 driver loads the binary); shared memory from the compiled kernel's metadata.
@@ -12,6 +12,7 @@ kernels by Python functions that cannot be compiled)::
 
     python -m resfused.triton.aot 80 90          # prints a table
     python -m resfused.triton.aot 80 90 --json   # one JSON list on stdout
+    python -m resfused.triton.aot 90 --only conv # the kernels whose name starts with "conv"
 
 Written against triton 3.2 ... 3.8: the ``ASTSource`` argument forms and the location
 of ``ptxas`` changed between versions and are probed, not assumed.
@@ -26,7 +27,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, FrozenSet, List, Optional
 
 import torch
 
@@ -37,15 +39,6 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _jit_fn(spec):
-    fn = spec.fn
-    if not hasattr(fn, "arg_names") or type(fn).__name__ == "InterpretedFunction":
-        raise RuntimeError(
-            "resfused.triton.aot: kernels were decorated under TRITON_INTERPRET=1 and cannot be compiled; "
-            "run the AOT check in a process without it (python -m resfused.triton.aot 80 90)")
-    return fn
-
-
 def _arg_names(fn) -> List[str]:
     names = getattr(fn, "arg_names", None)
     if names is None:  # very old/new JITFunction layouts
@@ -53,19 +46,52 @@ def _arg_names(fn) -> List[str]:
     return list(names)
 
 
-def signature_of(spec, dtype: torch.dtype, constexprs: Dict[str, int]) -> Dict[str, str]:
-    """Triton signature {arg name: type} for one variant (the types the JIT infers
-    from the launchers' arguments: data tensors in ``dtype``, per-channel tensors and
-    workspaces in its accumulation dtype, int32 scalars)."""
-    from . import bn_act
+@dataclass(frozen=True)
+class Variant:
+    """One compiled form of a kernel: what ``compile_all`` builds and reports."""
+    name: str
+    fn: object
+    dtype: torch.dtype  # operand dtype (data pointers); accumulation dtype for finalize kernels
+    constexprs: Dict[str, object]
+    num_warps: int
+    num_stages: Optional[int]
+    data_ptrs: FrozenSet[str]  # pointer args in ``dtype``; the others in ``acc``
+    acc: torch.dtype
+    unspecialized: FrozenSet[str]  # int args the JIT does not specialise
+    aligned: bool  # size args marked divisible by 16
 
-    acc = bn_act.acc_dtype(dtype)
+    @property
+    def label(self) -> str:
+        return variant_label(self.dtype, self.constexprs, self.aligned)
+
+
+def all_variants() -> List[Variant]:
+    """Every kernel variant the launchers of ``bn_act`` and ``conv`` can launch."""
+    from . import bn_act, conv
+
+    out = []
+    for spec, dt, cx in bn_act.variants():
+        for al in (False, True):
+            out.append(Variant(spec.name, spec.fn, dt, dict(cx), spec.num_warps, None, bn_act.DATA_PTRS,
+                               bn_act.acc_dtype(dt), frozenset(bn_act.FLAG_ARGS), al))
+    for kernel, dt, config, mode, tf, al in conv.variants():
+        cfg = conv.CONFIGS[kernel][conv.width_key(dt)][config]
+        out.append(Variant("conv_" + kernel, conv.KERNELS[kernel].fn, dt,
+                           conv.variant_constexprs(kernel, dt, config, mode, tf), cfg.num_warps, cfg.num_stages,
+                           conv.DATA_PTRS, torch.float32, frozenset(conv.UNSPECIALIZED), al))
+    return out
+
+
+def signature_of(v: Variant) -> Dict[str, str]:
+    """Triton signature {arg name: type} for one variant (the types the JIT infers
+    from the launchers' arguments: data tensors in the variant's dtype, per-channel
+    tensors and workspaces in its accumulation dtype, int32 scalars)."""
     sig = {}
-    for name in _arg_names(spec.fn):
-        if name in constexprs:
+    for name in _arg_names(v.fn):
+        if name in v.constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = "*" + _TT_TYPES[dtype if name in bn_act.DATA_PTRS else acc]
+            sig[name] = "*" + _TT_TYPES[v.dtype if name in v.data_ptrs else v.acc]
         else:
             sig[name] = "i32"
     return sig
@@ -82,18 +108,18 @@ def _attrs_descriptor_cls():
         return None
 
 
-def _make_sources(fn, sig: Dict[str, str], constexprs: Dict[str, int], aligned: bool):
+def _make_sources(fn, sig: Dict[str, str], constexprs: Dict[str, object], aligned: bool,
+                  unspecialized_extra: FrozenSet[str]):
     """Candidate ASTSource objects, most likely form for this triton first. Pointers are
     16-byte aligned (as torch allocations are); with ``aligned`` the size arguments the JIT
     specialises (those not in the kernel's ``do_not_specialize``) are also marked
     divisible by 16, the specialisation the JIT makes for such sizes."""
     from triton.compiler import ASTSource
-    from . import bn_act
 
     names = _arg_names(fn)
     ptr_idx = [i for i, n in enumerate(names) if sig[n].startswith("*")]
     if aligned:
-        unspecialized = set(getattr(fn, "do_not_specialize", None) or ()) | bn_act.FLAG_ARGS
+        unspecialized = set(getattr(fn, "do_not_specialize", None) or ()) | set(unspecialized_extra)
         ptr_idx += [i for i, n in enumerate(names)
                     if sig[n] == "i32" and n not in unspecialized and i not in unspecialized]
     cands = []
@@ -128,25 +154,31 @@ def _target(arch: int):
 _FORM = {}  # the ASTSource form that worked, reused for the remaining kernels
 
 
-def _compile(spec, dtype, constexprs, arch, aligned=False):
+def _compile(v: Variant, arch: int):
     import triton
 
-    fn = _jit_fn(spec)
-    sig = signature_of(spec, dtype, constexprs)
-    cands = _make_sources(fn, sig, constexprs, aligned)
+    if not hasattr(v.fn, "arg_names") or type(v.fn).__name__ == "InterpretedFunction":
+        raise RuntimeError(
+            "resfused.triton.aot: kernels were decorated under TRITON_INTERPRET=1 and cannot be compiled; "
+            "run the AOT check in a process without it (python -m resfused.triton.aot 80 90)")
+    sig = signature_of(v)
+    cands = _make_sources(v.fn, sig, v.constexprs, v.aligned, v.unspecialized)
     if "form" in _FORM:
         cands.sort(key=lambda c: c[0] != _FORM["form"])
+    options = {"num_warps": v.num_warps}
+    if v.num_stages is not None:
+        options["num_stages"] = v.num_stages
     errors = []
     for form, make in cands:
         try:
             src = make()
-            kernel = triton.compile(src, target=_target(arch), options={"num_warps": spec.num_warps})
+            kernel = triton.compile(src, target=_target(arch), options=options)
         except Exception as exc:  # try the next form; report all if none works
             errors.append(f"{form}: {type(exc).__name__}: {str(exc).strip()[:2000]}")
             continue
         _FORM["form"] = form
         return kernel, form
-    raise RuntimeError(f"resfused.triton.aot: {spec.name} {dtype} {constexprs} failed to compile for sm_{arch}:\n"
+    raise RuntimeError(f"resfused.triton.aot: {v.name} {v.label} failed to compile for sm_{arch}:\n"
                        + "\n".join(errors))
 
 
@@ -232,37 +264,37 @@ def _meta(kernel, key: str):
 # ---- entry points ------------------------------------------------------------------------
 
 
-def variant_label(dtype: torch.dtype, constexprs: Dict[str, int], aligned: bool = False) -> str:
+def variant_label(dtype: torch.dtype, constexprs: Dict[str, object], aligned: bool = False) -> str:
     return " ".join([_TT_TYPES[dtype]] + [f"{k}={v}" for k, v in constexprs.items()] + (["sizes%16"] if aligned else []))
 
 
-def compile_all(arch: int, aligned: tuple = (False, True)) -> List[Dict]:
-    """Compile every kernel variant for sm_<arch>; one dict per variant:
-    name, variant, arch, num_warps, n_regs, n_spills (spill store + load bytes),
-    stack (bytes of local stack frame), shared (bytes of shared memory), form (the
-    ASTSource form that this triton accepted).
+def compile_all(arch: int, only: Optional[str] = None) -> List[Dict]:
+    """Compile every kernel variant (``all_variants()``; with ``only``, those whose name
+    starts with it) for sm_<arch>; one dict per variant: name, variant, arch, num_warps,
+    n_regs, n_spills (spill store + load bytes), stack (bytes of local stack frame),
+    shared (bytes of shared memory), form (the ASTSource form this triton accepted).
 
-    Each (kernel, dtype, constexprs) of ``bn_act.variants()`` is compiled once with
-    generic sizes and, when ``True in aligned``, once more with every size argument
-    marked divisible by 16 (label suffix ``sizes%16``): the JIT specialises on that and
-    then vectorises the loads, which changes register use."""
+    bn_act kernels are compiled with generic sizes and once more with every size
+    argument marked divisible by 16 (label suffix ``sizes%16``): the JIT specialises on
+    that and then vectorises the loads, which changes register use. conv kernels are
+    compiled in the alignments their launchers use them in (``conv.variants()``)."""
     if _interpreting():
         raise RuntimeError("resfused.triton.aot.compile_all: TRITON_INTERPRET is set; run it in a process "
                            "without it (python -m resfused.triton.aot 80 90)")
-    from . import bn_act
-
     rows = []
-    for (spec, dtype, cx), al in ((v, a) for v in bn_act.variants() for a in aligned):
-        kernel, form = _compile(spec, dtype, cx, arch, al)
+    for v in all_variants():
+        if only and not v.name.startswith(only):
+            continue
+        kernel, form = _compile(v, arch)
         asm = getattr(kernel, "asm", {}) or {}
         if "ptx" not in asm or "cubin" not in asm:
-            raise RuntimeError(f"resfused.triton.aot: {spec.name} produced no ptx/cubin for sm_{arch}")
+            raise RuntimeError(f"resfused.triton.aot: {v.name} produced no ptx/cubin for sm_{arch}")
         res = ptxas_resources(asm["ptx"])
         rows.append({
-            "name": spec.name,
-            "variant": variant_label(dtype, cx, al),
+            "name": v.name,
+            "variant": v.label,
             "arch": arch,
-            "num_warps": spec.num_warps,
+            "num_warps": v.num_warps,
             "n_regs": res["n_regs"],
             "n_spills": res["spill_stores"] + res["spill_loads"],
             "stack": res["stack"],
@@ -284,10 +316,15 @@ def format_table(rows: List[Dict]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in argv
+    only = None
+    if "--only" in argv:
+        i = argv.index("--only")
+        only = argv[i + 1]
+        del argv[i:i + 2]
     archs = [int(a) for a in argv if a != "--json"] or [80, 90]
     rows = []
     for arch in archs:
-        rows += compile_all(arch)
+        rows += compile_all(arch, only)
     if as_json:
         print(json.dumps(rows))
     else:

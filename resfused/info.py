@@ -48,6 +48,20 @@ def collect() -> dict:
         except RuntimeError as exc:
             entry["selected"] = f"error: {exc}"
         info["backends"][dev.type] = entry
+    from . import conv_select
+
+    try:
+        forced = conv_select.forced_conv()
+    except ValueError as exc:
+        forced = f"error: {exc}"
+    tri = {dev.type: (unavailable_reason("triton", dev) or True) for dev in devices}
+    info["convolutions"] = {
+        "use_conv": forced,
+        "triton_convs": {k: v if v is True else f"unavailable: {v}" for k, v in tri.items()},
+        "autotune": conv_select.autotune_enabled(),
+        "cache": conv_select.cache_path(),
+        "cached_choices": len(conv_select.entries()),
+    }
     return info
 
 
@@ -71,6 +85,12 @@ def main(argv=None) -> int:
         print(f"{dev}: uses {entry['selected']} (default {entry['default']})")
         for name, ok in entry["available"].items():
             print(f"    {name:7s} {'available' if ok is True else 'unavailable: ' + ok}")
+    conv = info["convolutions"]
+    print(f"convolutions of fused blocks: use_conv={conv['use_conv']} (auto: library, or on CUDA the faster of "
+          f"library and Triton per shape; timing {'on' if conv['autotune'] else 'off'}); "
+          f"{conv['cached_choices']} cached choices in {conv['cache']}")
+    for dev, ok in conv["triton_convs"].items():
+        print(f"    Triton convs on {dev}: {'available' if ok is True else ok}")
     return 0
 
 

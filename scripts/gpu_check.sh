@@ -8,7 +8,7 @@
 #
 # Everything fits in GPU_CHECK_BUDGET_S seconds (default 470, under 8 minutes): the build
 # first, then the quick benchmark (the project's main job: up to 120 s, keeping 200 s for the
-# tests), then the tests that run on the GPU (up to 300 s, the torch.compile ones last) and
+# tests), the Triton conv kernel report (up to 60 s), then the tests that run on the GPU (up to 300 s, the torch.compile ones last) and
 # the CPU ones while time is left (CI runs those in full), then, if at least 120 s remain,
 # torch.compile of torchvision's resnet50 training step beside resfused (compiling takes
 # about a minute). A step that runs out of time is stopped with SIGTERM; the benchmark then
@@ -61,6 +61,17 @@ else
 fi
 echo "benchmark: $(( $(date +%s) - t0 )) s"
 
+# 1b. The Triton convolution kernels against the library path at ResNet-50's conv shapes
+#     (bf16, batch 128): achieved TFLOP/s and GB/s against the measured ceilings.
+t=$(cap 60 200)
+if (( t >= 30 )); then
+  timeout -k 10 "$t" "$PY" -m resfused.bench.conv --device cuda --dtype bf16 --batch 128 --reps 10 --out "$OUT" \
+    > "$OUT/bench-conv.log" 2>&1 || { echo "conv kernel report: exit status $? (see bench-conv.log)"; status=1; }
+  tail -n 45 "$OUT/bench-conv.log"
+else
+  echo "conv kernel report skipped: $t s left of the ${BUDGET} s budget" | tee "$OUT/bench-conv.log"
+fi
+
 # 2. The test suite: first every case that runs on the GPU (test ids name the device, e.g.
 #    "cuda-cuda", "triton-cuda"), the torch.compile tests last of them (tracing is CPU-bound:
 #    minutes; a budget that runs out should cut those, not the kernels' tests), then, while
@@ -89,11 +100,12 @@ fi
 echo "tests: $(( $(date +%s) - t0 )) s"
 
 # 3. torch.compile of torchvision's resnet50 training step (bf16 autocast, channels_last,
-#    batch 128) beside eager and resfused, when the budget allows.
+#    batch 128) beside eager and resfused (library convs, and the Triton convs), when the
+#    budget allows.
 t=$(cap 200 10)
 if (( t >= 120 )); then
   timeout -k 15 "$t" "$PY" -m resfused.bench --quick --device cuda --out "$OUT" --name bench-cuda-compile \
-    --level model --case resnet50 --mode train_step --provider "eager_cl,compile,resfused[cuda],resfused[triton]" \
+    --level model --case resnet50 --mode train_step --provider "eager_cl,compile,resfused[cuda],resfused[tconv]" \
     --max-time $(( t - 20 )) > "$OUT/bench-compile.log" 2>&1 || status=1
   tail -n 30 "$OUT/bench-compile.log"
 else

@@ -88,3 +88,4 @@ def test_info_reports_build_and_choice():
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert "torch" in proc.stdout and "resfused._C: built" in proc.stdout
     assert "cpu: uses cpu" in proc.stdout
+    assert "convolutions of fused blocks: use_conv=" in proc.stdout and "Triton convs on cpu" in proc.stdout

@@ -351,3 +351,76 @@ def test_largest_batch_search(fixed, per, budget_images):
     assert len(probes) <= max(4, n_plain), (probes, n_plain)
     if expected >= 64:
         assert len(probes) < n_plain
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton-convolution providers and the conv kernel report
+
+def test_tconv_provider_applies_to_channels_last_resnet_cases():
+    from resfused.bench.cases import not_applicable
+
+    cases = {c.key: c for c in select_cases("quick", "cuda")}
+    r50 = cases["model:resnet50:train_step:bf16:channels_last:128x3x224x224"]
+    assert not_applicable(r50, "resfused[tconv]") is None and not_applicable(r50, "resfused[auto]") is None
+    dense = cases["model:densenet121:train_step:bf16:channels_last:64x3x224x224"]
+    assert "dense" in not_applicable(dense, "resfused[tconv]")
+    op = next(c for c in cases.values() if c.level == "op")
+    assert not_applicable(op, "resfused[tconv]") and not_applicable(op, "resfused[auto]")
+    nchw = next(c for c in select_cases("tiny", "cpu") if c.level == "block" and c.memory_format == "nchw")
+    assert "channels_last" in not_applicable(nchw, "resfused[tconv]")
+    tiny_cl = next(c for c in select_cases("tiny", "cpu") if c.level == "block" and c.memory_format == "channels_last")
+    run, skipped = runner.case_providers(tiny_cl, PROVIDERS, torch.device("cpu"), "tiny", [])
+    assert "resfused[tconv]" in skipped and "resfused[auto]" in skipped  # interpreter / same as resfused[cpu]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU run of the tconv provider needs the "
+                    "Triton interpreter")
+def test_tconv_provider_runs_and_is_checked(tmp_path):
+    rc = cli.main(TINY + ["--level", "block", "--case", "bottleneck", "--provider", "eager_cl,resfused[tconv]",
+                          "--out", str(tmp_path), "--name", "t", "--no-plot"])
+    assert rc == 0
+    with open(tmp_path / "t.json") as f:
+        rows = [r for r in json.load(f)["results"] if r["provider"] == "resfused[tconv]"]
+    assert rows and all(r["status"] == "ok" and r["max_rel_err"] <= 1e-4 for r in rows)
+
+
+def test_conv_kernel_report(tmp_path, capsys):
+    from resfused.bench import conv as bconv
+
+    if torch.cuda.is_available():
+        argv = ["--shape", "stage4.conv2", "--batch", "8", "--reps", "3"]
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        argv = ["--tiny", "--device", "cpu", "--dtype", "fp32", "--shape", "tiny.conv2s2"]
+    else:
+        pytest.skip("Triton cannot run here")
+    assert bconv.main(argv + ["--out", str(tmp_path), "--name", "k"]) == 0
+    with open(tmp_path / "k.json") as f:
+        rec = json.load(f)
+    assert rec["ceilings"]["matmul_TFLOPs"] > 0 and rec["ceilings"]["copy_GBps"] > 0
+    assert {r["kernel"] for r in rec["rows"]} == {"fwd", "dgrad", "wgrad"}
+    for r in rec["rows"]:
+        assert r["triton_ms"] > 0 and r["library_ms"] > 0 and r["TFLOPs"] > 0 and r["GBps"] > 0
+        assert r["max_rel_err"] <= bconv.tolerance(torch.float32 if "tiny" in r["shape"] else torch.bfloat16)
+    assert "| shape | kernel |" in (tmp_path / "k.md").read_text()
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--shape", "stage9.conv1"], "stage1.conv1"),
+    (["--batch", "0"], "positive"),
+    (["--device", "tpu"], "cuda"),
+    (["--dtype", "fp64"], "bf16"),
+])
+def test_conv_kernel_report_bad_input(argv, msg, capsys):
+    from resfused.bench import conv as bconv
+
+    with pytest.raises(SystemExit) as exc:
+        bconv.main(argv)
+    assert exc.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_conv_kernel_report_refuses_cpu_timing(capsys):
+    from resfused.bench import conv as bconv
+
+    with pytest.raises(SystemExit) as exc:
+        bconv.main(["--device", "cpu"])
+    assert exc.value.code == 2 and "CUDA" in capsys.readouterr().err

@@ -199,11 +199,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .._backend import unavailable_reason
     from .workloads import resfused_backend
 
+    def cannot_run(q: str) -> str:
+        backend = "triton" if q == "resfused[tconv]" else resfused_backend(q)
+        return unavailable_reason(backend, device) if backend and backend != "auto" else ""
+
     for p in explicit:
-        backend = resfused_backend(p)
-        why = unavailable_reason(backend, device) if backend else ""
+        why = cannot_run(p)
         if why:
-            runnable = [q for q in PROVIDERS if not (resfused_backend(q) and unavailable_reason(resfused_backend(q), device))]
+            runnable = [q for q in PROVIDERS if not cannot_run(q)]
             parser.error(f"argument --provider: {p} cannot run on {device.type}: {why} "
                          f"(choose from {', '.join(runnable)})")
     providers = explicit or list(PROVIDERS)

@@ -18,7 +18,10 @@ provider that applies to it. Workloads by level:
 Providers (``PROVIDERS``): ``eager`` and ``eager_cl`` are torchvision / plain PyTorch in NCHW
 and channels_last; ``compile`` is ``torch.compile`` of the eager model in the case's memory
 format; ``tv_memeff`` is torchvision's DenseNet ``memory_efficient=True`` (checkpointing);
-``resfused[<backend>]`` is resfused forced onto one backend. Op cases carry their own memory
+``resfused[<backend>]`` is resfused forced onto one backend with the library convolutions;
+``resfused[tconv]`` runs the fused ResNet blocks on resfused's Triton convolutions (BN-ReLU in
+their prologue, statistics in their epilogue) and ``resfused[auto]`` is resfused's own
+per-shape choice, what a user gets by default. Op cases carry their own memory
 format (their tensors are in it), so ``eager_cl`` applies to blocks and models only.
 The eager *baseline* of a case (speed-up and memory ratios are against it, correctness is
 checked against it) is ``eager``, or ``eager_cl`` for a channels_last block or model case.
@@ -36,7 +39,12 @@ DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
 MEMORY_FORMATS = ("nchw", "channels_last")
 PRESETS = ("quick", "full", "tiny")
 RESFUSED_BACKENDS = ("cpu", "triton", "cuda", "eager")
-PROVIDERS = ("eager", "eager_cl", "compile", "tv_memeff") + tuple(f"resfused[{b}]" for b in RESFUSED_BACKENDS)
+#: resfused[tconv]: the fused blocks on the Triton convolutions (BN in their prologue and
+#: epilogue, ``use_conv("triton")``); resfused[auto]: resfused as a user gets it (backend
+#: and convolutions chosen per shape)
+RESFUSED_EXTRA = ("tconv", "auto")
+PROVIDERS = ("eager", "eager_cl", "compile", "tv_memeff") + tuple(f"resfused[{b}]"
+                                                                  for b in RESFUSED_BACKENDS + RESFUSED_EXTRA)
 MODES = ("fwd", "fwd_bwd", "train_step", "inference", "saved", "max_batch")
 
 OP_WORKLOADS = ("join", "bn_relu", "apply")
@@ -155,6 +163,15 @@ def not_applicable(case: Case, provider: str) -> Optional[str]:
             return "memory_efficient changes nothing without autograd"
     if provider == "compile" and case.mode in ("saved", "max_batch"):
         return "not measured for torch.compile"
+    if provider in ("resfused[tconv]", "resfused[auto]") and case.level == "op":
+        return "op cases have no convolution"
+    if provider == "resfused[tconv]":
+        if case.name in DENSE_WORKLOADS:
+            return "dense layers run the library convolutions"
+        if case.memory_format != "channels_last":
+            return "the Triton convolutions take channels_last tensors"
+        if case.mode == "saved":
+            return "saves what the library-conv path saves"
     return None
 
 
@@ -275,6 +292,7 @@ def _tiny(device_type: str) -> List[Case]:
         + _op("bn_relu", ("fwd_bwd",), ("fp32",), _BOTH, shape, **t)
         + _op("apply", ("fwd",), ("fp32",), _BOTH, shape, **t)
         + _blocks([("bottleneck", "tiny"), ("basicblock", "tiny"), ("denseblock", "tiny")], ("fp32",), _NCHW, 2, **t)
+        + _blocks([("bottleneck", "tiny")], ("fp32",), _CL, 2, **t)
         + _model("resnet18", "saved", ("fp32",), _NCHW, 4, size=64)
         + _model("resnet18", "train_step", ("fp32",), _NCHW, 4, size=64, **t)
         + _model("resnet18", "inference", ("fp32",), _NCHW, 4, size=64, **t)
@@ -314,5 +332,5 @@ def select_cases(preset: str, device_type: str, levels: Sequence[str] = LEVELS, 
 
 
 __all__ = ["BLOCK_VARIANTS", "Case", "DTYPES", "LEVELS", "MEMORY_FORMATS", "MODES", "PRESETS", "PROVIDERS",
-           "RESFUSED_BACKENDS", "WORKLOADS", "baseline_provider", "block_channels", "block_params",
+           "RESFUSED_BACKENDS", "RESFUSED_EXTRA", "WORKLOADS", "baseline_provider", "block_channels", "block_params",
            "not_applicable", "preset_cases", "select_cases"]

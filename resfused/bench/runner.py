@@ -166,7 +166,11 @@ def provider_skip_reason(case: Case, provider: str, device: torch.device, preset
     from .._backend import triton_interpreting, unavailable_reason
 
     backend = resfused_backend(provider)
-    if backend is not None:
+    if provider == "resfused[tconv]":
+        why = unavailable_reason("triton", device)
+        if why:
+            return f"the Triton convolutions cannot run: {why}"
+    if backend is not None and backend != "auto":
         why = unavailable_reason(backend, device)
         if why:
             return why
@@ -184,9 +188,11 @@ def provider_skip_reason(case: Case, provider: str, device: torch.device, preset
                     "name --provider compile to include it")
     if provider == "resfused[eager]":
         return "the eager backend is the test oracle (plain PyTorch); name --provider resfused[eager] to time it"
-    if provider == "resfused[triton]" and device.type == "cpu" and triton_interpreting():
+    if provider in ("resfused[triton]", "resfused[tconv]") and device.type == "cpu" and triton_interpreting():
         return ("Triton runs CPU tensors through its interpreter, a correctness tool far too slow to time; "
-                "name --provider resfused[triton] to run it anyway")
+                f"name --provider {provider} to run it anyway")
+    if provider == "resfused[auto]" and device.type == "cpu":
+        return "on a CPU resfused's own choice is resfused[cpu]; name --provider resfused[auto] to time it"
     return None
 
 

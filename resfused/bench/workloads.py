@@ -49,7 +49,17 @@ def provider_memory_format(case: Case, provider: str) -> str:
 
 
 def resfused_backend(provider: str) -> Optional[str]:
-    return provider[len("resfused["):-1] if provider.startswith("resfused[") else None
+    """The elementwise backend a resfused provider forces ("auto": resfused's own choice);
+    None for a provider that is not resfused."""
+    if not provider.startswith("resfused["):
+        return None
+    name = provider[len("resfused["):-1]
+    return "auto" if name in ("tconv", "auto") else name
+
+
+def resfused_conv(provider: str) -> str:
+    """The ``use_conv`` choice of a resfused provider."""
+    return {"resfused[tconv]": "triton", "resfused[auto]": "auto"}.get(provider, "library")
 
 
 @dataclass
@@ -142,13 +152,16 @@ def _autocast(case: Case, device: torch.device, reference: bool):
     return torch.autocast(device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
 def _backend_ctx(provider: str):
     backend = resfused_backend(provider)
     if backend is None:
-        return contextlib.nullcontext()
+        yield
+        return
     import resfused
 
-    return resfused.use_backend(backend)
+    with resfused.use_backend(None if backend == "auto" else backend), resfused.use_conv(resfused_conv(provider)):
+        yield
 
 
 def _tensor_bytes(tensors) -> int:
@@ -397,4 +410,4 @@ def make_instance(case: Case, provider: str, shared: Shared, device: torch.devic
 
 
 __all__ = ["Instance", "Shared", "build_block", "build_model", "make_instance", "make_shared", "op_bytes_moved",
-           "provider_memory_format", "resfused_backend"]
+           "provider_memory_format", "resfused_backend", "resfused_conv"]

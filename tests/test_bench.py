@@ -363,7 +363,7 @@ def test_tconv_provider_applies_to_channels_last_resnet_cases():
     r50 = cases["model:resnet50:train_step:bf16:channels_last:128x3x224x224"]
     assert not_applicable(r50, "resfused[tconv]") is None and not_applicable(r50, "resfused[auto]") is None
     dense = cases["model:densenet121:train_step:bf16:channels_last:64x3x224x224"]
-    assert "dense" in not_applicable(dense, "resfused[tconv]")
+    assert not_applicable(dense, "resfused[tconv]") is None
     op = next(c for c in cases.values() if c.level == "op")
     assert not_applicable(op, "resfused[tconv]") and not_applicable(op, "resfused[auto]")
     nchw = next(c for c in select_cases("tiny", "cpu") if c.level == "block" and c.memory_format == "nchw")

@@ -332,6 +332,44 @@ def test_block_triton_conv_matches_library(name, train, device):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("mode", ["train", "eval", "dropout"])
+def test_dense_block_triton_conv_matches_library(mode, device):
+    """A dense block whose conv1 reads its prefix of the feature buffer in place through
+    norm1-relu1, and whose conv2 feeds the statistics cache from its epilogue: same
+    output, gradients and running statistics as the library-conv path (fp32)."""
+    base = _randomize_bn(resfused.FusedDenseBlock(3, 6, 2, 4, drop_rate=0.3 if mode == "dropout" else 0.0))
+    base = base.to(device).train(mode != "eval")
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    x = torch.randn(2, 6, 5, 7, device=device).contiguous(memory_format=torch.channels_last)
+    outs = {}
+    for conv, m in (("triton", a), ("library", b)):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1)  # the same dropout masks
+        with resfused.use_conv(conv):
+            out = m(xi)
+        out.backward(torch.linspace(-1, 1, out.numel(), device=device).view_as(out))
+        outs[conv] = (out, xi.grad)
+    assert outs["triton"][0].is_contiguous(memory_format=torch.channels_last)
+    for i, what in enumerate(("output", "dx")):
+        ref = outs["library"][i]
+        assert_close(outs["triton"][i], ref, 1e-5 * ref.abs().max().item(), 1e-5, f"dense {what}")
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert_close(p.grad, q.grad, 1e-5 * q.grad.abs().max().item(), 1e-4, f"grad {n}")
+    for (n, p), (_, q) in zip(a.named_buffers(), b.named_buffers()):
+        assert_close(p, q, 1e-6, 1e-5, f"buffer {n}")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_forced_triton_conv_dense_refuses_and_changes_nothing(device):
+    m = _randomize_bn(resfused.FusedDenseBlock(2, 6, 2, 4, drop_rate=0.0)).to(device)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with resfused.use_conv("triton"), pytest.raises(RuntimeError, match="channels_last"):
+        m(torch.randn(2, 6, 5, 5, device=device))
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a refused call"
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_dt)
 def test_block_triton_conv_low_precision(dtype, device):
     """fp16/bf16 block (forward and backward) within 2x the library path's own error

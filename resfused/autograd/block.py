@@ -105,6 +105,17 @@ def _fused_conv_backward(spec: BlockSpec, dy: Tensor, inp: Tensor, w: Tensor, c:
     return d_inp, sums, dw
 
 
+def _bn_input_grad(dz: Tensor, x: Tensor, affine: Tensor, stats: Tensor, sums: Tensor, bn: BNSpec,
+                   backend: str) -> Tensor:
+    """The BN input gradient from the ReLU-masked dz and its sums (Σdz, Σdz*x̂), which a
+    fused dgrad epilogue produced: the apply pass alone (sums synchronized under sync BN)."""
+    g_sums, g_count = sums, channel_count(x)
+    if sync_active(bn.group, bn.training):
+        g_sums, g_count = sync_grad_sums(sums, g_count, bn.group)
+    coef = _grad_coefficients(stats, affine, g_sums[0], g_sums[1], bn.training, g_count)
+    return ops.bn_act_bwd_apply(dz, x, affine, coef, None, None, None, None, False, backend)[0]
+
+
 def _units(tensors: Sequence[Optional[Tensor]], n: int) -> List[Sequence[Optional[Tensor]]]:
     k = TENSORS_PER_UNIT
     return [tensors[i * k:(i + 1) * k] for i in range(n)]
@@ -251,14 +262,9 @@ class ResidualBlockFunction(torch.autograd.Function):
                     if need_x and d_inp is not None:
                         dx = d_inp if dx is None else dx + d_inp
                     break
-                bn = spec.bns[i - 1]
                 put(i - 1, 2, sums[1])
                 put(i - 1, 3, sums[0])
-                g_sums, g_count = sums, channel_count(inp)
-                if sync_active(bn.group, bn.training):
-                    g_sums, g_count = sync_grad_sums(sums, g_count, bn.group)
-                coef = _grad_coefficients(stats[i - 1], affines[i - 1], g_sums[0], g_sums[1], bn.training, g_count)
-                dy, _ = ops.bn_act_bwd_apply(d_inp, inp, affines[i - 1], coef, None, None, None, None, False, backend)
+                dy = _bn_input_grad(d_inp, inp, affines[i - 1], stats[i - 1], sums, spec.bns[i - 1], backend)
                 continue
             if i == 0:
                 inp = x

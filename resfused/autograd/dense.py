@@ -38,10 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops import bn_act as ops
-from ..ops.eager import acc_dtype
-from .block import BNSpec, ConvSpec, _conv, _conv_backward
 from ..distributed import sync_batch_stats
+from ..ops import bn_act as ops
+from ..ops import conv as conv_ops
+from ..ops.eager import acc_dtype
+from .block import BNSpec, ConvSpec, _bn_input_grad, _conv, _conv_backward, _fused_conv, _fused_conv_backward
 from .bn_act import bn_act_backward, bn_coefficients
 
 # norm1 weight, bias, running mean, running var, conv1 weight, bias,
@@ -62,6 +63,13 @@ class DenseLayerSpec(NamedTuple):
 class DenseBlockSpec(NamedTuple):
     layers: Tuple[DenseLayerSpec, ...]
     backend: str
+    #: "library": library convs with the fused BN-ReLU kernels around them (and the prefix
+    #: scratch); "triton" / "eager": the fused conv ops of that backend: conv1 reads its
+    #: prefix of the feature buffer in place through norm1-relu1 in its prologue, conv2
+    #: applies norm2-relu2 in its prologue, and both epilogues produce the next BN's
+    #: statistics (norm2's, and the statistics cache's for the new features)
+    conv: str = "library"
+    tf32: bool = False
 
 
 class _Forward(NamedTuple):
@@ -147,7 +155,8 @@ def dense_block_forward(spec: DenseBlockSpec, x: Tensor, tensors: Sequence[Optio
         cache_mean[:c0].copy_(m)
         cache_var[:c0].copy_(v)
 
-    scratch = _prefix_scratch(buf, widths, backend) if n > 1 else None
+    fused = spec.conv != "library"
+    scratch = _prefix_scratch(buf, widths, backend) if n > 1 and not fused else None
     out = _Forward(buf, backend, [], [], [], [], [], [])
     for i, (ls, t) in enumerate(zip(spec.layers, _split(tensors, n))):
         n1w, n1b, n1rm, n1rv, c1w, c1b, n2w, n2b, n2rm, n2rv, c2w, c2b = t
@@ -157,15 +166,26 @@ def dense_block_forward(spec: DenseBlockSpec, x: Tensor, tensors: Sequence[Optio
         batch = (cache_mean[:cl], cache_var[:cl]) if ls.norm1.training else None
         aff1, st1 = bn_coefficients(xp, n1w, n1b, n1rm, n1rv, ls.norm1.training, ls.norm1.momentum,
                                     ls.norm1.eps, backend, batch_stats=batch, batch_count=count)
-        a1 = ops.bn_act_fwd(xp, aff1, None, None, True, backend)  # the shared scratch, never saved
-        del xp
-        y1 = _conv(a1, c1w, c1b, ls.conv1)
-        del a1
-        aff2, st2 = bn_coefficients(y1, n2w, n2b, n2rm, n2rv, ls.norm2.training, ls.norm2.momentum,
-                                    ls.norm2.eps, backend, group=ls.norm2.group)
-        a2 = ops.bn_act_fwd(y1, aff2, None, None, True, backend)
-        y2 = _conv(a2, c2w, c2b, ls.conv2)
-        del a2
+        epi_stats = None
+        if fused:
+            y1, aff2, st2 = _fused_conv(spec, xp, c1w, ls.conv1, ls.norm2, aff1, n2w, n2b, n2rm, n2rv, backend)
+            del xp
+            want = i < last_batch_norm1 and ls.drop_rate == 0
+            y2, m2, v2 = conv_ops.conv_bn_fwd(y1, c2w, list(ls.conv2.stride), list(ls.conv2.padding),
+                                              list(ls.conv2.dilation), aff2, None, None, False, want, spec.tf32,
+                                              spec.conv)
+            if want:  # the cache's statistics of the new features, from conv2's epilogue
+                epi_stats = sync_batch_stats(m2, v2, N * H * W, group) if group is not None else (m2, v2, 0)
+        else:
+            a1 = ops.bn_act_fwd(xp, aff1, None, None, True, backend)  # the shared scratch, never saved
+            del xp
+            y1 = _conv(a1, c1w, c1b, ls.conv1)
+            del a1
+            aff2, st2 = bn_coefficients(y1, n2w, n2b, n2rm, n2rv, ls.norm2.training, ls.norm2.momentum,
+                                        ls.norm2.eps, backend, group=ls.norm2.group)
+            a2 = ops.bn_act_fwd(y1, aff2, None, None, True, backend)
+            y2 = _conv(a2, c2w, c2b, ls.conv2)
+            del a2
         if tuple(y2.shape) != (N, k, H, W):
             raise ValueError(f"dense block: layer {i + 1} produced new features of shape {tuple(y2.shape)}; "
                              f"a dense layer must keep the spatial size, expected {(N, k, H, W)}")
@@ -177,7 +197,7 @@ def dense_block_forward(spec: DenseBlockSpec, x: Tensor, tensors: Sequence[Optio
             del noise
         buf[:, cl:cl + k].copy_(y2)
         if i < last_batch_norm1:
-            m, v, _ = channel_stats(y2)
+            m, v, _ = epi_stats if epi_stats is not None else channel_stats(y2)
             cache_mean[cl:cl + k].copy_(m)
             cache_var[cl:cl + k].copy_(v)
         del y2
@@ -246,7 +266,7 @@ class DenseBlockFunction(torch.autograd.Function):
         gbuf = torch.empty_like(buf, memory_format=fmt)
         gbuf.copy_(grad_out)
         widths = prefix_widths(ctx.c0, spec)
-        scratch = _prefix_scratch(buf, widths, backend)
+        scratch = _prefix_scratch(buf, widths, backend) if spec.conv == "library" else None
         for i in range(n - 1, -1, -1):
             ls = spec.layers[i]
             cl, k = widths[i], ls.growth
@@ -265,6 +285,33 @@ class DenseBlockFunction(torch.autograd.Function):
                 del noise
             g = g.contiguous(memory_format=fmt)
             y1 = y1s[i]
+            if spec.conv != "library":
+                # conv2: wgrad recomputes relu2 in its prologue, dgrad's epilogue masks and
+                # reduces for norm2; conv1 likewise for norm1, reading the prefix in place
+                need_n2 = need_conv1 or need(i, _N2W) or need(i, _N2B)
+                dz2, sums2, dw2 = _fused_conv_backward(spec, g, y1, weights[2 * i + 1], ls.conv2, aff2s[i], need_n2,
+                                                       need(i, _C2W), st2s[i])
+                put(i, _C2W, dw2)
+                del g
+                if not need_n2:
+                    continue
+                put(i, _N2W, sums2[1])
+                put(i, _N2B, sums2[0])
+                if not need_conv1:
+                    continue
+                dy1 = _bn_input_grad(dz2, y1, aff2s[i], st2s[i], sums2, ls.norm2, backend)
+                del dz2
+                xp = buf[:, :cl]
+                dz1, sums1, dw1 = _fused_conv_backward(spec, dy1, xp, weights[2 * i], ls.conv1, aff1s[i], need_norm1,
+                                                       need(i, _C1W), st1s[i])
+                put(i, _C1W, dw1)
+                del dy1
+                if need_norm1:
+                    put(i, _N1W, sums1[1])
+                    put(i, _N1B, sums1[0])
+                    if need_prefix:
+                        gbuf[:, :cl] += _bn_input_grad(dz1, xp, aff1s[i], st1s[i], sums1, ls.norm1, backend)
+                continue
             a2 = ops.bn_act_fwd(y1, aff2s[i], None, None, True, backend)  # recompute relu2
             d_a2, dw2, db2 = _conv_backward(g, a2, weights[2 * i + 1], conv_biases[2 * i + 1], ls.conv2,
                                             need_conv1 or need(i, _N2W) or need(i, _N2B),

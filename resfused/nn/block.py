@@ -161,7 +161,7 @@ class _FusedBlockMixin(SyncBNMixin):
 TRITON_CONV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _forced_conv = _trace_time_constant(conv_select.forced_conv)
-_cached_conv = _trace_time_constant(conv_select.cached)
+_cached_conv = _trace_time_constant(lambda device, key: conv_select.cached(f"{conv_select.versions_key(device)}|{key}"))
 _triton_unavailable = _trace_time_constant(unavailable_reason)
 
 
@@ -206,10 +206,9 @@ def select_conv(name: str, why: str, x: Tensor, key: str, runs, may_time: bool =
         return "triton"
     if why or x.device.type != "cuda":
         return "library"
-    key = f"{conv_select.versions_key(x.device)}|{key}"
     if _compiling() or not may_time:
-        return _cached_conv(key) or "library"
-    return conv_select.choose(key, x.device, runs())
+        return _cached_conv(x.device, key) or "library"
+    return conv_select.choose(f"{conv_select.versions_key(x.device)}|{key}", x.device, runs())
 
 
 def _shape_key(spec: BlockSpec, x: Tensor, tensors: List[Optional[Tensor]]) -> str:

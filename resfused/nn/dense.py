@@ -18,11 +18,12 @@ from torch import Tensor, nn
 from torchvision.models.densenet import _DenseBlock, _DenseLayer, _Transition
 
 from ..autograd.block import BNSpec
-from ..autograd.dense import (DenseBlockFunction, DenseBlockSpec, DenseLayerSpec, PoolSpec, TransitionFunction,
-                              TransitionSpec, dense_block_forward, transition_forward)
+from ..autograd.dense import (TENSORS_PER_LAYER, DenseBlockFunction, DenseBlockSpec, DenseLayerSpec, PoolSpec,
+                              TransitionFunction, TransitionSpec, dense_block_forward, transition_forward)
 from ..functional import check_bn_input
 from ..ops import bn_act as ops
-from .block import _autocast_dtype, _conv_spec, _no_autocast, check_module_input
+from .block import (_autocast_dtype, _conv_spec, _forced_conv, _forced_message, _no_autocast, check_module_input,
+                    select_conv, triton_conv_reason)
 from .bn_act import SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norm, batch_norm_args
 
 
@@ -59,6 +60,11 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: Sync
                 raise RuntimeError(f"{name}: input is on {x.device} but a BatchNorm's tensors are on {t.device}")
     cast = _autocast_dtype(x)
     ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))  # backend and dtype
+    convs = [c for layer in layers for c in (layer.conv1, layer.conv2)]
+    why = triton_conv_reason(x, [c.groups for c in convs], any(c.bias is not None for c in convs),
+                             dtype=cast or x.dtype)
+    if why and _forced_conv() == "triton":
+        raise RuntimeError(_forced_message(name, why))
     saved = _snapshot(bns) if group is not None else []
     momenta = [advance_batch_norm(bn) for bn in bns]  # only after every check has passed
     layer_specs, tensors = [], []
@@ -81,9 +87,39 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: Sync
     if cast is not None:
         x = x.to(cast)
     with _no_autocast(x), _restore_on_error(saved):
+        tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+        key = (f"dense|{str(x.dtype).replace('torch.', '')}|x{tuple(x.shape)}|"
+               f"w{[tuple(c.weight.shape) for c in convs]}|train{[a[4] for a in args]}|"
+               f"grad{_grad_wanted(x, tensors)}|tf32{tf32}")
+        conv = select_conv(name, why, x, key, lambda: _dense_tuning_runs(spec, x, tensors),
+                           may_time=group is None)
+        spec = spec._replace(conv=conv, tf32=tf32)
         if _grad_wanted(x, tensors):
             return DenseBlockFunction.apply(spec, x, *tensors)
         return dense_block_forward(spec, x, tensors, keep=False).buf
+
+
+def _dense_tuning_runs(spec: DenseBlockSpec, x: Tensor, tensors: List[Optional[Tensor]]):
+    """One forward (+ backward when gradients would flow) of the block per conv path, on
+    detached inputs and copies of the running statistics: nothing of the model changes."""
+    grad = _grad_wanted(x, tensors)
+
+    def make(conv: str):
+        s = spec._replace(conv=conv, tf32=x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32)
+
+        def run():
+            ts = [None if t is None else (t.detach().clone() if j % TENSORS_PER_LAYER in (2, 3, 8, 9)
+                                          else t.detach().requires_grad_(t.requires_grad and grad))
+                  for j, t in enumerate(tensors)]
+            if not grad:
+                dense_block_forward(s, x.detach(), ts, keep=False)
+                return
+            xi = x.detach().requires_grad_(x.requires_grad)
+            out = DenseBlockFunction.apply(s, xi, *ts)
+            out.backward(torch.ones_like(out))
+        return run
+
+    return {"library": make("library"), "triton": make("triton")}
 
 
 class FusedDenseLayer(SyncBNMixin, _DenseLayer):

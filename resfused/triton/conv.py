@@ -212,11 +212,12 @@ def _conv_fwd(x_ptr, w_ptr, out_ptr, aff_ptr, bias_ptr, res_ptr, ws_ptr,
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def _conv_dgrad(dy_ptr, w_ptr, dx_ptr, y_ptr, aff_ptr, st_ptr, ws_ptr,
-                N, H, W, Cin, OH, OW, Cout, M,
+                N, H, W, Cin, syn, syh, syw, OH, OW, Cout, M,
                 stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                 KH, KW, EPILOGUE: tl.constexpr, TF32: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # dy: [N*OH*OW, Cout]; w: [KH, KW, Cout, Cin] contiguous; dx, y: [M = N*H*W, Cin];
+    # dy: [N*OH*OW, Cout]; w: [KH, KW, Cout, Cin] contiguous; dx: [M = N*H*W, Cin];
+    # y: [N, H, W, Cin] with strides (syn, syh, syw, 1) (a channel-prefix view is fine);
     # aff (scale, shift) and st (mean, invstd): [2, Cin] fp32; ws: [cdiv(M, BLOCK_M), 2, Cin]
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(Cin, BLOCK_N)
@@ -228,7 +229,8 @@ def _conv_dgrad(dy_ptr, w_ptr, dx_ptr, y_ptr, aff_ptr, st_ptr, ws_ptr,
     iw = rm % W
     t = rm // W
     ih = t % H
-    nb = (t // H).to(tl.int64) * OH
+    nimg = (t // H).to(tl.int64)
+    nb = nimg * OH
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     n_cb = tl.cdiv(Cout, BLOCK_K)
@@ -251,7 +253,8 @@ def _conv_dgrad(dy_ptr, w_ptr, dx_ptr, y_ptr, aff_ptr, st_ptr, ws_ptr,
     o_off = rm.to(tl.int64)[:, None] * Cin + rn[None, :]
     if EPILOGUE:
         # backward of a = relu(y*scale + shift): mask from z rounded as forward stored a
-        y = tl.load(y_ptr + o_off, mask=o_mask, other=0).to(tl.float32)
+        y_row = nimg * syn + ih.to(tl.int64) * syh + iw.to(tl.int64) * syw
+        y = tl.load(y_ptr + y_row[:, None] + rn[None, :], mask=o_mask, other=0).to(tl.float32)
         sc = tl.load(aff_ptr + rn, mask=n_ok, other=0)
         sh = tl.load(aff_ptr + Cin + rn, mask=n_ok, other=0)
         z = _cast_out(y * sc[None, :] + sh[None, :], dx_ptr).to(tl.float32)
@@ -530,16 +533,17 @@ def conv_dgrad(grad_out: Tensor, weight: Tensor, input_shape: Sequence[int], str
         raise ValueError(f"resfused triton conv: grad_out {tuple(grad_out.shape)}, weight {tuple(weight.shape)} and "
                          f"input shape {tuple(input_shape)} do not agree")
     epi = bn_input is not None
+    syn = syh = syw = 0
     if epi:
         _check_operand("bn_input", bn_input, grad_out.dtype, grad_out.device)
         if tuple(bn_input.shape) != (N, Cin, H, W):
             raise ValueError("resfused triton conv: bn_input must have the conv input's shape")
-        _rows("bn_input", bn_input)
+        syn, syh, syw = _pixel_strides("bn_input", bn_input)
         _per_channel("affine", affine, 2, Cin)
         _per_channel("bn_stats", bn_stats, 2, Cin)
     dx = torch.empty((N, Cin, H, W), dtype=grad_out.dtype, device=grad_out.device, memory_format=torch.channels_last)
     M = N * H * W
-    config = _pick_config("dgrad", grad_out.dtype, M, Cin, grad_out, (Cin, Cout))
+    config = _pick_config("dgrad", grad_out.dtype, M, Cin, grad_out, (Cin, Cout, syn, syh, syw))
     cfg = CONFIGS["dgrad"][width_key(grad_out.dtype)][config]
     ws = torch.empty((_cdiv(M, cfg.block_m), 2, Cin), dtype=torch.float32, device=dx.device) if epi else None
     if M > 0:
@@ -547,7 +551,7 @@ def conv_dgrad(grad_out: Tensor, weight: Tensor, input_shape: Sequence[int], str
         grid = (_cdiv(M, cfg.block_m) * _cdiv(Cin, cfg.block_n),)
         dummy = ws if ws is not None else dx
         _launch("dgrad", grid, (grad_out, wt, dx, bn_input if epi else dx, affine if epi else dummy,
-                                bn_stats if epi else dummy, dummy, N, H, W, Cin, OH, OW, Cout, M,
+                                bn_stats if epi else dummy, dummy, N, H, W, Cin, syn, syh, syw, OH, OW, Cout, M,
                                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], KH, KW),
                 grad_out.dtype, config, "bn_relu" if epi else "plain", _tf32(grad_out.dtype, allow_tf32))
     if not epi:

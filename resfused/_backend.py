@@ -128,9 +128,16 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
     """
     if name is not None and name not in BACKENDS:
         raise ValueError(f"use_backend: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    prev = getattr(_state, "forced", None)
-    _state.forced = name
+    with forcing(_state, name):
+        yield
+
+
+@contextlib.contextmanager
+def forcing(state: threading.local, name: Optional[str]) -> Iterator[None]:
+    """Set ``state.forced`` to ``name`` for the ``with`` block (this thread), then restore it."""
+    prev = getattr(state, "forced", None)
+    state.forced = name
     try:
         yield
     finally:
-        _state.forced = prev
+        state.forced = prev

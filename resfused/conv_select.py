@@ -23,6 +23,8 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
+from ._backend import forcing
+
 CONV_CHOICES = ("auto", "triton", "library")
 
 _state = threading.local()
@@ -38,12 +40,8 @@ def use_conv(name: Optional[str]) -> Iterator[None]:
     (choose per shape)."""
     if name is not None and name not in CONV_CHOICES:
         raise ValueError(f"use_conv: unknown choice {name!r}; choose one of {', '.join(CONV_CHOICES)}")
-    prev = getattr(_state, "forced", None)
-    _state.forced = name
-    try:
+    with forcing(_state, name):
         yield
-    finally:
-        _state.forced = prev
 
 
 def forced_conv() -> str:

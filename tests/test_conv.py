@@ -39,6 +39,7 @@ SHAPES = [
     (2, 16, 5, 5, 32, 1, 1, 0, 1),  # 1x1, channels multiples of 16 (vectorised variant)
     (2, 7, 6, 6, 9, 1, 2, 0, 1),    # 1x1 stride 2 (a downsample)
     (1, 65, 3, 4, 17, 3, 1, 1, 1),  # several channel blocks per tap
+    (2, 32, 9, 9, 32, 3, 1, 1, 1),  # aligned and more than one tile: the "large" tile config (on a CPU)
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -177,6 +178,15 @@ def test_conv_wgrad(shape, prologue, dtype, device):
     dw_lp = conv_ops.conv_bn_wgrad(g.cpu(), x.cpu(), *[a.cpu() if torch.is_tensor(a) else a for a in args], "eager")
     assert dw.dtype == torch.float32 and dw.shape == w.shape
     _check(dw, dw_lp, w_req.grad, dtype, "wgrad")
+
+
+def test_shapes_cover_both_tile_configs():
+    from resfused.triton import conv as tconv
+
+    x = torch.empty(0)  # a CPU tensor: the interpreter's stand-in SM count
+    picked = {tconv._pick_config("fwd", torch.float32, n * h * w, co, x, (ci, co, h * w * ci, w * ci, ci))
+              for n, ci, h, w, co, *_ in SHAPES}
+    assert picked == {"large", "small"}
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -465,6 +475,14 @@ def test_compiled_block_triton_conv(device):
 
 
 @pytest.fixture
+def weigh_here(monkeypatch):
+    """Let "auto" weigh the Triton convolutions on this device (on a CPU: the interpreter)."""
+    import resfused.nn.block as nb
+
+    monkeypatch.setattr(nb, "_weighs_triton", lambda device: True)
+
+
+@pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("RESFUSED_CACHE_DIR", str(tmp_path))
     conv_select.clear_cache(memory_only=True)
@@ -526,3 +544,51 @@ def test_corrupt_cache_is_ignored(cache_dir):
         warnings.simplefilter("always")
         assert conv_select.cached("anything") is None
     assert any("conv choice cache" in str(x.message) for x in w)
+
+
+def test_auto_times_each_block_shape_once_and_keeps_the_model_unchanged(cache_dir, weigh_here, monkeypatch):
+    dev = TRITON_DEVICES[0]
+    timed = []
+    real = conv_select._time_ms
+    monkeypatch.setattr(conv_select, "_time_ms", lambda fn, device, reps=5: timed.append(1) or real(fn, device, 1))
+    m = _randomize_bn(resfused.FusedBottleneck(16, 4)).to(dev)
+    ref = copy.deepcopy(m)
+    x = torch.randn(2, 16, 5, 5, device=dev).contiguous(memory_format=torch.channels_last)
+    with resfused.use_conv("auto"):
+        out = m(x)
+        assert len(timed) == 2  # both paths timed, on copies
+        m(x)
+        assert len(timed) == 2  # the shape is cached now
+    with resfused.use_conv("library"):
+        expected = ref(x)
+        ref(x)
+    assert_close(out, expected, 1e-5, 1e-5, "auto output")
+    for (n, p), (_, q) in zip(m.named_buffers(), ref.named_buffers()):
+        assert_close(p, q, 1e-6, 1e-5, f"{n} (each forward updates it once; the timing runs never)")
+    entries = conv_select.entries()
+    assert len(entries) == 1 and next(iter(entries.values()))["choice"] in ("triton", "library")
+
+
+@pytest.mark.parametrize("choice", ["triton", "library"])
+def test_compiled_auto_uses_the_cached_choice(cache_dir, weigh_here, monkeypatch, choice):
+    """While torch.compile traces, "auto" times nothing: it takes the cached choice."""
+    dev = TRITON_DEVICES[0]
+    m = _randomize_bn(resfused.FusedBottleneck(16, 4)).to(dev)
+    x = torch.randn(2, 16, 5, 5, device=dev).contiguous(memory_format=torch.channels_last)
+    with resfused.use_conv("auto"):
+        m(x)  # eager: timed and cached
+    key = next(iter(conv_select.entries()))
+    conv_select._memory[key]["choice"] = choice
+    calls = []
+    monkeypatch.setattr(conv_select, "choose", lambda *a, **k: calls.append(a) or "library")
+    import resfused.autograd.block as ab
+
+    seen = []
+    real = ab._fused_conv
+    monkeypatch.setattr(ab, "_fused_conv", lambda *a, **k: seen.append(1) or real(*a, **k))
+    torch._dynamo.reset()
+    with resfused.use_conv("auto"):
+        out = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    assert not calls
+    assert bool(seen) == (choice == "triton")
+    assert out.shape == x.shape

@@ -190,6 +190,12 @@ def _block_reason(spec: BlockSpec, x: Tensor, tensors: List[Optional[Tensor]]) -
     return triton_conv_reason(x, [c.groups for c in convs], biased)
 
 
+def _weighs_triton(device: torch.device) -> bool:
+    """Devices on which "auto" weighs the Triton convolutions against the library's: CUDA
+    (elsewhere Triton runs only through its interpreter, far too slow to win)."""
+    return device.type == "cuda"
+
+
 def _forced_message(name: str, why: str) -> str:
     return f"{name}: use_conv('triton') was forced but the Triton convolutions cannot run it: {why}"
 
@@ -204,7 +210,7 @@ def select_conv(name: str, why: str, x: Tensor, key: str, runs, may_time: bool =
         if why:
             raise RuntimeError(_forced_message(name, why))
         return "triton"
-    if why or x.device.type != "cuda":
+    if why or not _weighs_triton(x.device):
         return "library"
     if _compiling() or not may_time:
         return _cached_conv(x.device, key) or "library"

@@ -148,6 +148,22 @@ def _tile_ids(pid, num_m, num_n, GROUP: tl.constexpr):
     return first + (pid % width) % size, (pid % width) // size
 
 
+@triton.jit
+def _tile(M, NC, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's output tile (grouped order): pid_m, its rows and columns, their masks."""
+    pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(NC, BLOCK_N), 8)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m, rm, rn, rm < M, rn < NC
+
+
+@triton.jit
+def _pixel(r, H, W):
+    """(image as int64, row, column) of flat pixel indices r over [N, H, W]."""
+    t = r // W
+    return (t // H).to(tl.int64), t % H, r % W
+
+
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def _conv_fwd(x_ptr, w_ptr, out_ptr, aff_ptr, bias_ptr, res_ptr, ws_ptr,
               N, H, W, Cin, sxn, sxh, sxw, OH, OW, Cout, M,
@@ -157,17 +173,9 @@ def _conv_fwd(x_ptr, w_ptr, out_ptr, aff_ptr, bias_ptr, res_ptr, ws_ptr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # x: [N, H, W, Cin] with strides (sxn, sxh, sxw, 1); w: [KH, KW, Cin, Cout] contiguous;
     # out/res: [M, Cout] contiguous; ws: [cdiv(M, BLOCK_M), 2, Cout] fp32
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(Cout, BLOCK_N)
-    pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, num_n, 8)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < M
-    n_ok = rn < Cout
-    ow = rm % OW
-    t = rm // OW
-    oh = t % OH
-    nb = (t // OH).to(tl.int64) * sxn
+    pid_m, rm, rn, m_ok, n_ok = _tile(M, Cout, BLOCK_M, BLOCK_N)
+    nimg, oh, ow = _pixel(rm, OH, OW)
+    nb = nimg * sxn
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
     rk = tl.arange(0, BLOCK_K)
@@ -219,17 +227,8 @@ def _conv_dgrad(dy_ptr, w_ptr, dx_ptr, y_ptr, aff_ptr, st_ptr, ws_ptr,
     # dy: [N*OH*OW, Cout]; w: [KH, KW, Cout, Cin] contiguous; dx: [M = N*H*W, Cin];
     # y: [N, H, W, Cin] with strides (syn, syh, syw, 1) (a channel-prefix view is fine);
     # aff (scale, shift) and st (mean, invstd): [2, Cin] fp32; ws: [cdiv(M, BLOCK_M), 2, Cin]
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(Cin, BLOCK_N)
-    pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, num_n, 8)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < M
-    n_ok = rn < Cin
-    iw = rm % W
-    t = rm // W
-    ih = t % H
-    nimg = (t // H).to(tl.int64)
+    pid_m, rm, rn, m_ok, n_ok = _tile(M, Cin, BLOCK_M, BLOCK_N)
+    nimg, ih, iw = _pixel(rm, H, W)
     nb = nimg * OH
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -299,15 +298,13 @@ def _conv_wgrad(dy_ptr, x_ptr, aff_ptr, ws_ptr,
     for p0 in range(m0, m1, BLOCK_K):
         pix = p0 + rk
         p_ok = pix < m1
-        ow = pix % OW
-        tt = pix // OW
-        oh = tt % OH
+        nimg, oh, ow = _pixel(pix, OH, OW)
         ih = oh * stride_h - pad_h + r * dil_h
         iw = ow * stride_w - pad_w + s * dil_w
         ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         g = tl.load(dy_ptr + pix.to(tl.int64)[None, :] * Cout + co[:, None], mask=co_ok[:, None] & p_ok[None, :],
                     other=0)
-        row = (tt // OH).to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        row = nimg * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
         b_mask = ok[:, None] & ci_ok[None, :]
         b = tl.load(x_ptr + row[:, None] + ci[None, :], mask=b_mask, other=0)
         b = _prologue(b, b_mask, x_ptr, aff_ptr, ci, ci_ok, Cin, PROLOGUE)
@@ -330,7 +327,7 @@ class ConvKernel:
 
 KERNELS: Dict[str, ConvKernel] = {k.name: k for k in (ConvKernel("fwd", _conv_fwd), ConvKernel("dgrad", _conv_dgrad),
                                                        ConvKernel("wgrad", _conv_wgrad))}
-JIT_HELPERS = frozenset({"_prologue", "_mma", "_tile_ids", "_cast_out"})
+JIT_HELPERS = frozenset({"_prologue", "_mma", "_tile_ids", "_tile", "_pixel", "_cast_out"})
 
 
 def tf32_values(dtype: torch.dtype) -> Tuple[int, ...]:
@@ -512,6 +509,25 @@ def _fwd_mode(pro: bool, bias: bool, res: bool, relu: bool, stats: bool) -> str:
                      f"relu={relu}, stats={stats}; fused forwards: {', '.join(MODES['fwd'])}")
 
 
+def _check_backward(grad_out: Tensor, name: str, operand: Tensor, input_shape: Sequence[int],
+                    weight_shape: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                    dilation: Sequence[int]) -> None:
+    """dgrad's and wgrad's checks: dtypes and devices, grad_out channels_last-contiguous,
+    and grad_out, the conv input and the weight shapes agreeing with each other."""
+    _check_dtype(grad_out.dtype)
+    _check_operand("grad_out", grad_out, grad_out.dtype, grad_out.device)
+    _check_operand(name, operand, grad_out.dtype, grad_out.device)
+    _rows("grad_out", grad_out)
+    N, Cin, H, W = (int(v) for v in input_shape)
+    Cout, wc, KH, KW = (int(v) for v in weight_shape)
+    OH, OW = grad_out.shape[2], grad_out.shape[3]
+    if wc != Cin or grad_out.shape[1] != Cout or grad_out.shape[0] != N or \
+            OH != out_size(H, KH, stride[0], padding[0], dilation[0]) or \
+            OW != out_size(W, KW, stride[1], padding[1], dilation[1]):
+        raise ValueError(f"resfused triton conv: grad_out {tuple(grad_out.shape)}, input {tuple(input_shape)} and "
+                         f"weight {tuple(weight_shape)} shapes do not agree")
+
+
 def conv_dgrad(grad_out: Tensor, weight: Tensor, input_shape: Sequence[int], stride: Sequence[int],
                padding: Sequence[int], dilation: Sequence[int], bn_input: Optional[Tensor] = None,
                affine: Optional[Tensor] = None, bn_stats: Optional[Tensor] = None, allow_tf32: bool = False
@@ -520,18 +536,10 @@ def conv_dgrad(grad_out: Tensor, weight: Tensor, input_shape: Sequence[int], str
     (the previous BN's input y, shaped like the conv input), ``affine`` (scale, shift)
     and ``bn_stats`` (mean, invstd), the conv input was ``relu(y*scale + shift)``: returns
     ``dz`` (the ReLU-masked gradient) and the sums ``(Σdz, Σdz*x̂)`` [2, Cin] fp32."""
-    _check_dtype(grad_out.dtype)
-    _check_operand("grad_out", grad_out, grad_out.dtype, grad_out.device)
-    _check_operand("weight", weight, grad_out.dtype, grad_out.device)
-    _rows("grad_out", grad_out)
+    _check_backward(grad_out, "weight", weight, input_shape, weight.shape, stride, padding, dilation)
     N, Cin, H, W = (int(v) for v in input_shape)
-    Cout, wc, KH, KW = weight.shape
+    Cout, _, KH, KW = weight.shape
     OH, OW = grad_out.shape[2], grad_out.shape[3]
-    if wc != Cin or grad_out.shape[1] != Cout or grad_out.shape[0] != N or \
-            OH != out_size(H, KH, stride[0], padding[0], dilation[0]) or \
-            OW != out_size(W, KW, stride[1], padding[1], dilation[1]):
-        raise ValueError(f"resfused triton conv: grad_out {tuple(grad_out.shape)}, weight {tuple(weight.shape)} and "
-                         f"input shape {tuple(input_shape)} do not agree")
     epi = bn_input is not None
     syn = syh = syw = 0
     if epi:
@@ -574,18 +582,10 @@ def conv_wgrad(grad_out: Tensor, x: Tensor, weight_shape: Sequence[int], stride:
                allow_tf32: bool = False) -> Tensor:
     """Gradient of the weight, fp32 ``[Cout, Cin, KH, KW]``. With ``prologue`` the conv's
     input was ``relu(x*scale + shift)``, recomputed here while loading x."""
-    _check_dtype(grad_out.dtype)
-    _check_operand("grad_out", grad_out, grad_out.dtype, grad_out.device)
-    _check_operand("x", x, grad_out.dtype, grad_out.device)
-    _rows("grad_out", grad_out)
+    _check_backward(grad_out, "x", x, x.shape, weight_shape, stride, padding, dilation)
     Cout, Cin, KH, KW = (int(v) for v in weight_shape)
-    N, xc, H, W = x.shape
+    N, _, H, W = x.shape
     OH, OW = grad_out.shape[2], grad_out.shape[3]
-    if xc != Cin or grad_out.shape[1] != Cout or grad_out.shape[0] != N or \
-            OH != out_size(H, KH, stride[0], padding[0], dilation[0]) or \
-            OW != out_size(W, KW, stride[1], padding[1], dilation[1]):
-        raise ValueError(f"resfused triton conv: grad_out {tuple(grad_out.shape)}, x {tuple(x.shape)} and weight "
-                         f"shape {tuple(weight_shape)} do not agree")
     _per_channel("prologue", prologue, 2, Cin)
     sxn, sxh, sxw = _pixel_strides("x", x)
     M = N * OH * OW

@@ -63,6 +63,8 @@ def _load() -> None:
     path = cache_path()
     if _loaded["path"] == path:
         return
+    if _loaded["path"] is not None:  # another cache directory: its own choices only
+        _memory.clear()
     _loaded["path"] = path
     try:
         with open(path) as f:
@@ -107,7 +109,8 @@ def cached(key: str) -> Optional[str]:
 
 
 def clear_cache(memory_only: bool = False) -> None:
-    """Forget every cached choice (and delete the cache file unless ``memory_only``)."""
+    """Forget every cached choice and delete the cache file; with ``memory_only`` keep the
+    file, which the next lookup reads again (as a new process would)."""
     with _lock:
         _memory.clear()
         _loaded["path"] = None
@@ -143,28 +146,45 @@ def _time_ms(fn: Callable[[], None], device: torch.device, reps: int = 5) -> flo
     return sorted(times)[len(times) // 2]
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+@contextlib.contextmanager
+def _isolated(device: torch.device) -> Iterator[None]:
+    """What the timing runs must not touch: the random streams (dropout draws in the
+    runs) and the caller's saved-tensor hooks (activation checkpointing, offloading)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        yield
+
+
 def choose(key: str, device: torch.device, runs: Dict[str, Callable[[], None]]) -> str:
     """The cached choice for ``key``; on a miss, time each of ``runs`` (median of 5
-    after a warm-up), cache the fastest and return it. A candidate that raises is
-    skipped (its error is kept in the cache entry)."""
+    after a warm-up, random streams and saved-tensor hooks left as they were), cache the
+    fastest and return it. A candidate that raises is skipped; a choice made while one
+    raised (out of memory, say) is kept for this process only, not written to the file.
+    While a CUDA graph is being captured nothing is timed ("library" unless cached)."""
     hit = cached(key)
     if hit is not None:
         return hit
-    if not autotune_enabled():
+    if not autotune_enabled() or _capturing(device):
         return "library"
     times: Dict[str, float] = {}
     errors: Dict[str, str] = {}
-    for name, fn in runs.items():
-        try:
-            times[name] = _time_ms(fn, device)
-        except Exception as exc:  # e.g. out of memory: that candidate loses
-            errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+    with _isolated(device):
+        for name, fn in runs.items():
+            try:
+                times[name] = _time_ms(fn, device)
+            except Exception as exc:  # e.g. out of memory: that candidate loses
+                errors[name] = f"{type(exc).__name__}: {exc}"[:300]
     if not times:
         return "library"
     best = min(times, key=times.get)
     with _lock:
         _memory[key] = {"choice": best, "ms": times, **({"errors": errors} if errors else {})}
-        _save()
+        if not errors:
+            _save()
     return best
 
 

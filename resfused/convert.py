@@ -179,16 +179,18 @@ class FoldedBlock(nn.Module):
 
     def _conv_path(self, x: Tensor) -> str:
         convs = self._convs()
-        why = triton_conv_reason(x, [c.groups for c in convs])
+        dtype = _autocast_dtype(x) or x.dtype
+        why = triton_conv_reason(x, [c.groups for c in convs], dtype=dtype)
         if not why and any(type(c) is not nn.Conv2d or c.padding_mode != "zeros" or isinstance(c.padding, str)
                            for c in convs):
             why = "a convolution with non-zero padding mode runs in the library"
         if not why and torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             why = ("gradients would be needed; the Triton path of a folded block is for inference (run it under "
                    "torch.no_grad() or torch.inference_mode())")
-        key = (f"folded|{str(x.dtype).replace('torch.', '')}|x{tuple(x.shape)}|"
+        tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+        key = (f"folded|{str(dtype).replace('torch.', '')}|x{tuple(x.shape)}|"
                f"w{[tuple(c.weight.shape) for c in convs]}|conv{[(c.stride, c.padding, c.dilation) for c in convs]}|"
-               f"grad{torch.is_grad_enabled()}")
+               f"tf32{tf32}")
         return select_conv(type(self).__name__, why, x, key,
                            lambda: {"library": lambda: self._forward_library(x),
                                     "triton": lambda: self._forward_triton(x)})

@@ -533,6 +533,7 @@ def test_choose_skips_failing_candidate_and_respects_autotune_off(cache_dir, mon
             else RuntimeError("out of memory")
     assert conv_select.choose("k2", dev, {"library": lambda: None, "triton": boom}) == "library"
     assert "triton" in conv_select.entries()["k2"]["errors"]
+    conv_select.clear_cache(memory_only=True)
     monkeypatch.setenv("RESFUSED_CONV_AUTOTUNE", "0")
     assert conv_select.choose("k3", dev, {"triton": lambda: None}) == "library"
     assert conv_select.cached("k3") is None
@@ -592,3 +593,38 @@ def test_compiled_auto_uses_the_cached_choice(cache_dir, weigh_here, monkeypatch
     assert not calls
     assert bool(seen) == (choice == "triton")
     assert out.shape == x.shape
+
+
+def test_auto_timing_leaves_random_streams_and_checkpointing_alone(cache_dir, weigh_here):
+    """The timing runs draw dropout noise and run backward inside the caller's forward:
+    the caller's random stream and saved-tensor hooks (non-reentrant checkpointing) are
+    unaffected."""
+    from torch.utils.checkpoint import checkpoint
+
+    dev = TRITON_DEVICES[0]
+    dense = _randomize_bn(resfused.FusedDenseBlock(2, 6, 2, 4, drop_rate=0.5)).to(dev)
+    x = torch.randn(2, 6, 5, 5, device=dev).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(3)
+    with resfused.use_conv("library"):
+        ref = copy.deepcopy(dense)(x)
+    after_ref = torch.rand(3)
+    torch.manual_seed(3)
+    with resfused.use_conv("auto"):
+        out = copy.deepcopy(dense)(x)  # timed here, then run
+    assert torch.equal(torch.rand(3), after_ref)
+    assert torch.equal(out != 0, ref != 0)  # the same dropout masks
+    conv_select.clear_cache()
+    m = _randomize_bn(resfused.FusedBasicBlock(8, 8)).to(dev)
+    xi = torch.randn(2, 8, 5, 5, device=dev).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with resfused.use_conv("auto"):
+        y = checkpoint(m, xi, use_reentrant=False)
+    y.sum().backward()
+    assert xi.grad is not None and len(conv_select.entries()) == 1
+
+
+def test_choice_made_while_a_path_failed_stays_in_memory(cache_dir):
+    def boom():
+        raise RuntimeError("out of memory")
+    assert conv_select.choose("k4", torch.device("cpu"), {"library": lambda: None, "triton": boom}) == "library"
+    assert not (cache_dir / "conv_choice.json").exists()
+    assert conv_select.cached("k4") == "library"

@@ -29,6 +29,12 @@ def _chan(t: Tensor) -> Tensor:
     return t.view(1, -1, 1, 1)
 
 
+def _cl(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A full-size operand in the layout the kernels index (a no-op when it already is);
+    x and BN inputs are read through their strides (channel-prefix views included)."""
+    return None if t is None else t.contiguous(memory_format=torch.channels_last)
+
+
 def _round(v: Tensor, dtype: torch.dtype) -> Tensor:
     return v.to(dtype).contiguous(memory_format=torch.channels_last)
 
@@ -101,7 +107,7 @@ def _conv_bn_fwd_impl(x: Tensor, weight: Tensor, stride: List[int], padding: Lis
     if backend == "triton":
         from ..triton import conv as tconv
 
-        out, st = tconv.conv_fwd(x, weight, stride, padding, dilation, prologue, bias, residual, relu, stats,
+        out, st = tconv.conv_fwd(x, weight, stride, padding, dilation, prologue, bias, _cl(residual), relu, stats,
                                  allow_tf32)
     else:
         out, st = _eager_fwd(x, weight, stride, padding, dilation, prologue, bias, residual, relu, stats)
@@ -134,7 +140,7 @@ def _conv_bn_dgrad_impl(grad_out: Tensor, weight: Tensor, input_shape: List[int]
     if backend == "triton":
         from ..triton import conv as tconv
 
-        dx, sums = tconv.conv_dgrad(grad_out, weight, input_shape, stride, padding, dilation, bn_input, affine,
+        dx, sums = tconv.conv_dgrad(_cl(grad_out), weight, input_shape, stride, padding, dilation, bn_input, affine,
                                     bn_stats, allow_tf32)
     else:
         dx, sums = _eager_dgrad(grad_out, weight, input_shape, stride, padding, dilation, bn_input, affine, bn_stats)
@@ -159,7 +165,7 @@ def _conv_bn_wgrad_impl(grad_out: Tensor, x: Tensor, weight_shape: List[int], st
     if backend == "triton":
         from ..triton import conv as tconv
 
-        return tconv.conv_wgrad(grad_out, x, weight_shape, stride, padding, dilation, prologue, allow_tf32)
+        return tconv.conv_wgrad(_cl(grad_out), x, weight_shape, stride, padding, dilation, prologue, allow_tf32)
     return _eager_wgrad(grad_out, x, weight_shape, stride, padding, dilation, prologue)
 
 

@@ -422,6 +422,12 @@ def _per_channel(name: str, t: Optional[Tensor], rows: int, c: int) -> None:
         raise ValueError(f"resfused triton conv: {name} must be a contiguous [{rows}, {c}] float32 tensor")
 
 
+def _fp32_placeholder(device: torch.device) -> Tensor:
+    """A one-element fp32 tensor passed for pointer arguments a mode never reads, so each
+    launch has the argument types its AOT-checked variant was compiled with."""
+    return torch.empty(1, dtype=torch.float32, device=device)
+
+
 def _check_dtype(dtype: torch.dtype) -> None:
     if dtype not in DTYPES:
         raise TypeError(f"resfused triton conv: dtype {dtype} is not supported; supported: float16, bfloat16, "
@@ -478,12 +484,12 @@ def conv_fwd(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence
     config = _pick_config("fwd", x.dtype, M, Cout, x, (Cin, Cout, sxn, sxh, sxw))
     bm = CONFIGS["fwd"][width_key(x.dtype)][config].block_m
     bn = CONFIGS["fwd"][width_key(x.dtype)][config].block_n
-    ws = torch.empty((_cdiv(M, bm), 2, Cout), dtype=torch.float32, device=x.device) if stats else out
+    f32 = _fp32_placeholder(x.device)  # for fp32 pointer arguments a mode does not read
+    ws = torch.empty((_cdiv(M, bm), 2, Cout), dtype=torch.float32, device=x.device) if stats else f32
     if M > 0:
         wt = weight.permute(2, 3, 1, 0).contiguous()  # [KH, KW, Cin, Cout]
-        aff = prologue if prologue is not None else ws
         grid = (_cdiv(M, bm) * _cdiv(Cout, bn),)
-        _launch("fwd", grid, (x, wt, out, aff, bias if bias is not None else ws,
+        _launch("fwd", grid, (x, wt, out, prologue if prologue is not None else f32, bias if bias is not None else f32,
                               residual if residual is not None else out, ws,
                               N, H, W, Cin, sxn, sxh, sxw, OH, OW, Cout, M,
                               stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], KH, KW),
@@ -557,9 +563,10 @@ def conv_dgrad(grad_out: Tensor, weight: Tensor, input_shape: Sequence[int], str
     if M > 0:
         wt = weight.permute(2, 3, 0, 1).contiguous()  # [KH, KW, Cout, Cin]
         grid = (_cdiv(M, cfg.block_m) * _cdiv(Cin, cfg.block_n),)
-        dummy = ws if ws is not None else dx
-        _launch("dgrad", grid, (grad_out, wt, dx, bn_input if epi else dx, affine if epi else dummy,
-                                bn_stats if epi else dummy, dummy, N, H, W, Cin, syn, syh, syw, OH, OW, Cout, M,
+        f32 = _fp32_placeholder(dx.device)  # for fp32 pointer arguments the plain mode does not read
+        _launch("dgrad", grid, (grad_out, wt, dx, bn_input if epi else dx, affine if epi else f32,
+                                bn_stats if epi else f32, ws if epi else f32, N, H, W, Cin, syn, syh, syw, OH, OW,
+                                Cout, M,
                                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], KH, KW),
                 grad_out.dtype, config, "bn_relu" if epi else "plain", _tf32(grad_out.dtype, allow_tf32))
     if not epi:

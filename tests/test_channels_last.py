@@ -1,6 +1,7 @@
 """channels_last end to end: every fused module's output keeps the input's memory format,
 and no copy converts between NCHW and channels_last, forward or backward (the fused
-ResNet blocks copy nothing at all)."""
+ResNet blocks on the library convolutions copy nothing at all; on the Triton convolutions
+they copy only weights, into the GEMM's K-major layout)."""
 from __future__ import annotations
 
 import pytest
@@ -66,7 +67,7 @@ def test_channels_last_kept_without_layout_copies(case, name):
              for m in model.modules() if isinstance(m, FUSED)]
     x = torch.randn(2, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     log = _CopyLog()
-    with resfused.use_backend(backend), log:
+    with resfused.use_backend(backend), resfused.use_conv("library"), log:
         model(x).sum().backward()
     for h in hooks:
         h.remove()
@@ -78,3 +79,26 @@ def test_channels_last_kept_without_layout_copies(case, name):
         # the fused blocks make no copy at all (the eager backend, the oracle, computes in
         # the accumulation dtype and casts back)
         assert not log.copies, f"copies in a fused ResNet: {log.copies}"
+
+
+TRITON_DEVICES = [d for d in ("cpu", "cuda") if (d == "cuda" and torch.cuda.is_available()) or
+                  (d == "cpu" and not resfused._backend.unavailable_reason("triton", torch.device("cpu")))]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_conv_path_keeps_channels_last_and_copies_only_weights(device):
+    from torchvision.models.resnet import conv1x1
+
+    torch.manual_seed(0)
+    block = resfused.FusedBottleneck(8, 4, stride=2, downsample=torch.nn.Sequential(
+        conv1x1(8, 16, 2), torch.nn.BatchNorm2d(16))).to(device).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 7, 6, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    log = _CopyLog()
+    with resfused.use_conv("triton"), log:
+        out = block(x)
+        out.backward(torch.randn_like(out))  # channels_last, as the next layer's gradient is
+    assert _layout(out) == "channels_last" and _layout(x.grad) == "channels_last"
+    weights = [sorted(p.shape) for p in block.parameters() if p.dim() == 4]
+    assert log.copies, "expected the weight repacks to be seen"
+    others = [c for c in log.copies if sorted(c[3]) not in weights]
+    assert not others, f"copies of activations on the Triton-conv path: {others}"

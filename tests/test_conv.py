@@ -628,3 +628,24 @@ def test_choice_made_while_a_path_failed_stays_in_memory(cache_dir):
     assert conv_select.choose("k4", torch.device("cpu"), {"library": lambda: None, "triton": boom}) == "library"
     assert not (cache_dir / "conv_choice.json").exists()
     assert conv_select.cached("k4") == "library"
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_block_triton_conv_under_autocast(device):
+    """bf16 autocast: convs in bf16 on the Triton path too, BN parameters and running
+    statistics fp32, within the low-precision rule of the library path's error."""
+    base = _randomize_bn(_bottleneck_ds()).to(device)
+    ref = copy.deepcopy(base).double().cpu()
+    x = torch.randn(2, 8, 7, 6, device=device).contiguous(memory_format=torch.channels_last)
+    with resfused.use_conv("library"):
+        expected = ref(x.double().cpu())
+    outs = {}
+    for conv in ("triton", "library"):
+        m = copy.deepcopy(base)
+        with resfused.use_conv(conv), torch.autocast(device, dtype=torch.bfloat16):
+            out = m(x)
+        assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+        assert m.bn2.running_mean.dtype == torch.float32
+        outs[conv] = (out, m.bn2.running_var)
+    _check(outs["triton"][0], outs["library"][0], expected, torch.bfloat16, "autocast output")
+    _check(outs["triton"][1], outs["library"][1], ref.bn2.running_var, torch.bfloat16, "autocast running var")

@@ -165,6 +165,8 @@ def not_applicable(case: Case, provider: str) -> Optional[str]:
         return "not measured for torch.compile"
     if provider in ("resfused[tconv]", "resfused[auto]") and case.level == "op":
         return "op cases have no convolution"
+    if provider in ("resfused[tconv]", "resfused[auto]") and case.mode == "max_batch":
+        return "not searched for the conv choices (it saves what the library-conv path saves)"
     if provider == "resfused[tconv]":
         if case.memory_format != "channels_last":
             return "the Triton convolutions take channels_last tensors"

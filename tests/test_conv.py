@@ -649,3 +649,47 @@ def test_block_triton_conv_under_autocast(device):
         outs[conv] = (out, m.bn2.running_var)
     _check(outs["triton"][0], outs["library"][0], expected, torch.bfloat16, "autocast output")
     _check(outs["triton"][1], outs["library"][1], ref.bn2.running_var, torch.bfloat16, "autocast running var")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_transition_triton_conv_matches_library(train, device):
+    """A transition whose 1x1 conv reads x through relu(bn(.)) in its prologue (never
+    written): same output, gradients and running statistics as the library-conv path."""
+    from torchvision.models.densenet import _Transition
+
+    base = _randomize_bn(resfused.convert(_Transition(12, 6))).to(device).train(train)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    x = torch.randn(2, 12, 6, 7, device=device).contiguous(memory_format=torch.channels_last)
+    res = {}
+    for conv, m in (("triton", a), ("library", b)):
+        xi = x.clone().requires_grad_()
+        with resfused.use_conv(conv):
+            out = m(xi)
+        out.backward(torch.linspace(-1, 1, out.numel(), device=device).view_as(out))
+        res[conv] = (out, xi.grad)
+    for i, what in enumerate(("output", "dx")):
+        ref = res["library"][i]
+        assert_close(res["triton"][i], ref, 1e-5 * ref.abs().max().item(), 1e-5, f"transition {what}")
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert_close(p.grad, q.grad, 1e-5 * q.grad.abs().max().item(), 1e-4, f"grad {n}")
+    for (n, p), (_, q) in zip(a.named_buffers(), b.named_buffers()):
+        assert_close(p, q, 1e-6, 1e-5, f"buffer {n}")
+    with resfused.use_conv("triton"), pytest.raises(RuntimeError, match="channels_last"):
+        a(torch.randn(2, 12, 6, 7, device=device))
+
+
+def test_auto_times_transitions_without_touching_them(cache_dir, weigh_here):
+    from torchvision.models.densenet import _Transition
+
+    dev = TRITON_DEVICES[0]
+    t = _randomize_bn(resfused.convert(_Transition(12, 6))).to(dev)
+    ref = copy.deepcopy(t)
+    x = torch.randn(2, 12, 6, 7, device=dev).contiguous(memory_format=torch.channels_last)
+    with resfused.use_conv("auto"):
+        out = t(x)
+    with resfused.use_conv("library"):
+        expected = ref(x)
+    assert_close(out, expected, 1e-5, 1e-5, "auto transition")
+    assert_close(t.norm.running_var, ref.norm.running_var, 1e-6, 1e-5, "running var (updated once)")
+    assert [k for k in conv_select.entries() if "|transition|" in k]

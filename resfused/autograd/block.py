@@ -72,12 +72,13 @@ def _conv_backward(grad: Tensor, inp: Tensor, w: Tensor, b: Optional[Tensor], c:
                                                [need_inp, need_w, need_b and b is not None])
 
 
-def _fused_conv(spec: BlockSpec, h: Tensor, w: Tensor, c: ConvSpec, bn: BNSpec, prologue: Optional[Tensor],
-                g, b, rm, rv, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """y = conv(prologue(h)) with the BN statistics from the conv's epilogue; returns
-    (y, affine, stats) of the BN that follows (running statistics updated once)."""
+def _fused_conv(path: str, tf32: bool, h: Tensor, w: Tensor, c: ConvSpec, bn: BNSpec,
+                prologue: Optional[Tensor], g, b, rm, rv, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """y = conv(prologue(h)) on the fused conv ops of ``path`` with the BN statistics from
+    the conv's epilogue; returns (y, affine, stats) of the BN that follows (running
+    statistics updated once)."""
     y, mean, var = conv_ops.conv_bn_fwd(h, w, list(c.stride), list(c.padding), list(c.dilation), prologue, None,
-                                        None, False, bn.training, spec.tf32, spec.conv)
+                                        None, False, bn.training, tf32, path)
     batch_stats, count = None, None
     if bn.training:
         count = channel_count(y)
@@ -89,19 +90,19 @@ def _fused_conv(spec: BlockSpec, h: Tensor, w: Tensor, c: ConvSpec, bn: BNSpec, 
     return y, affine, st
 
 
-def _fused_conv_backward(spec: BlockSpec, dy: Tensor, inp: Tensor, w: Tensor, c: ConvSpec,
+def _fused_conv_backward(path: str, tf32: bool, dy: Tensor, inp: Tensor, w: Tensor, c: ConvSpec,
                          prologue: Optional[Tensor], need_inp: bool, need_w: bool,
                          bn_stats: Optional[Tensor] = None):
-    """(d_inp or dz, sums, dw) of a fused conv whose input was ``relu(inp*scale + shift)``
-    (``prologue``) or ``inp`` itself; with a prologue, d_inp is the ReLU-masked gradient
-    dz and sums are (Σdz, Σdz*x̂) of the BN with ``bn_stats``."""
+    """(d_inp or dz, sums, dw) of a fused conv (ops of ``path``) whose input was
+    ``relu(inp*scale + shift)`` (``prologue``) or ``inp`` itself; with a prologue, d_inp
+    is the ReLU-masked gradient dz and sums are (Σdz, Σdz*x̂) of the BN with ``bn_stats``."""
     dw = conv_ops.conv_bn_wgrad(dy, inp, list(w.shape), list(c.stride), list(c.padding), list(c.dilation),
-                                prologue, spec.tf32, spec.conv) if need_w else None
+                                prologue, tf32, path) if need_w else None
     d_inp = sums = None
     if need_inp:
         d_inp, sums = conv_ops.conv_bn_dgrad(dy, w, list(inp.shape), list(c.stride), list(c.padding),
                                              list(c.dilation), inp if prologue is not None else None, prologue,
-                                             bn_stats, spec.tf32, spec.conv)
+                                             bn_stats, tf32, path)
     return d_inp, sums, dw
 
 
@@ -136,7 +137,8 @@ class ResidualBlockFunction(torch.autograd.Function):
         ys, affines, stats, acts = [], [], [], []
         for i, ((w, cb, g, b, rm, rv), conv, bn) in enumerate(zip(units, spec.convs, spec.bns)):
             if fused:  # the previous BN-ReLU runs in this conv's prologue: a is never written
-                y, affine, st = _fused_conv(spec, h, w, conv, bn, affines[-1] if i else None, g, b, rm, rv, backend)
+                y, affine, st = _fused_conv(spec.conv, spec.tf32, h, w, conv, bn, affines[-1] if i else None,
+                                            g, b, rm, rv, backend)
             else:
                 y = _conv(h, w, cb, conv)
                 affine, st = bn_coefficients(y, g, b, rm, rv, bn.training, bn.momentum, bn.eps, backend,
@@ -155,7 +157,7 @@ class ResidualBlockFunction(torch.autograd.Function):
             w, cb, g, b, rm, rv = units[n]
             conv_d, bn_d = spec.downsample
             if fused:
-                y_d, aff_d, st_d = _fused_conv(spec, x, w, conv_d, bn_d, None, g, b, rm, rv, backend)
+                y_d, aff_d, st_d = _fused_conv(spec.conv, spec.tf32, x, w, conv_d, bn_d, None, g, b, rm, rv, backend)
             else:
                 y_d = _conv(x, w, cb, conv_d)
                 aff_d, st_d = bn_coefficients(y_d, g, b, rm, rv, bn_d.training, bn_d.momentum, bn_d.eps, backend,
@@ -235,7 +237,8 @@ class ResidualBlockFunction(torch.autograd.Function):
             put(n, 2, sums[2])
             put(n, 3, sums[0])
             if want_ds and fused:
-                dx_d, _, dw_d = _fused_conv_backward(spec, dres, x, weights[n], ds[0], None, need_x, need(n, 0))
+                dx_d, _, dw_d = _fused_conv_backward(spec.conv, spec.tf32, dres, x, weights[n], ds[0], None, need_x,
+                                                     need(n, 0))
                 put(n, 0, dw_d)
                 dx = dx_d
             elif want_ds:
@@ -255,7 +258,7 @@ class ResidualBlockFunction(torch.autograd.Function):
                 # ReLU mask and reduces (Σdz, Σdz*x̂), so only the apply pass is left.
                 inp = x if i == 0 else ys[i - 1]
                 pro = None if i == 0 else affines[i - 1]
-                d_inp, sums, dw = _fused_conv_backward(spec, dy, inp, weights[i], spec.convs[i], pro,
+                d_inp, sums, dw = _fused_conv_backward(spec.conv, spec.tf32, dy, inp, weights[i], spec.convs[i], pro,
                                                        i > 0 or need_x, need(i, 0), None if i == 0 else stats[i - 1])
                 put(i, 0, dw)
                 if i == 0:

@@ -42,7 +42,8 @@ from ..distributed import sync_batch_stats
 from ..ops import bn_act as ops
 from ..ops import conv as conv_ops
 from ..ops.eager import acc_dtype
-from .block import BNSpec, ConvSpec, _bn_input_grad, _conv, _conv_backward, _fused_conv, _fused_conv_backward
+from .block import (BNSpec, ConvSpec, _bn_input_grad, _conv, _conv_backward, _fused_conv,
+                    _fused_conv_backward)
 from .bn_act import bn_act_backward, bn_coefficients
 
 # norm1 weight, bias, running mean, running var, conv1 weight, bias,
@@ -168,7 +169,8 @@ def dense_block_forward(spec: DenseBlockSpec, x: Tensor, tensors: Sequence[Optio
                                     ls.norm1.eps, backend, batch_stats=batch, batch_count=count)
         epi_stats = None
         if fused:
-            y1, aff2, st2 = _fused_conv(spec, xp, c1w, ls.conv1, ls.norm2, aff1, n2w, n2b, n2rm, n2rv, backend)
+            y1, aff2, st2 = _fused_conv(spec.conv, spec.tf32, xp, c1w, ls.conv1, ls.norm2, aff1, n2w, n2b, n2rm, n2rv,
+                                        backend)
             del xp
             want = i < last_batch_norm1 and ls.drop_rate == 0
             y2, m2, v2 = conv_ops.conv_bn_fwd(y1, c2w, list(ls.conv2.stride), list(ls.conv2.padding),
@@ -289,8 +291,8 @@ class DenseBlockFunction(torch.autograd.Function):
                 # conv2: wgrad recomputes relu2 in its prologue, dgrad's epilogue masks and
                 # reduces for norm2; conv1 likewise for norm1, reading the prefix in place
                 need_n2 = need_conv1 or need(i, _N2W) or need(i, _N2B)
-                dz2, sums2, dw2 = _fused_conv_backward(spec, g, y1, weights[2 * i + 1], ls.conv2, aff2s[i], need_n2,
-                                                       need(i, _C2W), st2s[i])
+                dz2, sums2, dw2 = _fused_conv_backward(spec.conv, spec.tf32, g, y1, weights[2 * i + 1], ls.conv2,
+                                                       aff2s[i], need_n2, need(i, _C2W), st2s[i])
                 put(i, _C2W, dw2)
                 del g
                 if not need_n2:
@@ -302,8 +304,8 @@ class DenseBlockFunction(torch.autograd.Function):
                 dy1 = _bn_input_grad(dz2, y1, aff2s[i], st2s[i], sums2, ls.norm2, backend)
                 del dz2
                 xp = buf[:, :cl]
-                dz1, sums1, dw1 = _fused_conv_backward(spec, dy1, xp, weights[2 * i], ls.conv1, aff1s[i], need_norm1,
-                                                       need(i, _C1W), st1s[i])
+                dz1, sums1, dw1 = _fused_conv_backward(spec.conv, spec.tf32, dy1, xp, weights[2 * i], ls.conv1,
+                                                       aff1s[i], need_norm1, need(i, _C1W), st1s[i])
                 put(i, _C1W, dw1)
                 del dy1
                 if need_norm1:
@@ -367,6 +369,11 @@ class TransitionSpec(NamedTuple):
     conv: ConvSpec
     pool: PoolSpec
     backend: str
+    #: "library", or "triton"/"eager": the fused conv op reads x through relu(bn(.)) in
+    #: its prologue (relu(bn(x)) is never written), dgrad's epilogue does the BN-ReLU
+    #: backward and wgrad recomputes the activation in its prologue
+    conv_path: str = "library"
+    tf32: bool = False
 
 
 def _pool(y: Tensor, p: PoolSpec) -> Tensor:
@@ -377,9 +384,14 @@ def transition_forward(spec: TransitionSpec, x: Tensor, w, b, rm, rv, cw, cb):
     backend = ops.resolve(spec.backend, x)
     affine, stats = bn_coefficients(x, w, b, rm, rv, spec.bn.training, spec.bn.momentum, spec.bn.eps, backend,
                                     group=spec.bn.group)
-    a = ops.bn_act_fwd(x, affine, None, None, True, backend)
-    y = _conv(a, cw, cb, spec.conv)
-    del a
+    if spec.conv_path != "library":
+        c = spec.conv
+        y = conv_ops.conv_bn_fwd(x, cw, list(c.stride), list(c.padding), list(c.dilation), affine, None, None, False,
+                                 False, spec.tf32, spec.conv_path)[0]
+    else:
+        a = ops.bn_act_fwd(x, affine, None, None, True, backend)
+        y = _conv(a, cw, cb, spec.conv)
+        del a
     return _pool(y, spec.pool), y, affine, stats, backend
 
 
@@ -414,11 +426,20 @@ class TransitionFunction(torch.autograd.Function):
                                                 list(p.padding), p.ceil_mode, p.count_include_pad,
                                                 p.divisor_override)
         del y_like
-        a = ops.bn_act_fwd(x, affine, None, None, True, ctx.backend)
         need_bn = bool(needs[1] or needs[2] or needs[3])
+        dx = dw = db = None
+        if spec.conv_path != "library":
+            dz, sums, dcw = _fused_conv_backward(spec.conv_path, spec.tf32, dy, x, cw, spec.conv, affine,
+                                                 need_bn, bool(needs[6]), stats)
+            if need_bn:
+                dx = _bn_input_grad(dz, x, affine, stats, sums, spec.bn, ctx.backend) if needs[1] else None
+                dw = sums[1].to(ctx.param_dtypes[0]) if needs[2] else None
+                db = sums[0].to(ctx.param_dtypes[1]) if needs[3] else None
+            dcw = dcw.to(ctx.param_dtypes[4]) if (needs[6] and dcw is not None) else None
+            return None, dx, dw, db, None, None, dcw, None
+        a = ops.bn_act_fwd(x, affine, None, None, True, ctx.backend)
         da, dcw, dcb = _conv_backward(dy, a, cw, cb, spec.conv, need_bn, bool(needs[6]), bool(needs[7]))
         del a  # the relu mask is recomputed from x
-        dx = dw = db = None
         if need_bn:
             need_sums = spec.bn.training or bool(needs[2] or needs[3])
             dx, _, sums = bn_act_backward(da, x, None, affine, stats, spec.bn.training, True, ctx.backend,

@@ -19,8 +19,8 @@ Providers (``PROVIDERS``): ``eager`` and ``eager_cl`` are torchvision / plain Py
 and channels_last; ``compile`` is ``torch.compile`` of the eager model in the case's memory
 format; ``tv_memeff`` is torchvision's DenseNet ``memory_efficient=True`` (checkpointing);
 ``resfused[<backend>]`` is resfused forced onto one backend with the library convolutions;
-``resfused[tconv]`` runs the fused ResNet blocks and dense layers on resfused's Triton
-convolutions (BN-ReLU in their prologue, statistics in their epilogue) and ``resfused[auto]`` is resfused's own
+``resfused[tconv]`` runs the fused ResNet blocks, dense layers and transitions on resfused's
+Triton convolutions (BN-ReLU in their prologue, statistics in their epilogue) and ``resfused[auto]`` is resfused's own
 per-shape choice, what a user gets by default. Op cases carry their own memory
 format (their tensors are in it), so ``eager_cl`` applies to blocks and models only.
 The eager *baseline* of a case (speed-up and memory ratios are against it, correctness is

@@ -8,7 +8,7 @@ conv with non-zero padding mode, a custom activation) runs torchvision's own for
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -226,25 +226,32 @@ def _shape_key(spec: BlockSpec, x: Tensor, tensors: List[Optional[Tensor]]) -> s
             f"tf32{x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32}")
 
 
-def _tuning_runs(spec: BlockSpec, x: Tensor, identity: Optional[Tensor], tensors: List[Optional[Tensor]]):
-    """One forward (+ backward, when gradients would flow) of the block per conv path, on
-    detached inputs and copies of the running statistics: nothing of the model changes."""
-    grad = torch.is_grad_enabled()
-
-    def make(conv: str):
-        s = spec._replace(conv=conv, tf32=x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32)
-
+def timing_runs(x: Tensor, tensors: Sequence[Optional[Tensor]], is_stat: Callable[[int], bool], grad: bool,
+                run_path: Callable[[str, Tensor, List[Optional[Tensor]]], Tensor]):
+    """{path: one call} for ``select_conv``: each runs ``run_path(path, x, tensors)`` once,
+    forward (+ backward of a ones gradient when ``grad``), on detached copies of x and the
+    tensors and clones of the running statistics (``is_stat(index)``), so nothing of the
+    model changes."""
+    def make(path: str):
         def run():
-            ts = [None if t is None else (t.detach().clone() if j % TENSORS_PER_UNIT in (4, 5)
+            ts = [None if t is None else (t.detach().clone() if is_stat(j)
                                           else t.detach().requires_grad_(t.requires_grad and grad))
                   for j, t in enumerate(tensors)]
-            xi = x.detach().requires_grad_(x.requires_grad and grad)
-            out = ResidualBlockFunction.apply(s, xi, None if identity is None else identity.detach(), *ts)
-            if out.requires_grad:
-                out.backward(torch.ones_like(out))
+            with torch.set_grad_enabled(grad):
+                out = run_path(path, x.detach().requires_grad_(x.requires_grad and grad), ts)
+                if out.requires_grad:
+                    out.backward(torch.ones_like(out))
         return run
 
     return {"library": make("library"), "triton": make("triton")}
+
+
+def _tuning_runs(spec: BlockSpec, x: Tensor, identity: Optional[Tensor], tensors: List[Optional[Tensor]]):
+    tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    idt = None if identity is None else identity.detach()
+    return timing_runs(x, tensors, lambda j: j % TENSORS_PER_UNIT in (4, 5), torch.is_grad_enabled(),
+                       lambda path, xi, ts: ResidualBlockFunction.apply(spec._replace(conv=path, tf32=tf32), xi, idt,
+                                                                        *ts))
 
 
 def block_conv(name: str, spec: BlockSpec, x: Tensor, identity: Optional[Tensor],

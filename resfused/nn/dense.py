@@ -23,7 +23,7 @@ from ..autograd.dense import (TENSORS_PER_LAYER, DenseBlockFunction, DenseBlockS
 from ..functional import check_bn_input
 from ..ops import bn_act as ops
 from .block import (_autocast_dtype, _conv_spec, _forced_conv, _forced_message, _no_autocast, check_module_input,
-                    select_conv, triton_conv_reason)
+                    select_conv, timing_runs, triton_conv_reason)
 from .bn_act import SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norm, batch_norm_args
 
 
@@ -100,26 +100,13 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: Sync
 
 
 def _dense_tuning_runs(spec: DenseBlockSpec, x: Tensor, tensors: List[Optional[Tensor]]):
-    """One forward (+ backward when gradients would flow) of the block per conv path, on
-    detached inputs and copies of the running statistics: nothing of the model changes."""
     grad = _grad_wanted(x, tensors)
+    tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
 
-    def make(conv: str):
-        s = spec._replace(conv=conv, tf32=x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32)
-
-        def run():
-            ts = [None if t is None else (t.detach().clone() if j % TENSORS_PER_LAYER in (2, 3, 8, 9)
-                                          else t.detach().requires_grad_(t.requires_grad and grad))
-                  for j, t in enumerate(tensors)]
-            if not grad:
-                dense_block_forward(s, x.detach(), ts, keep=False)
-                return
-            xi = x.detach().requires_grad_(x.requires_grad)
-            out = DenseBlockFunction.apply(s, xi, *ts)
-            out.backward(torch.ones_like(out))
-        return run
-
-    return {"library": make("library"), "triton": make("triton")}
+    def run(path, xi, ts):
+        s = spec._replace(conv=path, tf32=tf32)
+        return DenseBlockFunction.apply(s, xi, *ts) if grad else dense_block_forward(s, xi, ts, keep=False).buf
+    return timing_runs(x, tensors, lambda j: j % TENSORS_PER_LAYER in (2, 3, 8, 9), grad, run)
 
 
 class FusedDenseLayer(SyncBNMixin, _DenseLayer):
@@ -197,6 +184,9 @@ class FusedTransition(SyncBNMixin, _Transition):
         check_bn_input(x, rm, rv, w, b, training, prefix=f"{name}: ", name="input")
         cast = _autocast_dtype(x)
         ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))
+        why = triton_conv_reason(x, [self.conv.groups], self.conv.bias is not None, dtype=cast or x.dtype)
+        if why and _forced_conv() == "triton":
+            raise RuntimeError(_forced_message(name, why))
         group = self._group(training)
         saved = _snapshot([self.norm]) if group is not None else []
         momentum = advance_batch_norm(self.norm)
@@ -216,9 +206,25 @@ class FusedTransition(SyncBNMixin, _Transition):
             x = x.to(cast)
         tensors = (w, b, rm, rv, cw, cb)
         with _no_autocast(x), _restore_on_error(saved):
-            if _grad_wanted(x, tensors):
+            tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+            grad = _grad_wanted(x, tensors)
+            key = (f"transition|{str(x.dtype).replace('torch.', '')}|x{tuple(x.shape)}|w{tuple(cw.shape)}|"
+                   f"train{training}|grad{grad}|tf32{tf32}")
+            path = select_conv(name, why, x, key, lambda: _transition_tuning_runs(spec, x, tensors, grad),
+                               may_time=group is None)
+            spec = spec._replace(conv_path=path, tf32=tf32)
+            if grad:
                 return TransitionFunction.apply(spec, x, *tensors)
             return transition_forward(spec, x, *tensors)[0]
+
+
+def _transition_tuning_runs(spec: TransitionSpec, x: Tensor, tensors, grad: bool):
+    tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+
+    def run(path, xi, ts):
+        s = spec._replace(conv_path=path, tf32=tf32)
+        return TransitionFunction.apply(s, xi, *ts) if grad else transition_forward(s, xi, *ts)[0]
+    return timing_runs(x, tensors, lambda j: j in (2, 3), grad, run)
 
 
 __all__ = ["FusedDenseLayer", "FusedDenseBlock", "FusedTransition"]

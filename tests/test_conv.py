@@ -693,3 +693,53 @@ def test_auto_times_transitions_without_touching_them(cache_dir, weigh_here):
     assert_close(out, expected, 1e-5, 1e-5, "auto transition")
     assert_close(t.norm.running_var, ref.norm.running_var, 1e-6, 1e-5, "running var (updated once)")
     assert [k for k in conv_select.entries() if "|transition|" in k]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_densenet_on_triton_convs_trains_like_the_library_path(device):
+    """A small DenseNet (dense blocks and a transition on the Triton convolutions; the stem
+    and classifier in the library) through two SGD steps and eval: outputs, parameter
+    gradients and running statistics match the library-conv path (fp32)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    base = resfused.convert(torchvision.models.DenseNet(growth_rate=8, block_config=(2, 3), num_init_features=16,
+                                                        bn_size=2, num_classes=10))
+    base = base.to(device).to(memory_format=torch.channels_last)
+    models = {"triton": copy.deepcopy(base), "library": copy.deepcopy(base)}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
+    g = torch.Generator().manual_seed(5)
+    for step in range(3):
+        train = step < 2
+        x = torch.randn(4, 3, 32, 32, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+        target = torch.randint(0, 10, (4,), generator=g).to(device)
+        outs = {}
+        for k, m in models.items():
+            m.train(train)
+            with resfused.use_conv(k), torch.set_grad_enabled(train):
+                outs[k] = m(x)
+                if train:
+                    opts[k].zero_grad()
+                    F.cross_entropy(outs[k], target).backward()
+        ref = outs["library"]
+        assert_close(outs["triton"], ref, 1e-5 * ref.abs().max().item(), 1e-5, f"step {step} output")
+        if train:
+            for (n, p), (_, q) in zip(models["triton"].named_parameters(), models["library"].named_parameters()):
+                assert_close(p.grad, q.grad, 1e-6 + 1e-5 * q.grad.abs().max().item(), 1e-4, f"step {step} grad {n}")
+            for o in opts.values():
+                o.step()
+    for (n, p), (_, q) in zip(models["triton"].named_buffers(), models["library"].named_buffers()):
+        assert_close(p, q, 1e-6, 1e-5, f"buffer {n}")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_one_by_one_spatial_input_counts_as_channels_last(device):
+    """At 1x1 spatial size NCHW and channels_last are the same memory (a ResNet's last stage
+    at small inputs): the Triton path takes it."""
+    m = _randomize_bn(resfused.FusedBasicBlock(8, 8)).to(device)
+    x = torch.randn(4, 8, 1, 1, device=device)
+    with resfused.use_conv("triton"):
+        out = m(x)
+    with resfused.use_conv("library"):
+        ref = copy.deepcopy(m)(x)
+    assert out.shape == ref.shape

@@ -737,9 +737,10 @@ def test_one_by_one_spatial_input_counts_as_channels_last(device):
     """At 1x1 spatial size NCHW and channels_last are the same memory (a ResNet's last stage
     at small inputs): the Triton path takes it."""
     m = _randomize_bn(resfused.FusedBasicBlock(8, 8)).to(device)
+    lib = copy.deepcopy(m)
     x = torch.randn(4, 8, 1, 1, device=device)
     with resfused.use_conv("triton"):
         out = m(x)
     with resfused.use_conv("library"):
-        ref = copy.deepcopy(m)(x)
-    assert out.shape == ref.shape
+        ref = lib(x)
+    assert_close(out, ref, 1e-5, 1e-4, "1x1 block output")  # BN over 4 values: mildly ill-conditioned

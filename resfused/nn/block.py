@@ -18,7 +18,7 @@ from .. import conv_select
 from .._backend import unavailable_reason
 from ..autograd.block import TENSORS_PER_UNIT, BlockSpec, BNSpec, ConvSpec, ResidualBlockFunction
 from ..distributed import resolve_group
-from ..ops.bn_act import _compiling, _trace_time_constant, memory_format_of
+from ..ops.bn_act import _compiling, _trace_time_constant
 from .bn_act import (SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norm, batch_norm_args,
                      reject_onnx_export)
 

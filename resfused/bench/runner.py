@@ -193,6 +193,9 @@ def provider_skip_reason(case: Case, provider: str, device: torch.device, preset
                 f"name --provider {provider} to run it anyway")
     if provider == "resfused[auto]" and device.type == "cpu":
         return "on a CPU resfused's own choice is resfused[cpu]; name --provider resfused[auto] to time it"
+    if provider == "resfused[auto]" and preset == "quick":
+        return ("left out of --quick (per block it is resfused[cuda] or resfused[tconv], whichever is faster); "
+                "name --provider resfused[auto] to include it")
     return None
 
 

@@ -40,6 +40,7 @@ SHAPES = [
     (2, 7, 6, 6, 9, 1, 2, 0, 1),    # 1x1 stride 2 (a downsample)
     (1, 65, 3, 4, 17, 3, 1, 1, 1),  # several channel blocks per tap
     (2, 32, 9, 9, 32, 3, 1, 1, 1),  # aligned and more than one tile: the "large" tile config (on a CPU)
+    (2, 4, 3, 1, 6, 3, 2, 1, 1),    # stride 2 over width 1: dgrad's odd-column phases are empty
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -17,7 +17,9 @@ when the caller allows it (``TF32``).
   values. ``stats_finalize`` merges the partials with Chan's formula in float64, so the
   variance stays sound at millions of values per channel (no single running Σy²).
 * ``_conv_dgrad`` — ``dx`` as an implicit GEMM over input pixels with the transposed
-  weight (a tap contributes where ``ih + pad - r*dil`` is a multiple of the stride). Its
+  weight (a tap contributes where ``ih + pad - r*dil`` is a multiple of the stride). For a
+  strided conv (dilation 1) the pixels are split into stride phases, each running only the
+  taps that reach it (a stride-2 3x3 conv: 9 tap blocks over 4 phases, not 36). Its
   optional epilogue is the backward of the prologue that produced the conv's input:
   the ReLU mask recomputed from the previous BN's input y (``z = y*scale + shift``, rounded
   as in forward), ``dz`` stored in place of ``dx``, and per-tile partial sums
@@ -68,9 +70,10 @@ CONFIGS: Dict[str, Dict[str, Dict[str, TileConfig]]] = {
         "16": {"large": TileConfig(128, 128, 32, 8, 3), "small": TileConfig(64, 64, 32, 4, 3)},
         "32": {"large": TileConfig(128, 64, 16, 8, 2), "small": TileConfig(64, 32, 16, 4, 3)},
     },
+    # dgrad's small tile runs 8 warps: its per-row phase and tap arithmetic spilled at 4
     "dgrad": {
-        "16": {"large": TileConfig(128, 128, 32, 8, 3), "small": TileConfig(64, 64, 32, 4, 3)},
-        "32": {"large": TileConfig(128, 64, 16, 8, 3), "small": TileConfig(64, 32, 16, 4, 3)},
+        "16": {"large": TileConfig(128, 128, 32, 8, 3), "small": TileConfig(64, 64, 32, 8, 3)},
+        "32": {"large": TileConfig(128, 64, 16, 8, 3), "small": TileConfig(64, 32, 16, 8, 3)},
     },
     # wgrad: BLOCK_M over Cout, BLOCK_N over Cin, BLOCK_K over pixels
     "wgrad": {
@@ -97,7 +100,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DATA_PTRS = frozenset({"x_ptr", "w_ptr", "out_ptr", "res_ptr", "dy_ptr", "dx_ptr", "y_ptr"})
 #: integer arguments the JIT must not specialise (batch-dependent sizes)
 UNSPECIALIZED = ("N", "M", "H", "W", "OH", "OW", "m_per_split", "KH", "KW", "stride_h", "stride_w", "pad_h",
-                 "pad_w", "dil_h", "dil_w")
+                 "pad_w", "dil_h", "dil_w", "qh", "qw")
 GROUP_M = 8
 
 
@@ -222,34 +225,55 @@ def _conv_fwd(x_ptr, w_ptr, out_ptr, aff_ptr, bias_ptr, res_ptr, ws_ptr,
 def _conv_dgrad(dy_ptr, w_ptr, dx_ptr, y_ptr, aff_ptr, st_ptr, ws_ptr,
                 N, H, W, Cin, syn, syh, syw, OH, OW, Cout, M,
                 stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                KH, KW, EPILOGUE: tl.constexpr, TF32: tl.constexpr,
+                KH, KW, qh, qw, EPILOGUE: tl.constexpr, TF32: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # dy: [N*OH*OW, Cout]; w: [KH, KW, Cout, Cin] contiguous; dx: [M = N*H*W, Cin];
+    # dy: [N*OH*OW, Cout]; w: [KH, KW, Cout, Cin] contiguous; dx: [N, H, W, Cin] contiguous;
     # y: [N, H, W, Cin] with strides (syn, syh, syw, 1) (a channel-prefix view is fine);
-    # aff (scale, shift) and st (mean, invstd): [2, Cin] fp32; ws: [cdiv(M, BLOCK_M), 2, Cin]
-    pid_m, rm, rn, m_ok, n_ok = _tile(M, Cin, BLOCK_M, BLOCK_N)
-    nimg, ih, iw = _pixel(rm, H, W)
+    # aff (scale, shift) and st (mean, invstd): [2, Cin] fp32; ws: [qh*qw, tiles, 2, Cin].
+    # Phases (grid axis 1): with (qh, qw) = the stride (dilation 1), program row r of phase
+    # (ph, pw) is input pixel (n, ph + i*qh, pw + j*qw), and only the taps r ≡ ph + pad
+    # (mod stride) reach it: a stride-2 3x3 dgrad does 9 tap-blocks over four phases
+    # instead of 36 (qh = qw = 1: one phase, every tap, masks decide).
+    q = tl.program_id(1)
+    ph = q // qw
+    pw = q - ph * qw
+    Hq = (H - ph + qh - 1) // qh
+    Wq = (W - pw + qw - 1) // qw
+    Mq = N * Hq * Wq
+    n_tiles = tl.cdiv(M, BLOCK_M)  # tiles of the largest phase (the grid's axis 0)
+    if tl.program_id(0) >= tl.cdiv(Mq, BLOCK_M) * tl.cdiv(Cin, BLOCK_N):
+        return  # a smaller phase: its workspace rows stay zero
+    pid_m, rm, rn, m_ok, n_ok = _tile(Mq, Cin, BLOCK_M, BLOCK_N)
+    nimg, i, j = _pixel(rm, Hq, Wq)
+    ih = ph + i * qh
+    iw = pw + j * qw
     nb = nimg * OH
+    r0 = (ph + pad_h) % qh
+    s0 = (pw + pad_w) % qw
+    nr = tl.maximum(KH - r0 + qh - 1, 0) // qh
+    ns = tl.maximum(KW - s0 + qw - 1, 0) // qw
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     n_cb = tl.cdiv(Cout, BLOCK_K)
-    for kc in range(0, KH * KW * n_cb):
-        rs = kc // n_cb
-        co = (kc - rs * n_cb) * BLOCK_K + rk
-        r = rs // KW
+    for kc in range(0, nr * ns * n_cb):
+        t = kc // n_cb
+        co = (kc - t * n_cb) * BLOCK_K + rk
+        tr = t // ns
+        r = r0 + tr * qh
+        sw = s0 + (t - tr * ns) * qw
         hn = ih + pad_h - r * dil_h
-        wn = iw + pad_w - (rs - r * KW) * dil_w
+        wn = iw + pad_w - sw * dil_w
         oh = tl.where(hn >= 0, hn, 0) // stride_h
         ow = tl.where(wn >= 0, wn, 0) // stride_w
         row_ok = m_ok & (hn >= 0) & (oh * stride_h == hn) & (oh < OH) & (wn >= 0) & (ow * stride_w == wn) & (ow < OW)
         row = ((nb + oh) * OW + ow) * Cout
         c_ok = co < Cout
         a = tl.load(dy_ptr + row[:, None] + co[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0)
-        kk = (rs * Cout + co).to(tl.int64)
+        kk = ((r * KW + sw) * Cout + co).to(tl.int64)
         b = tl.load(w_ptr + kk[:, None] * Cin + rn[None, :], mask=c_ok[:, None] & n_ok[None, :], other=0)
         acc = _mma(a, b, acc, TF32)
     o_mask = m_ok[:, None] & n_ok[None, :]
-    o_off = rm.to(tl.int64)[:, None] * Cin + rn[None, :]
+    o_off = (((nimg * H + ih) * W + iw) * Cin)[:, None] + rn[None, :]
     if EPILOGUE:
         # backward of a = relu(y*scale + shift): mask from z rounded as forward stored a
         y_row = nimg * syn + ih.to(tl.int64) * syh + iw.to(tl.int64) * syw
@@ -263,7 +287,7 @@ def _conv_dgrad(dy_ptr, w_ptr, dx_ptr, y_ptr, aff_ptr, st_ptr, ws_ptr,
         invstd = tl.load(st_ptr + Cin + rn, mask=n_ok, other=0)
         dzf = dz.to(tl.float32)
         xhat = (y - mean[None, :]) * invstd[None, :]
-        base = ws_ptr + pid_m.to(tl.int64) * 2 * Cin + rn
+        base = ws_ptr + (q * n_tiles + pid_m).to(tl.int64) * 2 * Cin + rn
         tl.store(base, tl.sum(dzf, axis=0), mask=n_ok)
         tl.store(base + Cin, tl.sum(tl.where(o_mask, dzf * xhat, 0), axis=0), mask=n_ok)
     else:
@@ -556,23 +580,24 @@ def conv_dgrad(grad_out: Tensor, weight: Tensor, input_shape: Sequence[int], str
         _per_channel("affine", affine, 2, Cin)
         _per_channel("bn_stats", bn_stats, 2, Cin)
     dx = torch.empty((N, Cin, H, W), dtype=grad_out.dtype, device=grad_out.device, memory_format=torch.channels_last)
-    M = N * H * W
-    config = _pick_config("dgrad", grad_out.dtype, M, Cin, grad_out, (Cin, Cout, syn, syh, syw))
+    # stride phases (dilation 1): each phase runs only the taps that reach its pixels
+    qh, qw = (int(stride[0]), int(stride[1])) if tuple(dilation) == (1, 1) else (1, 1)
+    M = N * _cdiv(H, qh) * _cdiv(W, qw)  # rows of the largest phase
+    config = _pick_config("dgrad", grad_out.dtype, M * qh * qw, Cin, grad_out, (Cin, Cout, syn, syh, syw))
     cfg = CONFIGS["dgrad"][width_key(grad_out.dtype)][config]
-    ws = torch.empty((_cdiv(M, cfg.block_m), 2, Cin), dtype=torch.float32, device=dx.device) if epi else None
-    if M > 0:
+    tiles = _cdiv(M, cfg.block_m)
+    ws = torch.zeros((qh * qw * tiles, 2, Cin), dtype=torch.float32, device=dx.device) if epi else None
+    if N * H * W > 0:
         wt = weight.permute(2, 3, 0, 1).contiguous()  # [KH, KW, Cout, Cin]
-        grid = (_cdiv(M, cfg.block_m) * _cdiv(Cin, cfg.block_n),)
+        grid = (tiles * _cdiv(Cin, cfg.block_n), qh * qw)
         f32 = _fp32_placeholder(dx.device)  # for fp32 pointer arguments the plain mode does not read
         _launch("dgrad", grid, (grad_out, wt, dx, bn_input if epi else dx, affine if epi else f32,
                                 bn_stats if epi else f32, ws if epi else f32, N, H, W, Cin, syn, syh, syw, OH, OW,
-                                Cout, M,
-                                stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], KH, KW),
+                                Cout, M, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], KH, KW,
+                                qh, qw),
                 grad_out.dtype, config, "bn_relu" if epi else "plain", _tf32(grad_out.dtype, allow_tf32))
     if not epi:
         return dx, None
-    if M == 0:
-        return dx, torch.zeros((2, Cin), dtype=torch.float32, device=dx.device)
     return dx, ws.sum(0)
 
 

@@ -88,10 +88,13 @@ def _eager_dgrad(grad_out, weight, input_shape, stride, padding, dilation, bn_in
 
 
 def _eager_wgrad(grad_out, x, weight_shape, stride, padding, dilation, prologue):
-    a = _activation(x, prologue)
+    # NCHW operands: torch's CPU bf16 weight gradient in channels_last returns NaN from
+    # uninitialized memory for some shapes (torch 2.14, e.g. width 1, stride 2); the
+    # reference's result does not depend on the operands' layout
+    a = _activation(x, prologue).contiguous()
     w = grad_out.new_empty(weight_shape)
-    dw = torch.ops.aten.convolution_backward(grad_out, a, w, None, list(stride), list(padding), list(dilation),
-                                             False, [0, 0], 1, [False, True, False])[1]
+    dw = torch.ops.aten.convolution_backward(grad_out.contiguous(), a, w, None, list(stride), list(padding),
+                                             list(dilation), False, [0, 0], 1, [False, True, False])[1]
     return dw.float().contiguous(memory_format=torch.channels_last)
 
 

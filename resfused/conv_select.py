@@ -15,6 +15,7 @@ turns timing off (auto then means the library, unless the cache says otherwise).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import threading
@@ -90,7 +91,10 @@ def _save() -> None:
         warnings.warn(f"resfused: could not write the conv choice cache {path}: {exc}")
 
 
+@functools.lru_cache(maxsize=None)
 def versions_key(device: torch.device) -> str:
+    """Device name and torch/triton versions: the part of a cache key that marks where the
+    timing was made (computed once per device; every auto-mode call on CUDA asks for it)."""
     try:
         import triton
 

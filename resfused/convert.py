@@ -17,8 +17,8 @@ from torchvision.models.densenet import _DenseBlock, _DenseLayer, _Transition
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .nn.bn_act import BatchNormAct2d
-from .nn.block import (FusedBasicBlock, FusedBottleneck, _autocast_dtype, _bn_args, _no_autocast, select_conv,
-                       triton_conv_reason)
+from .nn.block import (FusedBasicBlock, FusedBottleneck, _autocast_dtype, _bn_args, _no_autocast, conv_key,
+                       conv_tf32, select_conv, triton_conv_reason)
 from .nn.dense import FusedDenseBlock, FusedDenseLayer, FusedTransition
 from .ops import bn_act as ops
 from .ops import conv as conv_ops
@@ -187,10 +187,7 @@ class FoldedBlock(nn.Module):
         if not why and torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             why = ("gradients would be needed; the Triton path of a folded block is for inference (run it under "
                    "torch.no_grad() or torch.inference_mode())")
-        tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32
-        key = (f"folded|{str(dtype).replace('torch.', '')}|x{tuple(x.shape)}|"
-               f"w{[tuple(c.weight.shape) for c in convs]}|conv{[(c.stride, c.padding, c.dilation) for c in convs]}|"
-               f"tf32{tf32}")
+        key = conv_key("folded", x, convs, dtype, tf32=conv_tf32(dtype))
         return select_conv(type(self).__name__, why, x, key,
                            lambda: {"library": lambda: self._forward_library(x),
                                     "triton": lambda: self._forward_triton(x)})
@@ -201,7 +198,7 @@ class FoldedBlock(nn.Module):
         cast = _autocast_dtype(x)
         if cast is not None:
             x = x.to(cast)
-        tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+        tf32 = conv_tf32(x.dtype)
 
         def run(conv: nn.Conv2d, h: Tensor, bias: Tensor, residual=None, relu=True) -> Tensor:
             w = conv.weight.to(h.dtype)

@@ -122,11 +122,7 @@ class _FusedBlockMixin(SyncBNMixin):
         bns = [bn for _, bn in units] + ([fused_ds[1]] if fused_ds else [])
         convs = [conv for conv, _ in units] + ([fused_ds[0]] if fused_ds else [])
         args = [_bn_args(bn) for bn in bns]
-        if _forced_conv() == "triton":  # refused before any running statistic moves
-            why = triton_conv_reason(x, [c.groups for c in convs], any(c.bias is not None for c in convs),
-                                     dtype=_autocast_dtype(x) or x.dtype)
-            if why:
-                raise RuntimeError(_forced_message(self._block_name(), why))
+        why = check_conv_path(self._block_name(), x, convs, _autocast_dtype(x) or x.dtype)
         # A custom downsample module runs eagerly; its output is the (plain) identity.
         identity = None
         if self.downsample is not None and fused_ds is None:
@@ -152,9 +148,13 @@ class _FusedBlockMixin(SyncBNMixin):
             x = x.to(cast)
             identity = None if identity is None else identity.to(cast)
         with _no_autocast(x), _restore_on_error(saved):
-            spec = spec._replace(conv=block_conv(self._block_name(), spec, x, identity, tensors),
-                                 tf32=x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32)
-            return ResidualBlockFunction.apply(spec, x, identity, *tensors)
+            spec = spec._replace(tf32=conv_tf32(x.dtype))
+            key = conv_key("block", x, convs, train=[b.training for b in bn_specs], grad=torch.is_grad_enabled(),
+                           tf32=spec.tf32)
+            # no timing under synchronized BN (ranks could choose apart): the cache decides there
+            path = select_conv(self._block_name(), why, x, key, lambda: _tuning_runs(spec, x, identity, tensors),
+                               may_time=all(g is None for g in groups))
+            return ResidualBlockFunction.apply(spec._replace(conv=path), x, identity, *tensors)
 
 
 #: dtypes the Triton convolutions take
@@ -184,10 +184,31 @@ def triton_conv_reason(x: Tensor, groups: Sequence[int], biased: bool = False,
     return ""
 
 
-def _block_reason(spec: BlockSpec, x: Tensor, tensors: List[Optional[Tensor]]) -> str:
-    convs = list(spec.convs) + ([spec.downsample[0]] if spec.downsample else [])
-    biased = any(tensors[i * TENSORS_PER_UNIT + 1] is not None for i in range(len(convs)))
-    return triton_conv_reason(x, [c.groups for c in convs], biased)
+def check_conv_path(name: str, x: Tensor, convs: Sequence[nn.Conv2d], dtype: torch.dtype) -> str:
+    """Why the Triton convolutions cannot run ``convs`` on x in ``dtype`` ("" when they
+    can); raises at once when ``use_conv("triton")`` is forced and they cannot, so a
+    module calls it before any running statistic moves."""
+    why = triton_conv_reason(x, [c.groups for c in convs], any(c.bias is not None for c in convs), dtype=dtype)
+    if why and _forced_conv() == "triton":
+        raise RuntimeError(_forced_message(name, why))
+    return why
+
+
+def conv_tf32(dtype: torch.dtype) -> bool:
+    """Whether the fused conv ops may multiply in TF32: fp32 operands and the flag the
+    library convolutions obey (``torch.backends.cudnn.allow_tf32``)."""
+    return dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+
+
+def conv_key(kind: str, x: Tensor, convs: Sequence[nn.Conv2d], dtype: Optional[torch.dtype] = None,
+             **flags) -> str:
+    """The conv-choice cache key of a module call (without the device and versions, which
+    ``select_conv`` adds): kind, the dtype the convs run in (x's by default), x's shape, the
+    convs' weights and geometry, then ``flags``."""
+    geometry = [(tuple(c.stride), tuple(c.padding), tuple(c.dilation)) for c in convs]
+    dt = str(x.dtype if dtype is None else dtype).replace("torch.", "")
+    return (f"{kind}|{dt}|x{tuple(x.shape)}|w{[tuple(c.weight.shape) for c in convs]}|conv{geometry}"
+            + "".join(f"|{k}{v}" for k, v in flags.items()))
 
 
 def _weighs_triton(device: torch.device) -> bool:
@@ -217,15 +238,6 @@ def select_conv(name: str, why: str, x: Tensor, key: str, runs, may_time: bool =
     return conv_select.choose(f"{conv_select.versions_key(x.device)}|{key}", x.device, runs())
 
 
-def _shape_key(spec: BlockSpec, x: Tensor, tensors: List[Optional[Tensor]]) -> str:
-    weights = [tuple(tensors[i * TENSORS_PER_UNIT].shape) for i in range(len(tensors) // TENSORS_PER_UNIT)]
-    convs = list(spec.convs) + ([spec.downsample[0]] if spec.downsample else [])
-    train = [bn.training for bn in spec.bns]
-    return (f"block|{str(x.dtype).replace('torch.', '')}|x{tuple(x.shape)}|w{weights}|"
-            f"conv{[(c.stride, c.padding, c.dilation) for c in convs]}|train{train}|grad{torch.is_grad_enabled()}|"
-            f"tf32{x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32}")
-
-
 def timing_runs(x: Tensor, tensors: Sequence[Optional[Tensor]], is_stat: Callable[[int], bool], grad: bool,
                 run_path: Callable[[str, Tensor, List[Optional[Tensor]]], Tensor]):
     """{path: one call} for ``select_conv``: each runs ``run_path(path, x, tensors)`` once,
@@ -247,21 +259,9 @@ def timing_runs(x: Tensor, tensors: Sequence[Optional[Tensor]], is_stat: Callabl
 
 
 def _tuning_runs(spec: BlockSpec, x: Tensor, identity: Optional[Tensor], tensors: List[Optional[Tensor]]):
-    tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
     idt = None if identity is None else identity.detach()
     return timing_runs(x, tensors, lambda j: j % TENSORS_PER_UNIT in (4, 5), torch.is_grad_enabled(),
-                       lambda path, xi, ts: ResidualBlockFunction.apply(spec._replace(conv=path, tf32=tf32), xi, idt,
-                                                                        *ts))
-
-
-def block_conv(name: str, spec: BlockSpec, x: Tensor, identity: Optional[Tensor],
-               tensors: List[Optional[Tensor]]) -> str:
-    """The conv path of one block call: "library" or "triton". No timing while tracing,
-    nor under synchronized BN (ranks could choose apart): the cache decides there."""
-    synced = any(bn.group is not None for bn in spec.bns) or \
-        (spec.downsample is not None and spec.downsample[1].group is not None)
-    return select_conv(name, _block_reason(spec, x, tensors), x, _shape_key(spec, x, tensors),
-                       lambda: _tuning_runs(spec, x, identity, tensors), may_time=not synced)
+                       lambda path, xi, ts: ResidualBlockFunction.apply(spec._replace(conv=path), xi, idt, *ts))
 
 
 def _autocast_takes_device() -> bool:

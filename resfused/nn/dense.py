@@ -22,8 +22,8 @@ from ..autograd.dense import (TENSORS_PER_LAYER, DenseBlockFunction, DenseBlockS
                               TransitionFunction, TransitionSpec, dense_block_forward, transition_forward)
 from ..functional import check_bn_input
 from ..ops import bn_act as ops
-from .block import (_autocast_dtype, _conv_spec, _forced_conv, _forced_message, _no_autocast, check_module_input,
-                    select_conv, timing_runs, triton_conv_reason)
+from .block import (_autocast_dtype, _conv_spec, _no_autocast, check_conv_path, check_module_input, conv_key,
+                    conv_tf32, select_conv, timing_runs)
 from .bn_act import SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norm, batch_norm_args
 
 
@@ -61,10 +61,7 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: Sync
     cast = _autocast_dtype(x)
     ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))  # backend and dtype
     convs = [c for layer in layers for c in (layer.conv1, layer.conv2)]
-    why = triton_conv_reason(x, [c.groups for c in convs], any(c.bias is not None for c in convs),
-                             dtype=cast or x.dtype)
-    if why and _forced_conv() == "triton":
-        raise RuntimeError(_forced_message(name, why))
+    why = check_conv_path(name, x, convs, cast or x.dtype)
     saved = _snapshot(bns) if group is not None else []
     momenta = [advance_batch_norm(bn) for bn in bns]  # only after every check has passed
     layer_specs, tensors = [], []
@@ -87,13 +84,10 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: Sync
     if cast is not None:
         x = x.to(cast)
     with _no_autocast(x), _restore_on_error(saved):
-        tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
-        key = (f"dense|{str(x.dtype).replace('torch.', '')}|x{tuple(x.shape)}|"
-               f"w{[tuple(c.weight.shape) for c in convs]}|train{[a[4] for a in args]}|"
-               f"grad{_grad_wanted(x, tensors)}|tf32{tf32}")
-        conv = select_conv(name, why, x, key, lambda: _dense_tuning_runs(spec, x, tensors),
-                           may_time=group is None)
-        spec = spec._replace(conv=conv, tf32=tf32)
+        spec = spec._replace(tf32=conv_tf32(x.dtype))
+        key = conv_key("dense", x, convs, train=[a[4] for a in args], grad=_grad_wanted(x, tensors), tf32=spec.tf32)
+        spec = spec._replace(conv=select_conv(name, why, x, key, lambda: _dense_tuning_runs(spec, x, tensors),
+                                              may_time=group is None))
         if _grad_wanted(x, tensors):
             return DenseBlockFunction.apply(spec, x, *tensors)
         return dense_block_forward(spec, x, tensors, keep=False).buf
@@ -101,10 +95,9 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: Sync
 
 def _dense_tuning_runs(spec: DenseBlockSpec, x: Tensor, tensors: List[Optional[Tensor]]):
     grad = _grad_wanted(x, tensors)
-    tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
 
     def run(path, xi, ts):
-        s = spec._replace(conv=path, tf32=tf32)
+        s = spec._replace(conv=path)
         return DenseBlockFunction.apply(s, xi, *ts) if grad else dense_block_forward(s, xi, ts, keep=False).buf
     return timing_runs(x, tensors, lambda j: j % TENSORS_PER_LAYER in (2, 3, 8, 9), grad, run)
 
@@ -184,9 +177,7 @@ class FusedTransition(SyncBNMixin, _Transition):
         check_bn_input(x, rm, rv, w, b, training, prefix=f"{name}: ", name="input")
         cast = _autocast_dtype(x)
         ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))
-        why = triton_conv_reason(x, [self.conv.groups], self.conv.bias is not None, dtype=cast or x.dtype)
-        if why and _forced_conv() == "triton":
-            raise RuntimeError(_forced_message(name, why))
+        why = check_conv_path(name, x, [self.conv], cast or x.dtype)
         group = self._group(training)
         saved = _snapshot([self.norm]) if group is not None else []
         momentum = advance_batch_norm(self.norm)
@@ -206,23 +197,20 @@ class FusedTransition(SyncBNMixin, _Transition):
             x = x.to(cast)
         tensors = (w, b, rm, rv, cw, cb)
         with _no_autocast(x), _restore_on_error(saved):
-            tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
             grad = _grad_wanted(x, tensors)
-            key = (f"transition|{str(x.dtype).replace('torch.', '')}|x{tuple(x.shape)}|w{tuple(cw.shape)}|"
-                   f"train{training}|grad{grad}|tf32{tf32}")
-            path = select_conv(name, why, x, key, lambda: _transition_tuning_runs(spec, x, tensors, grad),
-                               may_time=group is None)
-            spec = spec._replace(conv_path=path, tf32=tf32)
+            spec = spec._replace(tf32=conv_tf32(x.dtype))
+            key = conv_key("transition", x, [self.conv], train=training, grad=grad, tf32=spec.tf32)
+            spec = spec._replace(conv_path=select_conv(name, why, x, key,
+                                                       lambda: _transition_tuning_runs(spec, x, tensors, grad),
+                                                       may_time=group is None))
             if grad:
                 return TransitionFunction.apply(spec, x, *tensors)
             return transition_forward(spec, x, *tensors)[0]
 
 
 def _transition_tuning_runs(spec: TransitionSpec, x: Tensor, tensors, grad: bool):
-    tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
-
     def run(path, xi, ts):
-        s = spec._replace(conv_path=path, tf32=tf32)
+        s = spec._replace(conv_path=path)
         return TransitionFunction.apply(s, xi, *ts) if grad else transition_forward(s, xi, *ts)[0]
     return timing_runs(x, tensors, lambda j: j in (2, 3), grad, run)
 

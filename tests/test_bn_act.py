@@ -326,38 +326,87 @@ def test_reduce_writes_dz(case, layout, dtype, mask_from):
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("shape", [(3, 7, 5, 3), (2, 16, 1, 1), (1, 5, 4, 4)])
-def test_channel_prefix_views(case, layout, shape):
-    """x = wide[:, :C] (a dense block's prefix): every op gives exactly what it gives on a
-    contiguous copy of x, and the cpu backend reads the view in place (no copy made)."""
+@pytest.mark.parametrize("shape", [(3, 7, 5, 3), (2, 16, 1, 1), (1, 5, 4, 4), (2, 16, 3, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_channel_prefix_views(case, layout, shape, dtype, monkeypatch):
+    """x = wide[:, :C] (a dense block's prefix): every op (with a residual, dz written)
+    gives exactly what it gives on a contiguous copy of x, and the backends read the view
+    in place (no copy made; the triton kernels are handed the view itself): cpu and
+    triton always, cuda for a channels_last view whose C and row stride are multiples of
+    16 bytes."""
+    from resfused import _backend
     from resfused.ops import bn_act as ops
 
     backend, device = case
+    if dtype not in _backend.SUPPORTED_DTYPES[backend]:
+        pytest.skip(f"{backend} does not support {dtype}")
     n, c, h, w = shape
-    wide = make_input((n, c + 4, h, w), layout, torch.float32, device)
+    wide = make_input((n, c + 8, h, w), layout, dtype, device)
     x = wide[:, :c]
     xc = x.contiguous(memory_format=ops.memory_format_of(x))
-    g = make_input(shape, layout, torch.float32, device)
+    g, r = (make_input(shape, layout, dtype, device) for _ in range(2))
     affine = torch.stack([torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)])
     stats = torch.stack([torch.randn(c, device=device), torch.rand(c, device=device) + 0.5])
     coef = torch.randn(4, c, device=device)
-    results = []
-    for xx in (x, xc):
-        out = ops.bn_act_fwd(xx, affine, None, None, True, backend)
-        sums, _ = ops.bn_act_bwd_reduce(g, xx, affine, stats, None, None, None, None, True, False, backend)
-        dx, _ = ops.bn_act_bwd_apply(g, xx, affine, coef, None, None, None, None, True, backend)
-        results.append((out, sums, dx))
-    for (a, s, d), (a_ref, s_ref, d_ref) in zip([results[0]], [results[1]]):
-        assert a.is_contiguous(memory_format=ops.memory_format_of(xc))
-        assert torch.equal(a, a_ref) and torch.equal(d, d_ref)
-        torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=1e-6)
-    if backend in ops.PREFIX_VIEW_BACKENDS and n * h * w > 1 and n > 1:
-        assert ops.is_prefix_view(x)
+
+    def run(xx):
+        out = ops.bn_act_fwd(xx, affine, r, None, True, backend)
+        sums, dz = ops.bn_act_bwd_reduce(g, xx, affine, stats, r, None, None, None, True, True, backend)
+        dx, dres = ops.bn_act_bwd_apply(g, xx, affine, coef, r, None, None, None, True, backend)
+        return out, sums, dz, dx, dres
+
+    got, want = run(x), run(xc)
+    for name, a, b in zip(("out", "sums", "dz", "dx", "dres"), got, want):
+        if name == "sums":
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        else:
+            assert a.is_contiguous(memory_format=ops.memory_format_of(xc)), name
+            assert torch.equal(a, b), name
+    in_place = backend in ("cpu", "triton") or (backend == "cuda" and layout == "channels_last" and h * w > 1
+                                                 and c * x.element_size() % 16 == 0)
+    if in_place and n * h * w > 1 and n > 1:
+        assert backend in ops.PREFIX_VIEW_BACKENDS and ops.is_prefix_view(x)
         from torch.profiler import ProfilerActivity, profile
 
+        launched = []
+        if backend == "triton":  # the interpreter copies every operand: check what is launched
+            from resfused.triton import bn_act as tbn
+
+            launch = tbn._launch
+            monkeypatch.setattr(tbn, "_launch", lambda name, grid, args, geo=None: (
+                launched.append((name, args[0] if name.startswith("fwd") else args[1])),
+                launch(name, grid, args, geo))[-1])
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            ops.bn_act_fwd(x, affine, None, None, True, backend)
-            ops.bn_act_bwd_reduce(g, x, affine, stats, None, None, None, None, True, False, backend)
-            ops.bn_act_bwd_apply(g, x, affine, coef, None, None, None, None, True, backend)
-        copies = [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")]
-        assert not copies, f"the cpu backend copied the prefix view: {copies}"
+            run(x)
+        if backend == "triton":
+            xs = [t for name, t in launched if name != "colsum"]
+            assert len(xs) == 3
+            assert all(t.data_ptr() == x.data_ptr() and t.stride() == x.stride() for t in xs), \
+                "the triton backend did not hand the prefix view itself to its kernels"
+        if not interpreted(backend, device):
+            copies = [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")]
+            assert not copies, f"the {backend} backend copied the prefix view: {copies}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_prefix_view_odd_batch_stride(case):
+    """An NCHW channel-prefix view whose batch stride is not a whole number of channel
+    planes (only as_strided makes one): each backend reads it in place or copies it, and
+    every op gives what it gives on a contiguous copy."""
+    from resfused.ops import bn_act as ops
+
+    backend, device = case
+    shape, strides = (2, 3, 2, 2), (13, 4, 2, 1)
+    x = torch.as_strided(torch.randn(26, device=device), shape, strides)
+    assert ops.is_prefix_view(x)
+    xc = x.contiguous()
+    g = torch.randn(shape, device=device)
+    affine = torch.stack([torch.rand(3, device=device) + 0.5, torch.randn(3, device=device)])
+    stats = torch.stack([torch.randn(3, device=device), torch.rand(3, device=device) + 0.5])
+    coef = torch.randn(4, 3, device=device)
+    got, want = ([ops.bn_act_fwd(xx, affine, None, None, True, backend),
+                  ops.bn_act_bwd_reduce(g, xx, affine, stats, None, None, None, None, True, True, backend)[1],
+                  ops.bn_act_bwd_apply(g, xx, affine, coef, None, None, None, None, True, backend)[0]]
+                 for xx in (x, xc))
+    for a, b in zip(got, want):
+        assert a.is_contiguous() and torch.equal(a, b)

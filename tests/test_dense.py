@@ -333,3 +333,40 @@ def test_rejects_bad_input_and_changes_nothing(bad, which):
         module(x)
     for k, v in module.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed by a call that raised"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_layers_read_their_prefix_in_place(case, layout, monkeypatch):
+    """Each layer's BN kernels get its channel prefix of the feature buffer as the view
+    itself, forward and backward, and no scratch is gathered, on every backend whose
+    kernels read such views (cuda: channels_last, C a multiple of 16 bytes); the eager
+    backend and cuda in NCHW gather into one scratch per block."""
+    from resfused.autograd import dense as D
+    from resfused.ops import bn_act as ops
+
+    backend, device = case
+    block = FusedDenseBlock(3, 8, 2, 4, 0.0).to(device)  # prefixes of 8, 12 and 16 channels
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 8, 5, 3, device=device).contiguous(memory_format=fmt).requires_grad_()
+    scratches, handed = [], []
+    prefix_scratch, kernel_x = D._prefix_scratch, ops._kernel_x
+    monkeypatch.setattr(D, "_prefix_scratch", lambda *a: scratches.append(prefix_scratch(*a)) or scratches[-1])
+
+    def spy(t, f, b):
+        name, kx = kernel_x(t, f, b)
+        if ops.is_prefix_view(t):
+            handed.append(kx is t)
+        return name, kx
+
+    monkeypatch.setattr(ops, "_kernel_x", spy)
+    with resfused.use_backend(backend), resfused.use_conv("library"):
+        block(x).sum().backward()
+    assert len(scratches) == 2  # one decision in forward, one in backward
+    views = backend in ("cpu", "triton") or (backend == "cuda" and layout == "channels_last")
+    if views:
+        assert scratches == [None, None]
+        # forward: norm1 of layers 2 and 3; backward: recompute, reduce and apply of all three
+        assert handed == [True] * (2 + 3 * 3)
+    else:
+        assert all(s is not None for s in scratches) and not handed

@@ -21,6 +21,13 @@
 //   stats_finalize_kernel / sum_finalize_kernel: one warp per channel merges the
 //                           S partials in a fixed order (deterministic, no atomics).
 //
+// x may also be a channel-prefix view wide[:, :C] of a wider channels_last tensor
+// (a dense block's layer reading its prefix of the feature buffer) in the forward
+// apply, the backward reduction and the backward apply: its pixel rows are xs >= C
+// elements apart. Only the channels_last kernels read such a view (row m of x at
+// m*xs, of every other tensor at m*C); the entry points copy x contiguous where
+// they would not launch those.
+//
 // Accumulation is in float (double for double input). Every index that can
 // exceed 2^31 is int64. Vector width V = 16 bytes / sizeof(scalar) when all base
 // pointers are aligned (and, for the channels_last and NCHW-reduction paths, C
@@ -99,7 +106,8 @@ __device__ __forceinline__ A preact(A x, A r, A sc, A sh, A rsc, A rsh, bool has
 }
 
 // ---------------------------------------------------------------------------
-// Elementwise ops. Op::load<V>(e) loads the inputs of elements [e, e+V);
+// Elementwise ops. Op::load<V>(e, xe) loads the inputs of elements [e, e+V)
+// (x's at [xe, xe+V): xe == e except for a prefix view, see ew_nhwc_kernel);
 // Op::finish<V>(e, regs, get) computes and stores them, calling get(j) exactly
 // once per element, in order j = 0..V-1, for that element's channel params.
 // ---------------------------------------------------------------------------
@@ -112,6 +120,7 @@ struct FwdOp {
   const A* affine;      // [2, C]
   const A* res_affine;  // [2, C] or nullptr
   int64_t C;
+  int64_t xs;  // x's row stride in the channels_last kernel (C unless x is a prefix view)
   bool relu, has_res, res_aff;
 
   // vector width of the channels_last 2-D kernel
@@ -141,9 +150,9 @@ struct FwdOp {
   };
 
   template <int V>
-  __device__ __forceinline__ Regs<V> load(int64_t e) const {
+  __device__ __forceinline__ Regs<V> load(int64_t e, int64_t xe) const {
     Regs<V> R{};
-    R.x = load_pack<V>(x, e);
+    R.x = load_pack<V>(x, xe);
     if (has_res) R.r = load_pack<V>(res, e);
     return R;
   }
@@ -175,6 +184,7 @@ struct ApplyOp {
   const A* coef;        // [4, C]: mean, k, mdz, p
   const A* res_coef;    // [4, C] or nullptr
   int64_t C;
+  int64_t xs;  // x's row stride in the channels_last kernel (C unless x is a prefix view)
   bool relu, use_out, has_res, res_aff, has_rcoef, need_r;
 
   // 12 parameters per owned channel live in registers in the channels_last
@@ -215,10 +225,10 @@ struct ApplyOp {
   };
 
   template <int V>
-  __device__ __forceinline__ Regs<V> load(int64_t e) const {
+  __device__ __forceinline__ Regs<V> load(int64_t e, int64_t xe) const {
     Regs<V> R{};
     R.g = load_pack<V>(g, e);
-    R.x = load_pack<V>(x, e);
+    R.x = load_pack<V>(x, xe);
     if (need_r) R.r = load_pack<V>(res, e);
     if (use_out) R.o = load_pack<V>(out, e);
     return R;
@@ -247,7 +257,8 @@ struct ApplyOp {
 };
 
 // Flat elementwise kernel. Element i has channel (i / HW) % C (NCHW; HW = 1 for
-// channels_last). Vectors of V elements may straddle rows/channels.
+// channels_last). Vectors of V elements may straddle rows/channels. x is dense
+// like every other tensor here (op.xs is not used).
 template <typename Op, int V>
 __global__ void __launch_bounds__(kThreads) ew_nchw_kernel(Op op, int64_t numel, int64_t HW, int C) {
   using Chan = typename Op::Chan;
@@ -261,7 +272,7 @@ __global__ void __launch_bounds__(kThreads) ew_nchw_kernel(Op op, int64_t numel,
     const int64_t i = nvec * V + tid;
     if (i < numel) {
       const Chan p = op.chan((i / HW) % C);
-      op.template finish<1>(i, op.template load<1>(i), [&](int) -> Chan { return p; });
+      op.template finish<1>(i, op.template load<1>(i, i), [&](int) -> Chan { return p; });
     }
   }
   if (tid >= nvec) return;
@@ -301,9 +312,9 @@ __global__ void __launch_bounds__(kThreads) ew_nchw_kernel(Op op, int64_t numel,
   for (int64_t v = tid; v < nvec; v += 2 * nthr) {
     const int64_t e0 = v * V, e1 = e0 + step;
     const bool two = v + nthr < nvec;
-    const auto R0 = op.template load<V>(e0);
+    const auto R0 = op.template load<V>(e0, e0);
     typename Op::template Regs<V> R1{};
-    if (two) R1 = op.template load<V>(e1);
+    if (two) R1 = op.template load<V>(e1, e1);
     int64_t off1 = off;
     int c1 = c;
     advance(off1, c1);
@@ -315,7 +326,8 @@ __global__ void __launch_bounds__(kThreads) ew_nchw_kernel(Op op, int64_t numel,
   }
 }
 
-// channels_last elementwise kernel: element (m, c) at m*C + c, C % V == 0.
+// channels_last elementwise kernel: element (m, c) at m*C + c (x's at m*op.xs + c),
+// C % V == 0 and op.xs % V == 0.
 template <typename Op, int V>
 __global__ void __launch_bounds__(kThreads) ew_nhwc_kernel(Op op, int64_t M, int C) {
   using Chan = typename Op::Chan;
@@ -331,10 +343,11 @@ __global__ void __launch_bounds__(kThreads) ew_nhwc_kernel(Op op, int64_t M, int
   const int64_t rstride = static_cast<int64_t>(gridDim.y) * blockDim.y;
   for (int64_t m = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; m < M; m += 2 * rstride) {
     const int64_t e0 = m * C + c0, e1 = e0 + rstride * C;
+    const int64_t xe0 = m * op.xs + c0, xe1 = xe0 + rstride * op.xs;
     const bool two = m + rstride < M;
-    const auto R0 = op.template load<V>(e0);
+    const auto R0 = op.template load<V>(e0, xe0);
     typename Op::template Regs<V> R1{};
-    if (two) R1 = op.template load<V>(e1);
+    if (two) R1 = op.template load<V>(e1, xe1);
     op.template finish<V>(e0, R0, get);
     if (two) op.template finish<V>(e1, R1, get);
   }
@@ -607,6 +620,7 @@ struct RedArgs {
   const A* res_stats;   // [2, C] or nullptr
   T* dz;                // written (dz in x's layout) when not nullptr
   int C;
+  int64_t xs;  // x's row stride in reduce_nhwc_kernel (C unless x is a prefix view)
   bool relu, use_out, has_res, res_aff, has_rstats, need_r;
 };
 
@@ -701,7 +715,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// channels_last, same block shape as stats_nhwc_kernel.
+// channels_last, same block shape as stats_nhwc_kernel; x's row m at m * a.xs.
 template <typename T, typename A, int V>
 __global__ void __launch_bounds__(kThreads) reduce_nhwc_kernel(RedArgs<T, A> a, int64_t M, A* __restrict__ ws) {
   __shared__ A sm[3][kThreads * V];
@@ -722,7 +736,7 @@ __global__ void __launch_bounds__(kThreads) reduce_nhwc_kernel(RedArgs<T, A> a, 
     for (int64_t m = static_cast<int64_t>(blockIdx.y) * bdy + ty; m < M; m += rstride) {
       const int64_t e = m * C + c0;
       const Pack<T, V> gv = load_pack<V>(a.g, e);
-      const Pack<T, V> xv = load_pack<V>(a.x, e);
+      const Pack<T, V> xv = load_pack<V>(a.x, m * a.xs + c0);
       Pack<T, V> rv{}, ov{};
       if (a.need_r) rv = load_pack<V>(a.res, e);
       if (a.use_out) ov = load_pack<V>(a.out, e);
@@ -792,10 +806,23 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 struct Shape {
   int64_t N, C, HW, numel;
   bool nchw;
+  int64_t xs;  // x's row stride when channels_last: C, or more for a channel-prefix view
 };
 
-// x: CUDA, 4-D, NCHW-contiguous or channels_last-contiguous, supported dtype.
-Shape check_x(const at::Tensor& x, const char* op) {
+// The row stride rs > C of x when x is a channel-prefix view wide[:, :C] of a
+// channels_last tensor (channels adjacent, pixel rows rs apart), else 0.
+int64_t cl_prefix_stride(const at::Tensor& x) {
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  if (x.numel() == 0) return 0;
+  const auto st = x.strides();
+  const int64_t rs = w > 1 ? st[3] : h > 1 ? st[2] : st[0];
+  const bool ok = (c == 1 || st[1] == 1) && rs > c && (h == 1 || st[2] == w * rs) && (n == 1 || st[0] == h * w * rs);
+  return ok ? rs : 0;
+}
+
+// x: CUDA, 4-D, NCHW-contiguous or channels_last-contiguous (or, with
+// allow_prefix, a channels_last channel-prefix view), supported dtype.
+Shape check_x(const at::Tensor& x, const char* op, bool allow_prefix = false) {
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
   const auto st = x.scalar_type();
@@ -807,8 +834,13 @@ Shape check_x(const at::Tensor& x, const char* op) {
   s.HW = x.size(2) * x.size(3);
   s.numel = x.numel();
   s.nchw = x.is_contiguous();
-  TORCH_CHECK(s.nchw || x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
-              ": x must be NCHW-contiguous or channels_last-contiguous");
+  s.xs = s.C;
+  if (!s.nchw && !x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    const int64_t rs = allow_prefix ? cl_prefix_stride(x) : 0;
+    TORCH_CHECK(rs > 0, op, ": x must be NCHW-contiguous or channels_last-contiguous",
+                allow_prefix ? " (or a channel-prefix view of a channels_last tensor)" : "");
+    s.xs = rs;
+  }
   TORCH_CHECK(s.C < (int64_t(1) << 30), op, ": too many channels (", s.C, ")");
   return s;
 }
@@ -836,6 +868,29 @@ void check_chan(const at::Tensor& t, const at::Tensor& x, int64_t k, int64_t C, 
 }
 
 inline bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
+
+// x as the kernels read it. A prefix view (s.xs > C) stays in place where the
+// channels_last kernels, the only ones that read one, are sure to run for every op:
+// C and xs multiples of the widest vector (16 bytes), x and the other big inputs
+// 16-byte aligned (outputs are fresh allocations). Otherwise x is copied
+// channels_last-contiguous and s.xs becomes C.
+at::Tensor read_x(const at::Tensor& x, Shape& s, std::initializer_list<const OptTensor*> inputs) {
+  if (s.xs == s.C) return x;
+  const int64_t V = 16 / static_cast<int64_t>(x.element_size());
+  bool ok = s.C % V == 0 && s.xs % V == 0 && aligned16(x);
+  for (const OptTensor* t : inputs) ok = ok && (!has(*t) || aligned16(**t));
+  if (ok) return x;
+  s.xs = s.C;
+  return x.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// A new tensor like x in x's layout (x may be a prefix view: its layout, not its strides).
+at::Tensor new_like_x(const at::Tensor& x, const Shape& s) {
+  if (s.xs == s.C) return at::empty_like(x);
+  return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
 
 int sm_count(int dev) {
   int v = 0;
@@ -908,6 +963,7 @@ void launch_ew(const Op& op, const Shape& s, std::initializer_list<const void*> 
     launch_ew_nhwc<Op, VN>(op, s.N * s.HW, s.C, dev, stream);
     return;
   }
+  TORCH_INTERNAL_ASSERT(s.xs == s.C, "resfused: a prefix view reached the flat elementwise kernel");
   const bool al = all_aligned<T>(ptrs, VV);
   const int64_t HW = s.nchw ? s.HW : 1;  // channels_last: channel = i % C
   if (al)
@@ -979,6 +1035,8 @@ void reduce_impl(const RedArgs<T, typename AccOf<T>::type>& a, const Shape& s, c
   constexpr int VN = sizeof(T) == 2 ? 4 : VV;
   at::Tensor ws;
   int64_t S;
+  TORCH_INTERNAL_ASSERT(s.xs == s.C || (!s.nchw && s.C % VN == 0 && s.xs % VN == 0),
+                        "resfused: a prefix view reached a reduction kernel that cannot read it");
   if (s.nchw) {
     constexpr int VM = VV > 4 ? 4 : VV;  // middle width for 16-bit types (HW = 14*14, ...)
     const int V = (s.HW % VV == 0 && all_aligned<T>({a.g, a.x, a.res, a.out, a.dz}, VV))   ? VV
@@ -1040,26 +1098,28 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x) {
 at::Tensor bn_act_fwd_cuda(const at::Tensor& x, const at::Tensor& affine, const OptTensor& residual,
                            const OptTensor& res_affine, bool relu) {
   const char* op = "resfused bn_act_fwd (cuda)";
-  const Shape s = check_x(x, op);
+  Shape s = check_x(x, op, /*allow_prefix=*/true);
   check_chan(affine, x, 2, s.C, op, "affine");
   const bool has_res = has(residual);
   const bool res_aff = has_res && has(res_affine);
   if (has_res) check_like_x(*residual, x, s, op, "residual");
   if (res_aff) check_chan(*res_affine, x, 2, s.C, op, "res_affine");
   c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = new_like_x(x, s);
   if (s.numel == 0) return out;
+  const at::Tensor xr = read_x(x, s, {&residual});
   const int dev = x.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_fwd_cuda", [&] {
     using A = typename AccOf<scalar_t>::type;
     FwdOp<scalar_t, A> fop;
-    fop.x = x.const_data_ptr<scalar_t>();
+    fop.x = xr.const_data_ptr<scalar_t>();
     fop.res = has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
     fop.out = out.mutable_data_ptr<scalar_t>();
     fop.affine = affine.const_data_ptr<A>();
     fop.res_affine = res_aff ? res_affine->const_data_ptr<A>() : nullptr;
     fop.C = s.C;
+    fop.xs = s.xs;
     fop.relu = relu;
     fop.has_res = has_res;
     fop.res_aff = res_aff;
@@ -1074,7 +1134,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_reduce_cuda(const at::Tensor& grad
                                                           const OptTensor& res_stats, const OptTensor& out, bool relu,
                                                           bool write_dz) {
   const char* op = "resfused bn_act_bwd_reduce (cuda)";
-  const Shape s = check_x(x, op);
+  Shape s = check_x(x, op, /*allow_prefix=*/true);
   check_like_x(grad_out, x, s, op, "grad_out");
   check_chan(affine, x, 2, s.C, op, "affine");
   check_chan(stats, x, 2, s.C, op, "stats");
@@ -1091,12 +1151,14 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_reduce_cuda(const at::Tensor& grad
   c10::cuda::CUDAGuard guard(x.device());
   const auto acc_opts = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor result = at::empty({K, s.C}, acc_opts);
-  at::Tensor dz = write_dz ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor dz = write_dz ? new_like_x(x, s) : at::empty({0}, x.options());
   if (s.C == 0) return std::make_tuple(result, dz);
   if (s.numel == 0) {  // sums over an empty batch
     result.zero_();
     return std::make_tuple(result, dz);
   }
+  const OptTensor g_opt(grad_out);
+  const at::Tensor xr = read_x(x, s, {&g_opt, &residual, &out});
   const int dev = x.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_bwd_reduce_cuda", [&] {
@@ -1109,7 +1171,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_reduce_cuda(const at::Tensor& grad
     a.has_rstats = has_rstats;
     a.need_r = has_res && ((relu && !use_out) || has_rstats);
     a.g = grad_out.const_data_ptr<scalar_t>();
-    a.x = x.const_data_ptr<scalar_t>();
+    a.x = xr.const_data_ptr<scalar_t>();
     a.res = a.need_r ? residual->const_data_ptr<scalar_t>() : nullptr;
     a.out = use_out ? out->const_data_ptr<scalar_t>() : nullptr;
     a.affine = affine.const_data_ptr<A>();
@@ -1118,6 +1180,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_reduce_cuda(const at::Tensor& grad
     a.res_stats = has_rstats ? res_stats->const_data_ptr<A>() : nullptr;
     a.dz = write_dz ? dz.mutable_data_ptr<scalar_t>() : nullptr;
     a.C = static_cast<int>(s.C);
+    a.xs = s.xs;
     reduce_impl<scalar_t>(a, s, acc_opts, result, K, dev, stream);
   });
   return std::make_tuple(result, dz);
@@ -1128,7 +1191,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cuda(const at::Tensor& grad_
                                                          const OptTensor& residual, const OptTensor& res_affine,
                                                          const OptTensor& res_coef, const OptTensor& out, bool relu) {
   const char* op = "resfused bn_act_bwd_apply (cuda)";
-  const Shape s = check_x(x, op);
+  Shape s = check_x(x, op, /*allow_prefix=*/true);
   check_like_x(grad_out, x, s, op, "grad_out");
   check_chan(affine, x, 2, s.C, op, "affine");
   check_chan(coef, x, 4, s.C, op, "coef");
@@ -1141,9 +1204,11 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cuda(const at::Tensor& grad_
   if (has_rcoef) check_chan(*res_coef, x, 4, s.C, op, "res_coef");
   if (use_out) check_like_x(*out, x, s, op, "out");
   c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor dx = at::empty_like(x);
-  at::Tensor dres = has_res ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor dx = new_like_x(x, s);
+  at::Tensor dres = has_res ? new_like_x(x, s) : at::empty({0}, x.options());
   if (s.numel == 0) return {dx, dres};
+  const OptTensor g_opt(grad_out);
+  const at::Tensor xr = read_x(x, s, {&g_opt, &residual, &out});
   const int dev = x.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_bwd_apply_cuda", [&] {
@@ -1156,7 +1221,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cuda(const at::Tensor& grad_
     aop.has_rcoef = has_rcoef;
     aop.need_r = has_res && ((relu && !use_out) || has_rcoef);
     aop.g = grad_out.const_data_ptr<scalar_t>();
-    aop.x = x.const_data_ptr<scalar_t>();
+    aop.x = xr.const_data_ptr<scalar_t>();
     aop.res = aop.need_r ? residual->const_data_ptr<scalar_t>() : nullptr;
     aop.out = use_out ? out->const_data_ptr<scalar_t>() : nullptr;
     aop.dx = dx.mutable_data_ptr<scalar_t>();
@@ -1166,6 +1231,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cuda(const at::Tensor& grad_
     aop.coef = coef.const_data_ptr<A>();
     aop.res_coef = has_rcoef ? res_coef->const_data_ptr<A>() : nullptr;
     aop.C = s.C;
+    aop.xs = s.xs;
     launch_ew<scalar_t>(aop, s, {aop.g, aop.x, aop.res, aop.out, aop.dx, aop.dres}, dev, stream);
   });
   return {dx, dres};

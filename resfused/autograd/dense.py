@@ -9,11 +9,13 @@ Dense block (DESIGN.md §3, Pleiss et al.):
   ``torch.cat`` order), so no concatenation is ever made.
 * **norm1 + relu1 of the prefix** runs through the fused BN-ReLU kernel and is never
   saved; backward recomputes it. A channel prefix is a strided view of the buffer (in
-  NCHW and in channels_last alike). The cpu kernels read that view in place
-  (``ops.PREFIX_VIEW_BACKENDS``); for the other backends each layer first gathers its
-  prefix into one scratch buffer shared by all layers of the block (allocated once per
-  forward and once per backward, sized for the last layer): one extra read/write of the
-  prefix per layer, forward and backward. The kernel's output
+  NCHW and in channels_last alike). The kernels read that view in place
+  (``ops.PREFIX_VIEW_BACKENDS``, ``ops.reads_as_is``): the cpu and triton ones always, the
+  cuda ones in channels_last with C a multiple of 16 bytes. Otherwise (the eager
+  backend, cuda in NCHW) each layer first gathers its prefix into one scratch buffer
+  shared by all layers of the block (allocated once per forward and once per backward,
+  sized for the widest prefix gathered): one extra read/write of the prefix per layer,
+  forward and backward. The kernel's output
   ``relu(bn1(prefix))`` is a transient the op allocates (the ops have no ``out=``
   variant), released as soon as conv1 has read it.
 * **Statistics cache.** Each channel's batch (mean, biased var) is computed once, when the
@@ -99,28 +101,28 @@ def prefix_widths(c0: int, spec: DenseBlockSpec) -> List[int]:
 
 
 def _prefix_scratch(buf: Tensor, widths: List[int], backend: str) -> Optional[Tensor]:
-    """One flat scratch big enough for the widest prefix a layer gathers (none for layer 0
-    alone: it reads the block input directly in forward; none for a backend that reads the
-    prefix as a view)."""
-    if not widths or backend in ops.PREFIX_VIEW_BACKENDS:
+    """One flat scratch big enough for the widest of these prefixes (channels [0, C_l) of
+    ``buf``) that the backend cannot read as a view in place; None when it reads them all."""
+    gathered = [cl for cl in widths if not ops.reads_as_is(backend, buf[:, :cl])]
+    if not gathered:
         return None
     n, _, h, w = buf.shape
-    return buf.new_empty(n * widths[-1] * h * w)
+    return buf.new_empty(n * max(gathered) * h * w)
 
 
-def _prefix(buf: Tensor, cl: int, scratch: Optional[Tensor], fmt: torch.memory_format) -> Tensor:
-    """Channels [0, cl) of ``buf`` as the kernels read them: the view itself (no scratch:
-    the backend reads channel-prefix views), else gathered contiguous in ``fmt`` into the
-    shared scratch."""
-    if scratch is None:
-        return buf[:, :cl]
+def _prefix(buf: Tensor, cl: int, scratch: Optional[Tensor], fmt: torch.memory_format, backend: str) -> Tensor:
+    """Channels [0, cl) of ``buf`` as the kernels read them: the view itself where the
+    backend reads it in place, else gathered contiguous in ``fmt`` into the shared scratch."""
+    view = buf[:, :cl]
+    if scratch is None or ops.reads_as_is(backend, view):
+        return view
     n, _, h, w = buf.shape
     flat = scratch[:n * cl * h * w]
     if fmt == torch.channels_last:
         dst = flat.view(n, h, w, cl).permute(0, 3, 1, 2)
     else:
         dst = flat.view(n, cl, h, w)
-    dst.copy_(buf[:, :cl])
+    dst.copy_(view)
     return dst
 
 
@@ -157,13 +159,13 @@ def dense_block_forward(spec: DenseBlockSpec, x: Tensor, tensors: Sequence[Optio
         cache_var[:c0].copy_(v)
 
     fused = spec.conv != "library"
-    scratch = _prefix_scratch(buf, widths, backend) if n > 1 and not fused else None
+    scratch = _prefix_scratch(buf, widths[1:], backend) if not fused else None  # layer 0 reads x
     out = _Forward(buf, backend, [], [], [], [], [], [])
     for i, (ls, t) in enumerate(zip(spec.layers, _split(tensors, n))):
         n1w, n1b, n1rm, n1rv, c1w, c1b, n2w, n2b, n2rm, n2rv, c2w, c2b = t
         cl, k = widths[i], ls.growth
         # layer 0 reads the input; later ones their prefix of the buffer (a view or the scratch)
-        xp = x.contiguous(memory_format=fmt) if i == 0 else _prefix(buf, cl, scratch, fmt)
+        xp = x.contiguous(memory_format=fmt) if i == 0 else _prefix(buf, cl, scratch, fmt, backend)
         batch = (cache_mean[:cl], cache_var[:cl]) if ls.norm1.training else None
         aff1, st1 = bn_coefficients(xp, n1w, n1b, n1rm, n1rv, ls.norm1.training, ls.norm1.momentum,
                                     ls.norm1.eps, backend, batch_stats=batch, batch_count=count)
@@ -332,7 +334,7 @@ class DenseBlockFunction(torch.autograd.Function):
             del d_a2
             if not need_conv1:
                 continue
-            xp = _prefix(buf, cl, scratch, fmt)
+            xp = _prefix(buf, cl, scratch, fmt, backend)
             a1 = ops.bn_act_fwd(xp, aff1s[i], None, None, True, backend)  # recompute relu(bn1(prefix))
             d_a1, dw1, db1 = _conv_backward(dy1, a1, weights[2 * i], conv_biases[2 * i], ls.conv1,
                                             need_norm1, need(i, _C1W), need(i, _C1B))

@@ -90,7 +90,7 @@ def _call(op: str, backend: str, x: Tensor, *args):
 
 #: backends whose fwd / bwd_reduce / bwd_apply kernels read x as a channel-prefix view
 #: (``wide[:, :C]`` of a dense NCHW or channels_last tensor) in place, without a copy
-PREFIX_VIEW_BACKENDS = frozenset({"cpu"})
+PREFIX_VIEW_BACKENDS = frozenset({"cpu", "triton", "cuda"})
 
 
 def is_prefix_view(x: Tensor) -> bool:
@@ -112,9 +112,33 @@ def _kernel_x(x: Tensor, fmt: torch.memory_format, backend: str) -> Tuple[str, T
     """(resolved backend, x as its kernels take it): contiguous in fmt, or a channel-prefix
     view left in place for the backends that read one."""
     name = resolve(backend, x)
-    if name in PREFIX_VIEW_BACKENDS and is_prefix_view(x):
+    if name in PREFIX_VIEW_BACKENDS and is_prefix_view(x) and _reads_view(name, x):
         return name, x
     return name, x.contiguous(memory_format=fmt)
+
+
+def reads_as_is(backend: str, x: Tensor) -> bool:
+    """Whether the ops hand x to the (resolved) backend's kernels without a copy: x is
+    contiguous in its memory format, or a channel-prefix view the backend reads in place."""
+    if x.is_contiguous(memory_format=memory_format_of(x)):
+        return True
+    return backend in PREFIX_VIEW_BACKENDS and is_prefix_view(x) and _reads_view(backend, x)
+
+
+def _reads_view(name: str, x: Tensor) -> bool:
+    """The backend's own condition on a prefix view: the cpu kernels take any; the triton
+    ones an NCHW batch stride that is a whole number of channel planes; the cuda ones a
+    channels_last view whose base, C and row stride are multiples of 16 bytes (what their
+    vectorised channels_last kernels read; for anything else they would copy x themselves)."""
+    if name == "triton":
+        from ..triton import bn_act as triton_bn_act
+
+        return triton_bn_act.x_layout(x) is not None
+    if name == "cuda":
+        e = x.element_size()
+        return memory_format_of(x) == torch.channels_last and x.data_ptr() % 16 == 0 \
+            and x.shape[1] * e % 16 == 0 and x.stride(3 if x.shape[3] > 1 else 2) * e % 16 == 0
+    return True
 
 
 def _bn_stats_impl(x: Tensor, backend: str = "auto") -> Tuple[Tensor, Tensor]:

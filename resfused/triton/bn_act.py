@@ -11,6 +11,10 @@ Layouts (chosen from ``x.is_contiguous()``; otherwise x is channels_last-contigu
   (a tile across channels replicates them per row and costs ~2x the registers).
 * NHWC: the tensor is a ``[N*H*W, C]`` matrix; tiles ``[BLOCK_M, BLOCK_C]`` are
   coalesced along C.
+* The apply and backward-reduction kernels also read x as a channel-prefix view
+  ``wide[:, :C]`` of a wider NCHW or channels_last tensor (a dense block's layer reading
+  its prefix of the feature buffer): x's images (NCHW) or pixel rows (NHWC) then hold
+  ``XC`` > C channels. Every other tensor, and every output, is contiguous in x's layout.
 
 Statistics use shifted sums around a per-channel pivot (the channel's first element,
 ``x[0, c, 0, 0]``) accumulated in fp32 (fp64 for fp64 x). Reductions are two-stage and
@@ -74,9 +78,10 @@ JIT_HELPERS = frozenset({"_relu_keep", "_cast_out", "_nchw_tile"})
 FLAG_ARGS = frozenset({"has_res", "res_aff", "relu", "use_res", "res_st", "res_coef", "relu_mode", "write_dz"})
 #: integer arguments the JIT must not specialise (on == 1 or % 16 == 0): the flags, and
 #: sizes no vectorised load depends on. Left specialised: HW in the NCHW kernels (offsets
-#: are ``(n*C + c)*HW + hw``), C in the NHWC ones (``m*C + c``), C / K in the finalize kernels.
+#: are ``(n*C + c)*HW + hw``), C and XC in the NHWC ones (``m*C + c``, x's ``m*XC + c``),
+#: C / K in the finalize kernels.
 UNSPECIALIZED = {
-    "nchw": tuple(sorted(FLAG_ARGS | {"N", "C", "n_hwb", "n_units", "units_per_prog"})),
+    "nchw": tuple(sorted(FLAG_ARGS | {"N", "C", "XC", "n_hwb", "n_units", "units_per_prog"})),
     "nhwc": tuple(sorted(FLAG_ARGS | {"M", "rows_per_prog"})),
     None: ("P", "count"),
 }
@@ -131,14 +136,18 @@ def _relu_keep(x, o, r, scale, shift, rs, rb, relu_mode):
 
 
 @triton.jit
-def _nchw_tile(u, c, N, C, HW, n_hwb, ROWS: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """Offsets and mask of NCHW tile ``u`` of channel c: ROWS images x BLOCK_HW pixels."""
+def _nchw_tile(u, c, N, C, XC, HW, n_hwb, ROWS: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Offsets and mask of NCHW tile ``u`` of channel c: ROWS images x BLOCK_HW pixels;
+    offsets in a tensor of C channels and in x, whose images hold XC channels (C, or more
+    for a channel-prefix view). Both stay multiples of HW, so the loads vectorise alike."""
     ng = u // n_hwb
     n = ng * ROWS + tl.arange(0, ROWS)
     hw = (u - ng * n_hwb) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     m = (n < N)[:, None] & (hw < HW)[None, :]
-    offs = ((n.to(tl.int64) * C + c) * HW)[:, None] + hw[None, :]
-    return offs, m
+    n64 = n.to(tl.int64)
+    offs = ((n64 * C + c) * HW)[:, None] + hw[None, :]
+    xoffs = ((n64 * XC + c) * HW)[:, None] + hw[None, :]
+    return offs, xoffs, m
 
 
 # ---- statistics: partial shifted sums ------------------------------------------------
@@ -157,7 +166,7 @@ def _stats_part_nchw(x_ptr, ws_ptr, N, C, HW, n_hwb, n_units, units_per_prog,
     u0 = p * units_per_prog
     u1 = tl.minimum(u0 + units_per_prog, n_units)
     for u in range(u0, u1):
-        offs, m = _nchw_tile(u, c, N, C, HW, n_hwb, ROWS, BLOCK_HW)
+        offs, _, m = _nchw_tile(u, c, N, C, C, HW, n_hwb, ROWS, BLOCK_HW)
         x = tl.load(x_ptr + offs, mask=m, other=0).to(acc_ty)
         d = tl.where(m, x - pivot, 0)
         s1 += d
@@ -237,19 +246,19 @@ def _colsum(ws_ptr, out_ptr, P, K, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr)
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED["nchw"])
-def _fwd_nchw(x_ptr, aff_ptr, res_ptr, raff_ptr, out_ptr, N, C, HW, n_hwb, has_res, res_aff, relu,
+def _fwd_nchw(x_ptr, aff_ptr, res_ptr, raff_ptr, out_ptr, N, C, XC, HW, n_hwb, has_res, res_aff, relu,
               ROWS: tl.constexpr, BLOCK_HW: tl.constexpr):
     # grid (cdiv(N, ROWS) * n_hwb, C): ROWS images x BLOCK_HW pixels of one channel, so the
     # per-channel values are scalars (a tile across channels would replicate them per row)
     acc_ty = aff_ptr.dtype.element_ty
     u = tl.program_id(0)
     c = tl.program_id(1)
-    offs, m = _nchw_tile(u, c, N, C, HW, n_hwb, ROWS, BLOCK_HW)
+    offs, xoffs, m = _nchw_tile(u, c, N, C, XC, HW, n_hwb, ROWS, BLOCK_HW)
     scale = tl.load(aff_ptr + c)
     shift = tl.load(aff_ptr + C + c)
     rs = tl.load(raff_ptr + c, mask=res_aff != 0, other=1)
     rb = tl.load(raff_ptr + C + c, mask=res_aff != 0, other=0)
-    x = tl.load(x_ptr + offs, mask=m, other=0).to(acc_ty)
+    x = tl.load(x_ptr + xoffs, mask=m, other=0).to(acc_ty)
     r = tl.load(res_ptr + offs, mask=m & (has_res != 0), other=0).to(acc_ty)
     z = x * scale + shift + (r * rs + rb)
     z = tl.where((z < 0) & (relu != 0), 0, z)  # NaN stays NaN, like torch.relu
@@ -257,7 +266,7 @@ def _fwd_nchw(x_ptr, aff_ptr, res_ptr, raff_ptr, out_ptr, N, C, HW, n_hwb, has_r
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED["nhwc"])
-def _fwd_nhwc(x_ptr, aff_ptr, res_ptr, raff_ptr, out_ptr, M, C, has_res, res_aff, relu,
+def _fwd_nhwc(x_ptr, aff_ptr, res_ptr, raff_ptr, out_ptr, M, C, XC, has_res, res_aff, relu,
               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     # grid (cdiv(M, BLOCK_M), cdiv(C, BLOCK_C))
     acc_ty = aff_ptr.dtype.element_ty
@@ -271,7 +280,8 @@ def _fwd_nhwc(x_ptr, aff_ptr, res_ptr, raff_ptr, out_ptr, M, C, has_res, res_aff
     rb = tl.load(raff_ptr + C + cols, mask=ra, other=0)
     m = (rows < M)[:, None] & cmask[None, :]
     offs = (rows.to(tl.int64) * C)[:, None] + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=m, other=0).to(acc_ty)
+    xoffs = (rows.to(tl.int64) * XC)[:, None] + cols[None, :]
+    x = tl.load(x_ptr + xoffs, mask=m, other=0).to(acc_ty)
     r = tl.load(res_ptr + offs, mask=m & (has_res != 0), other=0).to(acc_ty)
     z = x * scale[None, :] + shift[None, :] + (r * rs[None, :] + rb[None, :])
     z = tl.where((z < 0) & (relu != 0), 0, z)
@@ -283,7 +293,7 @@ def _fwd_nhwc(x_ptr, aff_ptr, res_ptr, raff_ptr, out_ptr, M, C, has_res, res_aff
 
 @triton.jit(do_not_specialize=UNSPECIALIZED["nchw"])
 def _bwd_reduce_part_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, st_ptr, raff_ptr, rst_ptr, ws_ptr, dz_ptr,
-                          N, C, HW, n_hwb, n_units, units_per_prog,
+                          N, C, XC, HW, n_hwb, n_units, units_per_prog,
                           use_res, res_aff, res_st, relu_mode, write_dz,
                           ROWS: tl.constexpr, BLOCK_HW: tl.constexpr):
     # grid (C, P); ws [P, 2 + res_st, C]; dz written when write_dz
@@ -304,9 +314,9 @@ def _bwd_reduce_part_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, st_ptr, raff_
     u0 = p * units_per_prog
     u1 = tl.minimum(u0 + units_per_prog, n_units)
     for u in range(u0, u1):
-        offs, m = _nchw_tile(u, c, N, C, HW, n_hwb, ROWS, BLOCK_HW)
+        offs, xoffs, m = _nchw_tile(u, c, N, C, XC, HW, n_hwb, ROWS, BLOCK_HW)
         g = tl.load(g_ptr + offs, mask=m, other=0).to(acc_ty)
-        x = tl.load(x_ptr + offs, mask=m, other=0).to(acc_ty)
+        x = tl.load(x_ptr + xoffs, mask=m, other=0).to(acc_ty)
         o = tl.load(out_ptr + offs, mask=m & (relu_mode == 1), other=0).to(acc_ty)
         r = tl.load(res_ptr + offs, mask=m & (use_res != 0), other=0).to(acc_ty)
         keep = _relu_keep(x, o, r, scale, shift, rs, rb, relu_mode)
@@ -323,7 +333,7 @@ def _bwd_reduce_part_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, st_ptr, raff_
 
 @triton.jit(do_not_specialize=UNSPECIALIZED["nhwc"])
 def _bwd_reduce_part_nhwc(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, st_ptr, raff_ptr, rst_ptr, ws_ptr, dz_ptr,
-                          M, C, rows_per_prog, use_res, res_aff, res_st, relu_mode, write_dz,
+                          M, C, XC, rows_per_prog, use_res, res_aff, res_st, relu_mode, write_dz,
                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     # grid (cdiv(C, BLOCK_C), P); ws [P, 2 + res_st, C]; dz written when write_dz
     acc_ty = ws_ptr.dtype.element_ty
@@ -349,8 +359,9 @@ def _bwd_reduce_part_nhwc(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, st_ptr, raff_
         rows = m0 + tl.arange(0, BLOCK_M)
         m = (rows < r1)[:, None] & cmask[None, :]
         offs = (rows.to(tl.int64) * C)[:, None] + cols[None, :]
+        xoffs = (rows.to(tl.int64) * XC)[:, None] + cols[None, :]
         g = tl.load(g_ptr + offs, mask=m, other=0).to(acc_ty)
-        x = tl.load(x_ptr + offs, mask=m, other=0).to(acc_ty)
+        x = tl.load(x_ptr + xoffs, mask=m, other=0).to(acc_ty)
         o = tl.load(out_ptr + offs, mask=m & (relu_mode == 1), other=0).to(acc_ty)
         r = tl.load(res_ptr + offs, mask=m & (use_res != 0), other=0).to(acc_ty)
         keep = _relu_keep(x, o, r, scale, shift, rs, rb, relu_mode)
@@ -370,13 +381,13 @@ def _bwd_reduce_part_nhwc(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, st_ptr, raff_
 
 @triton.jit(do_not_specialize=UNSPECIALIZED["nchw"])
 def _bwd_apply_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, coef_ptr, raff_ptr, rcoef_ptr, dx_ptr, dres_ptr,
-                    N, C, HW, n_hwb, use_res, res_aff, res_coef, has_res, relu_mode,
+                    N, C, XC, HW, n_hwb, use_res, res_aff, res_coef, has_res, relu_mode,
                     ROWS: tl.constexpr, BLOCK_HW: tl.constexpr):
     # grid (cdiv(N, ROWS) * n_hwb, C), as _fwd_nchw; coef rows (mean, k, mdz, p)
     acc_ty = aff_ptr.dtype.element_ty
     u = tl.program_id(0)
     c = tl.program_id(1)
-    offs, m = _nchw_tile(u, c, N, C, HW, n_hwb, ROWS, BLOCK_HW)
+    offs, xoffs, m = _nchw_tile(u, c, N, C, XC, HW, n_hwb, ROWS, BLOCK_HW)
     scale = tl.load(aff_ptr + c)
     shift = tl.load(aff_ptr + C + c)
     mean = tl.load(coef_ptr + c)
@@ -390,7 +401,7 @@ def _bwd_apply_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, coef_ptr, raff_ptr,
     rmdz = tl.load(rcoef_ptr + 2 * C + c, mask=res_coef != 0, other=0)
     rpc = tl.load(rcoef_ptr + 3 * C + c, mask=res_coef != 0, other=0)
     g = tl.load(g_ptr + offs, mask=m, other=0).to(acc_ty)
-    x = tl.load(x_ptr + offs, mask=m, other=0).to(acc_ty)
+    x = tl.load(x_ptr + xoffs, mask=m, other=0).to(acc_ty)
     o = tl.load(out_ptr + offs, mask=m & (relu_mode == 1), other=0).to(acc_ty)
     r = tl.load(res_ptr + offs, mask=m & (use_res != 0), other=0).to(acc_ty)
     keep = _relu_keep(x, o, r, scale, shift, rs, rb, relu_mode)
@@ -403,7 +414,7 @@ def _bwd_apply_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, coef_ptr, raff_ptr,
 
 @triton.jit(do_not_specialize=UNSPECIALIZED["nhwc"])
 def _bwd_apply_nhwc(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, coef_ptr, raff_ptr, rcoef_ptr, dx_ptr, dres_ptr,
-                    M, C, use_res, res_aff, res_coef, has_res, relu_mode,
+                    M, C, XC, use_res, res_aff, res_coef, has_res, relu_mode,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     # grid (cdiv(M, BLOCK_M), cdiv(C, BLOCK_C)); coef rows (mean, k, mdz, p)
     acc_ty = aff_ptr.dtype.element_ty
@@ -426,8 +437,9 @@ def _bwd_apply_nhwc(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, coef_ptr, raff_ptr,
     rpc = tl.load(rcoef_ptr + 3 * C + cols, mask=rc, other=0)[None, :]
     m = (rows < M)[:, None] & cmask[None, :]
     offs = (rows.to(tl.int64) * C)[:, None] + cols[None, :]
+    xoffs = (rows.to(tl.int64) * XC)[:, None] + cols[None, :]
     g = tl.load(g_ptr + offs, mask=m, other=0).to(acc_ty)
-    x = tl.load(x_ptr + offs, mask=m, other=0).to(acc_ty)
+    x = tl.load(x_ptr + xoffs, mask=m, other=0).to(acc_ty)
     o = tl.load(out_ptr + offs, mask=m & (relu_mode == 1), other=0).to(acc_ty)
     r = tl.load(res_ptr + offs, mask=m & (use_res != 0), other=0).to(acc_ty)
     keep = _relu_keep(x, o, r, scale, shift, rs, rb, relu_mode)
@@ -523,21 +535,46 @@ def _target_programs(x: Tensor) -> int:
     return sms * _PROGRAMS_PER_SM
 
 
-class _Geom:
-    """Shape facts shared by the launchers."""
+def x_layout(x: Tensor) -> Optional[Tuple[str, int]]:
+    """(layout, XC) under which the apply and backward-reduction kernels read x in place,
+    or None. Contiguous NCHW or channels_last: XC = C. A channel-prefix view
+    ``wide[:, :C]`` of an NCHW tensor whose images are a whole number XC >= C of channel
+    planes apart, or of a channels_last tensor whose pixel rows are XC >= C apart."""
+    if x.dim() != 4:
+        return None
+    n, c, h, w = x.shape
+    if x.is_contiguous():
+        return "nchw", c
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return "nhwc", c
+    s = x.stride()
+    hw = h * w
+    if (w == 1 or s[3] == 1) and (h == 1 or s[2] == w) and (c == 1 or s[1] == hw) \
+            and s[0] % hw == 0 and s[0] // hw >= c:
+        return "nchw", s[0] // hw
+    rs = s[3] if w > 1 else s[2] if h > 1 else s[0]
+    if (c == 1 or s[1] == 1) and rs >= c and (w == 1 or s[3] == rs) and (h == 1 or s[2] == w * rs) \
+            and (n == 1 or s[0] == hw * rs):
+        return "nhwc", rs
+    return None
 
-    def __init__(self, x: Tensor):
+
+class _Geom:
+    """Shape facts shared by the launchers. ``prefix``: x may be a channel-prefix view
+    (``x_layout``); only the kernels that take XC accept one."""
+
+    def __init__(self, x: Tensor, prefix: bool = False):
         if x.dim() != 4:
             raise ValueError(f"resfused triton: expected a 4-D tensor, got shape {tuple(x.shape)}")
         self.N, self.C, H, W = x.shape
         self.HW = H * W
         self.M = self.N * self.HW  # elements per channel
-        if x.is_contiguous():
-            self.layout = "nchw"
-        elif x.is_contiguous(memory_format=torch.channels_last):
-            self.layout = "nhwc"
-        else:
-            raise ValueError("resfused triton: x must be NCHW- or channels_last-contiguous")
+        lay = x_layout(x)
+        if lay is None or (not prefix and lay[1] != self.C):
+            raise ValueError("resfused triton: x must be NCHW- or channels_last-contiguous"
+                             + (" (or a channel-prefix view of such a tensor)" if prefix else ""))
+        self.layout, self.XC = lay
+        self.fmt = torch.channels_last if self.layout == "nhwc" else torch.contiguous_format
         self.dtype = x.dtype
         self.block = _pick_block(self.layout, self.HW if self.layout == "nchw" else self.C)
         cx = tile_constexprs(self.layout, self.block, self.dtype)
@@ -569,13 +606,18 @@ class _Geom:
         return p, (rpp,)
 
 
-def _check_like(name: str, t: Optional[Tensor], x: Tensor) -> None:
+def _check_like(name: str, t: Optional[Tensor], x: Tensor, geo: _Geom) -> None:
     if t is None:
         return
     if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
         raise ValueError(f"resfused triton: {name} must match x in shape, dtype and device")
-    if t.is_contiguous() != x.is_contiguous():
-        raise ValueError(f"resfused triton: {name} must have x's memory layout")
+    if not t.is_contiguous(memory_format=geo.fmt):
+        raise ValueError(f"resfused triton: {name} must be contiguous in x's memory layout")
+
+
+def _empty(x: Tensor, geo: _Geom) -> Tensor:
+    """An output like x, contiguous in x's layout (x itself may be a prefix view)."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=geo.fmt)
 
 
 def _check_chan(name: str, t: Optional[Tensor], rows: int, x: Tensor) -> None:
@@ -613,23 +655,23 @@ def bn_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
 
 def bn_act_fwd(x: Tensor, affine: Tensor, residual: Optional[Tensor], res_affine: Optional[Tensor],
                relu: bool) -> Tensor:
-    geo = _Geom(x)
-    _check_like("residual", residual, x)
+    geo = _Geom(x, prefix=True)
+    _check_like("residual", residual, x, geo)
     _check_chan("affine", affine, 2, x)
     _check_chan("res_affine", res_affine, 2, x)
     if res_affine is not None and residual is None:
         raise ValueError("resfused triton: res_affine given without residual")
-    out = torch.empty_like(x)
+    out = _empty(x, geo)
     if x.numel() == 0:
         return out
     args = (x, affine, residual if residual is not None else x, res_affine if res_affine is not None else affine,
             out)
     flags = (int(residual is not None), int(res_affine is not None), int(bool(relu)))
     if geo.layout == "nchw":
-        _launch("fwd_nchw", geo.apply_grid(), (*args, geo.N, geo.C, geo.HW, _cdiv(geo.HW, geo.block), *flags),
-                geo)
+        _launch("fwd_nchw", geo.apply_grid(),
+                (*args, geo.N, geo.C, geo.XC, geo.HW, _cdiv(geo.HW, geo.block), *flags), geo)
     else:
-        _launch("fwd_nhwc", geo.apply_grid(), (*args, geo.M, geo.C, *flags), geo)
+        _launch("fwd_nhwc", geo.apply_grid(), (*args, geo.M, geo.C, geo.XC, *flags), geo)
     return out
 
 
@@ -645,9 +687,9 @@ def bn_act_bwd_reduce(grad_out: Tensor, x: Tensor, affine: Tensor, stats: Tensor
                       write_dz: bool = False) -> Tuple[Tensor, Tensor]:
     """(sums, dz): rows (sum dz, sum dz*x_hat[, sum dz*res_hat when res_stats is given]),
     and dz in x's dtype and layout when ``write_dz`` (else an empty tensor)."""
-    geo = _Geom(x)
+    geo = _Geom(x, prefix=True)
     for nm, t in (("grad_out", grad_out), ("residual", residual), ("out", out)):
-        _check_like(nm, t, x)
+        _check_like(nm, t, x, geo)
     for nm, t, k in (("affine", affine, 2), ("stats", stats, 2), ("res_affine", res_affine, 2),
                      ("res_stats", res_stats, 2)):
         _check_chan(nm, t, k, x)
@@ -656,7 +698,7 @@ def bn_act_bwd_reduce(grad_out: Tensor, x: Tensor, affine: Tensor, stats: Tensor
     acc = acc_dtype(x.dtype)
     C = geo.C
     R = 3 if res_stats is not None else 2
-    dz = torch.empty_like(x) if write_dz else x.new_empty(0)
+    dz = _empty(x, geo) if write_dz else x.new_empty(0)
     if x.numel() == 0:
         return torch.zeros((R, C), dtype=acc, device=x.device), dz
     mode = _relu_mode(relu, out)
@@ -668,9 +710,9 @@ def bn_act_bwd_reduce(grad_out: Tensor, x: Tensor, affine: Tensor, stats: Tensor
             res_stats if res_stats is not None else stats, ws, dz if write_dz else x)
     flags = (int(use_res), int(res_affine is not None), int(res_stats is not None), mode, int(bool(write_dz)))
     if geo.layout == "nchw":
-        _launch("bwd_reduce_part_nchw", (C, P), (*ptrs, geo.N, C, geo.HW, *extra, *flags), geo)
+        _launch("bwd_reduce_part_nchw", (C, P), (*ptrs, geo.N, C, geo.XC, geo.HW, *extra, *flags), geo)
     else:
-        _launch("bwd_reduce_part_nhwc", (_cdiv(C, geo.block), P), (*ptrs, geo.M, C, *extra, *flags), geo)
+        _launch("bwd_reduce_part_nhwc", (_cdiv(C, geo.block), P), (*ptrs, geo.M, C, geo.XC, *extra, *flags), geo)
     res = torch.empty((R, C), dtype=acc, device=x.device)
     _launch("colsum", (_cdiv(R * C, FIN_BLOCK_C),), (ws, res, P, R * C))
     return res, dz
@@ -681,16 +723,16 @@ def bn_act_bwd_apply(grad_out: Tensor, x: Tensor, affine: Tensor, coef: Tensor,
                      res_coef: Optional[Tensor], out: Optional[Tensor], relu: bool) -> Tuple[Tensor, Tensor]:
     """Returns (dx, dres). dres is ``dz`` for a plain residual, the BN input
     gradient for a residual with ``res_coef``, and an empty tensor without residual."""
-    geo = _Geom(x)
+    geo = _Geom(x, prefix=True)
     for nm, t in (("grad_out", grad_out), ("residual", residual), ("out", out)):
-        _check_like(nm, t, x)
+        _check_like(nm, t, x, geo)
     for nm, t, k in (("affine", affine, 2), ("coef", coef, 4), ("res_affine", res_affine, 2),
                      ("res_coef", res_coef, 4)):
         _check_chan(nm, t, k, x)
     if residual is None and (res_affine is not None or res_coef is not None):
         raise ValueError("resfused triton: res_affine/res_coef given without residual")
-    dx = torch.empty_like(x)
-    dres = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    dx = _empty(x, geo)
+    dres = _empty(x, geo) if residual is not None else x.new_empty(0)
     if x.numel() == 0:
         return dx, dres
     mode = _relu_mode(relu, out)
@@ -700,8 +742,8 @@ def bn_act_bwd_apply(grad_out: Tensor, x: Tensor, affine: Tensor, coef: Tensor,
             res_coef if res_coef is not None else coef, dx, dres if residual is not None else dx)
     flags = (int(use_res), int(res_affine is not None), int(res_coef is not None), int(residual is not None), mode)
     if geo.layout == "nchw":
-        _launch("bwd_apply_nchw", geo.apply_grid(), (*ptrs, geo.N, geo.C, geo.HW, _cdiv(geo.HW, geo.block), *flags),
-                geo)
+        _launch("bwd_apply_nchw", geo.apply_grid(),
+                (*ptrs, geo.N, geo.C, geo.XC, geo.HW, _cdiv(geo.HW, geo.block), *flags), geo)
     else:
-        _launch("bwd_apply_nhwc", geo.apply_grid(), (*ptrs, geo.M, geo.C, *flags), geo)
+        _launch("bwd_apply_nhwc", geo.apply_grid(), (*ptrs, geo.M, geo.C, geo.XC, *flags), geo)
     return dx, dres

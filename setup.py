@@ -8,7 +8,8 @@ without a GPU. Knobs (environment variables):
   RESFUSED_SKIP_CUDA_BUILD=1 build the CPU kernels only
   CUDA_HOME                  the CUDA toolkit to use (must hold bin/nvcc,
                              include/cuda_runtime.h and lib64/libcudart.so)
-  MAX_JOBS                   parallel compile jobs (ninja)
+  MAX_JOBS                   parallel compile jobs (ninja; also caps nvcc --threads,
+                             the archs compiled side by side)
 """
 import glob
 import os
@@ -104,7 +105,11 @@ def build_ext_modules():
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     define += [("RESFUSED_WITH_CUDA", None), ("RESFUSED_CUDA_ARCHS", f'"{archs}"'),
                ("RESFUSED_CUDA_VERSION", f'"{torch.version.cuda}"')]
-    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    # One .cu translation unit holds every kernel: its per-arch compiles are most of the
+    # build's wall time, and nvcc runs them side by side with --threads.
+    n_archs = len([a for a in archs.replace(";", " ").split() if a])
+    threads = max(1, min(n_archs, int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)))
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", f"--threads={threads}"]
     return [cpp_extension.CUDAExtension("resfused._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
                                         define_macros=define, extra_compile_args={"cxx": cxx, "nvcc": nvcc})], True
 

@@ -9,7 +9,8 @@
 # Everything fits in GPU_CHECK_BUDGET_S seconds (default 470, under 8 minutes): the build
 # first, then the quick benchmark (the project's main job: up to 120 s, keeping 200 s for the
 # tests), the Triton conv kernel report (up to 60 s), then the tests that run on the GPU (up to 300 s, the torch.compile ones last) and
-# the CPU ones while time is left (CI runs those in full), then, if at least 120 s remain,
+# the CPU ones while time is left (CI runs those in full; before them, up to 2 x 60 s of
+# the cuda BN kernel tests under compute-sanitizer memcheck and racecheck), then, if at least 120 s remain,
 # torch.compile of torchvision's resnet50 training step beside resfused (compiling takes
 # about a minute). A step that runs out of time is stopped with SIGTERM; the benchmark then
 # writes what it measured as *-incomplete.* ("complete": false), pytest the failures so far
@@ -98,6 +99,29 @@ gpu_tests() {  # name, -k expression, minimum seconds worth starting
 gpu_tests gpu "cuda and not test_compile" 30
 gpu_tests gpu-compile "cuda and test_compile" 30
 echo "gpu tests: $(( $(date +%s) - t0 )) s"
+
+# 2b. The CUDA kernels' memory accesses under compute-sanitizer (memcheck, then racecheck
+#     on their shared-memory reductions): the BN kernel tests on the cuda backend, every
+#     kernel and both layouts, up to 60 s each, when the toolkit has the tool.
+SAN=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" 2>/dev/null || true)
+for tool in memcheck racecheck; do
+  t=$(cap 60 130)
+  if [ -n "$SAN" ] && (( t >= 30 )); then
+    timeout -k 10 "$t" "$SAN" --tool "$tool" --error-exitcode 99 --target-processes all \
+      "$PY" -m pytest -q -p no:cacheprovider tests/test_bn_act.py -x \
+      -k "cuda-cuda and (test_fp32_matches_oracle or test_channel_prefix_views or test_reduce_writes_dz)" \
+      > "$OUT/sanitizer-$tool.log" 2>&1
+    rc=$?
+    case $rc in
+      0) echo "compute-sanitizer $tool: clean" ;;
+      124|137) echo "compute-sanitizer $tool: stopped at its time limit (see sanitizer-$tool.log)" ;;
+      *) echo "compute-sanitizer $tool: exit status $rc (see sanitizer-$tool.log)"; status=1 ;;
+    esac
+    tail -n 15 "$OUT/sanitizer-$tool.log"
+  else
+    echo "compute-sanitizer $tool skipped (${SAN:-no compute-sanitizer}; $t s left)" | tee "$OUT/sanitizer-$tool.log"
+  fi
+done
 t=$(cap 300 130)
 if (( t >= 60 )); then
   timeout -k 15 "$t" "$PY" -m pytest -q -p no:cacheprovider -k "not cuda" --junitxml="$OUT/tests-cpu.xml" \

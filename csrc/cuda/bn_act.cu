@@ -45,6 +45,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 
@@ -898,12 +900,24 @@ int sm_count(int dev) {
   return std::max(v, 1);
 }
 
-// Blocks that fit on the whole device at once.
+// Blocks that fit on the whole device at once. The two driver queries cost
+// microseconds, every launch: the answer is kept per (kernel, block size, device).
 template <typename K>
 int64_t resident_blocks(K kernel, int threads, int dev) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int>, int64_t> known;
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), threads, dev);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    const auto it = known.find(key);
+    if (it != known.end()) return it->second;
+  }
   int nb = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, threads, 0));
-  return static_cast<int64_t>(std::max(nb, 1)) * sm_count(dev);
+  const int64_t blocks = static_cast<int64_t>(std::max(nb, 1)) * sm_count(dev);
+  std::lock_guard<std::mutex> lock(mu);
+  known.emplace(key, blocks);
+  return blocks;
 }
 
 template <typename T>

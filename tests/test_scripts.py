@@ -1,0 +1,36 @@
+"""The shell scripts (set-up, tests, benchmark, GPU check, CI) parse: a syntax error in
+one that only runs on a GPU machine would otherwise surface there, minutes into the
+machine's time."""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "scripts", "*.sh"))) + [os.path.join(ROOT, ".ci", "run")]
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_script_parses(path):
+    done = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_gpu_check_takes_the_arch_from_nvidia_smi(tmp_path):
+    """The GPU check builds for the GPU's own arch: the compute capability nvidia-smi
+    reports, when it looks like one, else the default list."""
+    src = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()
+    start = src.index('if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then')
+    snippet = src[start:src.index("fi\n", start) + 3]
+    for reported, want in (("9.0", "9.0"), ("8.0\n8.0", "8.0"), ("", ""), ("N/A", "")):
+        fake = tmp_path / "nvidia-smi"
+        fake.write_text(f"#!/bin/sh\nprintf '{reported}\\n'\n")
+        fake.chmod(0o755)
+        env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
+        env["PATH"] = f"{tmp_path}:{env['PATH']}"
+        done = subprocess.run(["bash", "-c", snippet + 'printf "%s" "${TORCH_CUDA_ARCH_LIST:-}"'],
+                              capture_output=True, text=True, env=env)
+        assert done.returncode == 0 and done.stdout == want, (reported, done.stdout, done.stderr)

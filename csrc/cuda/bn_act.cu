@@ -55,6 +55,8 @@
 namespace resfused {
 namespace {
 
+// ---- kernels begin: tests/test_cuda_sim.py compiles the section down to "kernels end"
+// ---- as host C++ and runs it on a simulated GPU (tests/cuda_sim)
 constexpr int kThreads = 256;  // threads per block, every kernel
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -798,6 +800,8 @@ __global__ void __launch_bounds__(kThreads)
     if (lane == 0) out[static_cast<int64_t>(k) * C + c] = v;
   }
 }
+
+// ---- kernels end
 
 // ---------------------------------------------------------------------------
 // Host side

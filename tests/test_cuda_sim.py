@@ -1,0 +1,85 @@
+"""The CUDA kernels of csrc/cuda/bn_act.cu, run on the CPU.
+
+No GPU runs in CI, so the CUDA kernels would otherwise only be compiled. Here the kernel
+section of bn_act.cu (between its "kernels begin" / "kernels end" markers, taken as it is
+now) is compiled as host C++ against ``tests/cuda_sim/shim.h``, a simulated GPU: every
+thread of a block is a cooperative context, ``__syncthreads`` and ``__shfl_down_sync``
+behave as on the device (a barrier not reached by all threads, or a full-mask shuffle in a
+partial warp, aborts), and every vector load and store is checked for alignment and for
+staying inside its tensor. ``tests/cuda_sim/harness.cpp`` holds copies of the host
+launchers' decisions (vector widths, block shapes, split counts, when a prefix view is read
+in place) and a float64 reference of the op contract (``resfused/ops/eager.py``), and runs
+the four ops over shapes, dtypes (fp32, fp16, bf16, fp64), both layouts, misaligned
+operands, channel-prefix views and every combination of the optional operands, with few
+resident blocks so that the grid-stride loops wrap.
+
+What it cannot show: timing, the device's memory model, and launcher code that drifts from
+its copy in the harness (a kernel whose signature changes fails to compile here, which
+says to update the harness).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIM = os.path.join(ROOT, "tests", "cuda_sim")
+#: load_pack / store_pack as bn_act.cu writes them, and with the simulator's check in front
+_ACCESSES = ("  return *reinterpret_cast<const Pack<T, V>*>(p + i);",
+             "  *reinterpret_cast<Pack<T, V>*>(p + i) = v;")
+
+
+def kernel_section() -> str:
+    src = open(os.path.join(ROOT, "csrc", "cuda", "bn_act.cu")).read()
+    begin = src.index("// ---- kernels begin")
+    begin = src.index("\n", src.index("\n", begin) + 1) + 1  # after the two marker lines
+    body = src[begin:src.index("// ---- kernels end")]
+    for access in _ACCESSES:
+        assert body.count(access) == 1, f"bn_act.cu no longer has {access.strip()!r}: update tests/test_cuda_sim.py"
+        body = body.replace(access, "  sim_check_align(p + i, sizeof(Pack<T, V>));" + access)
+    return body
+
+
+def build(d, kernels: str) -> str:
+    """The harness over ``kernels`` (a kernel section), built in directory d."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++) on this machine")
+    from torch.utils.cpp_extension import include_paths
+
+    (d / "kernels.inc").write_text(kernels)
+    exe = d / "harness"
+    done = subprocess.run([cxx, "-std=c++17", "-O2", *(f"-I{p}" for p in include_paths()), f"-I{d}", f"-I{SIM}",
+                           os.path.join(SIM, "harness.cpp"), "-o", str(exe)], capture_output=True, text=True)
+    assert done.returncode == 0, f"the CUDA kernels do not compile on the simulator:\n{done.stderr[-4000:]}"
+    return str(exe)
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("cuda_sim"), kernel_section())
+
+
+@pytest.mark.parametrize("args", [("3", "0", "fixed"), ("120", "7", "rand"), ("80", "21", "randaligned")],
+                         ids=["fixed-3-shapes", "random", "random-aligned"])
+def test_cuda_kernels_on_the_simulator(harness, args):
+    done = subprocess.run([harness, *args], capture_output=True, text=True, timeout=600)
+    summary = [line for line in done.stdout.splitlines() if "cases" in line]
+    assert done.returncode == 0 and summary and summary[-1].endswith("fails 0"), \
+        f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    # the run reached the prefix-view paths it is meant to cover
+    assert " prefix 0)" not in summary[-1], summary[-1]
+
+
+def test_planted_kernel_bug_is_caught(tmp_path):
+    """The harness would see a wrong kernel: x read with the dense row stride instead of a
+    prefix view's in the channels_last elementwise kernel."""
+    body = kernel_section()
+    right = "const int64_t xe0 = m * op.xs + c0, xe1 = xe0 + rstride * op.xs;"
+    assert body.count(right) == 1
+    exe = build(tmp_path, body.replace(right, "const int64_t xe0 = m * C + c0, xe1 = xe0 + rstride * C;"))
+    done = subprocess.run([exe, "40", "3", "rand"], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "FAIL" in done.stdout + done.stderr

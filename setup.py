@@ -108,7 +108,9 @@ def build_ext_modules():
     # One .cu translation unit holds every kernel: its per-arch compiles are most of the
     # build's wall time, and nvcc runs them side by side with --threads.
     n_archs = len([a for a in archs.replace(";", " ").split() if a])
-    threads = max(1, min(n_archs, int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)))
+    jobs = os.environ.get("MAX_JOBS", "")
+    jobs = int(jobs) if jobs.isdigit() and int(jobs) > 0 else (os.cpu_count() or 1)
+    threads = max(1, min(n_archs, jobs))
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", f"--threads={threads}"]
     return [cpp_extension.CUDAExtension("resfused._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
                                         define_macros=define, extra_compile_args={"cxx": cxx, "nvcc": nvcc})], True

@@ -101,20 +101,23 @@ gpu_tests gpu-compile "cuda and test_compile" 30
 echo "gpu tests: $(( $(date +%s) - t0 )) s"
 
 # 2b. The CUDA kernels' memory accesses under compute-sanitizer (memcheck, then racecheck
-#     on their shared-memory reductions): the BN kernel tests on the cuda backend, every
-#     kernel and both layouts, up to 60 s each, when the toolkit has the tool.
+#     on their shared-memory reductions): a few BN kernel tests on the cuda backend, the
+#     prefix views first, up to 60 s each, when the toolkit has the tool. Without torch's
+#     caching allocator every tensor is its own allocation, so memcheck sees an overread
+#     past a tensor (inside a cached segment it would not).
 SAN=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" 2>/dev/null || true)
 for tool in memcheck racecheck; do
   t=$(cap 60 130)
   if [ -n "$SAN" ] && (( t >= 30 )); then
-    timeout -k 10 "$t" "$SAN" --tool "$tool" --error-exitcode 99 --target-processes all \
-      "$PY" -m pytest -q -p no:cacheprovider tests/test_bn_act.py -x \
-      -k "cuda-cuda and (test_fp32_matches_oracle or test_channel_prefix_views or test_reduce_writes_dz)" \
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "$t" "$SAN" --tool "$tool" --error-exitcode 99 \
+      --target-processes all "$PY" -m pytest -q -p no:cacheprovider -x \
+      tests/test_bn_act.py::test_channel_prefix_views tests/test_bn_act.py::test_reduce_writes_dz \
+      tests/test_bn_act.py::test_other_dtypes_match_oracle -k "cuda-cuda" \
       > "$OUT/sanitizer-$tool.log" 2>&1
     rc=$?
     case $rc in
       0) echo "compute-sanitizer $tool: clean" ;;
-      124|137) echo "compute-sanitizer $tool: stopped at its time limit (see sanitizer-$tool.log)" ;;
+      124|137) echo "compute-sanitizer $tool: NOT VERIFIED, stopped at its time limit (see sanitizer-$tool.log for what ran)" ;;
       *) echo "compute-sanitizer $tool: exit status $rc (see sanitizer-$tool.log)"; status=1 ;;
     esac
     tail -n 15 "$OUT/sanitizer-$tool.log"

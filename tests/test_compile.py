@@ -116,3 +116,17 @@ def test_inductor_bottleneck(case):
         assert_close(p.grad, q.grad, 1e-4, 1e-4, f"grad {pn}")
     for (bn, b), c in zip(block.named_buffers(), ref.buffers()):
         assert_close(b.double(), c.double(), 1e-6, 1e-5, f"buffer {bn}")
+
+
+def test_cuda_prefix_view_rule_traces():
+    """The cuda backend's prefix-view rule (which a dense block asks while torch.compile
+    traces it) needs no data pointer: fake tensors have none."""
+    from resfused.ops import bn_act as ops
+
+    def rule(buf):
+        return buf * 2 if ops.reads_as_is("cuda", buf[:, :16]) else buf
+
+    buf = torch.randn(2, 24, 3, 5).contiguous(memory_format=torch.channels_last)
+    assert ops.reads_as_is("cuda", buf[:, :16]) and not ops.reads_as_is("cuda", buf[:, :12].float()[:, :6])
+    compiled = torch.compile(rule, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(buf), buf * 2)

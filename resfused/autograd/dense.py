@@ -181,7 +181,7 @@ def dense_block_forward(spec: DenseBlockSpec, x: Tensor, tensors: Sequence[Optio
             if want:  # the cache's statistics of the new features, from conv2's epilogue
                 epi_stats = sync_batch_stats(m2, v2, N * H * W, group) if group is not None else (m2, v2, 0)
         else:
-            a1 = ops.bn_act_fwd(xp, aff1, None, None, True, backend)  # the shared scratch, never saved
+            a1 = ops.bn_act_fwd(xp, aff1, None, None, True, backend)  # a transient, never saved
             del xp
             y1 = _conv(a1, c1w, c1b, ls.conv1)
             del a1

@@ -4,8 +4,8 @@
 Subclasses of torchvision's ``_DenseLayer``/``_DenseBlock``/``_Transition`` with the same
 constructor, attribute names and state_dict keys (``denselayer%d``...) and no extra
 parameters or buffers, so ``resfused.convert`` swaps them by class. The block runs as one
-autograd node (``resfused.autograd.DenseBlockFunction``: shared feature storage, shared
-norm1 scratch, statistics cache). A module whose parts are not the standard kinds
+autograd node (``resfused.autograd.DenseBlockFunction``: shared feature storage, each
+layer's channel prefix read in place, statistics cache). A module whose parts are not the standard kinds
 (BatchNorm2d, ReLU, zero-padded Conv2d keeping the spatial size, AvgPool2d) runs
 torchvision's own forward.
 """

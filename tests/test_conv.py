@@ -309,6 +309,14 @@ def _randomize_bn(m):
     return m
 
 
+def _assert_same_grads_and_buffers(a, b):
+    """Module a (Triton convs) against b (library convs): parameter gradients and buffers."""
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert_close(p.grad, q.grad, 1e-5 * q.grad.abs().max().item(), 1e-4, f"grad {n}")
+    for (n, p), (_, q) in zip(a.named_buffers(), b.named_buffers()):
+        assert_close(p, q, 1e-6, 1e-5, f"buffer {n}")
+
+
 def _run_block(block, x, conv, grad):
     xi = x.clone().requires_grad_()
     with resfused.use_conv(conv):
@@ -336,10 +344,7 @@ def test_block_triton_conv_matches_library(name, train, device):
     scale = out_b.abs().max().item()
     assert_close(out_a, out_b, 1e-5 * scale, 1e-5, "block output")
     assert_close(dx_a, xb.grad, 1e-5 * xb.grad.abs().max().item(), 1e-4, "block dx")
-    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
-        assert_close(p.grad, q.grad, 1e-5 * q.grad.abs().max().item(), 1e-4, f"grad {n}")
-    for (n, p), (_, q) in zip(a.named_buffers(), b.named_buffers()):
-        assert_close(p, q, 1e-6, 1e-5, f"buffer {n}")
+    _assert_same_grads_and_buffers(a, b)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -364,10 +369,7 @@ def test_dense_block_triton_conv_matches_library(mode, device):
     for i, what in enumerate(("output", "dx")):
         ref = outs["library"][i]
         assert_close(outs["triton"][i], ref, 1e-5 * ref.abs().max().item(), 1e-5, f"dense {what}")
-    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
-        assert_close(p.grad, q.grad, 1e-5 * q.grad.abs().max().item(), 1e-4, f"grad {n}")
-    for (n, p), (_, q) in zip(a.named_buffers(), b.named_buffers()):
-        assert_close(p, q, 1e-6, 1e-5, f"buffer {n}")
+    _assert_same_grads_and_buffers(a, b)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -672,10 +674,7 @@ def test_transition_triton_conv_matches_library(train, device):
     for i, what in enumerate(("output", "dx")):
         ref = res["library"][i]
         assert_close(res["triton"][i], ref, 1e-5 * ref.abs().max().item(), 1e-5, f"transition {what}")
-    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
-        assert_close(p.grad, q.grad, 1e-5 * q.grad.abs().max().item(), 1e-4, f"grad {n}")
-    for (n, p), (_, q) in zip(a.named_buffers(), b.named_buffers()):
-        assert_close(p, q, 1e-6, 1e-5, f"buffer {n}")
+    _assert_same_grads_and_buffers(a, b)
     with resfused.use_conv("triton"), pytest.raises(RuntimeError, match="channels_last"):
         a(torch.randn(2, 12, 6, 7, device=device))
 

@@ -5,9 +5,9 @@ Subclasses of torchvision's ``_DenseLayer``/``_DenseBlock``/``_Transition`` with
 constructor, attribute names and state_dict keys (``denselayer%d``...) and no extra
 parameters or buffers, so ``resfused.convert`` swaps them by class. The block runs as one
 autograd node (``resfused.autograd.DenseBlockFunction``: shared feature storage, each
-layer's channel prefix read in place, statistics cache). A module whose parts are not the standard kinds
-(BatchNorm2d, ReLU, zero-padded Conv2d keeping the spatial size, AvgPool2d) runs
-torchvision's own forward.
+layer's channel prefix read in place, statistics cache). A module whose parts are not the
+standard kinds (BatchNorm2d, ReLU, zero-padded Conv2d keeping the spatial size,
+AvgPool2d) runs torchvision's own forward.
 """
 from __future__ import annotations
 

@@ -112,9 +112,7 @@ def _kernel_x(x: Tensor, fmt: torch.memory_format, backend: str) -> Tuple[str, T
     """(resolved backend, x as its kernels take it): contiguous in fmt, or a channel-prefix
     view left in place for the backends that read one."""
     name = resolve(backend, x)
-    if name in PREFIX_VIEW_BACKENDS and is_prefix_view(x) and _reads_view(name, x):
-        return name, x
-    return name, x.contiguous(memory_format=fmt)
+    return name, x if reads_as_is(name, x) else x.contiguous(memory_format=fmt)
 
 
 def reads_as_is(backend: str, x: Tensor) -> bool:

@@ -35,6 +35,10 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& affine, const at::Tensor& coef,
     const OptTensor& residual, const OptTensor& res_affine, const OptTensor& res_coef,
     const OptTensor& out, bool relu);
+// acc += dx in place (the apply pass without residual); acc has x's shape, dtype and
+// strides (x may be a channel-prefix view, and acc the same prefix of a like tensor).
+void bn_act_bwd_apply_acc_cpu(const at::Tensor& acc, const at::Tensor& grad_out, const at::Tensor& x,
+                              const at::Tensor& affine, const at::Tensor& coef, const OptTensor& out, bool relu);
 
 #ifdef RESFUSED_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x);
@@ -48,6 +52,8 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& affine, const at::Tensor& coef,
     const OptTensor& residual, const OptTensor& res_affine, const OptTensor& res_coef,
     const OptTensor& out, bool relu);
+void bn_act_bwd_apply_acc_cuda(const at::Tensor& acc, const at::Tensor& grad_out, const at::Tensor& x,
+                               const at::Tensor& affine, const at::Tensor& coef, const OptTensor& out, bool relu);
 #endif
 
 }  // namespace resfused

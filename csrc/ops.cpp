@@ -15,6 +15,9 @@ TORCH_LIBRARY(resfused_C, m) {
   m.def(
       "bn_act_bwd_apply(Tensor grad_out, Tensor x, Tensor affine, Tensor coef, Tensor? residual, "
       "Tensor? res_affine, Tensor? res_coef, Tensor? out, bool relu) -> (Tensor, Tensor)");
+  m.def(
+      "bn_act_bwd_apply_acc(Tensor(a!) acc, Tensor grad_out, Tensor x, Tensor affine, Tensor coef, "
+      "Tensor? out, bool relu) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(resfused_C, CPU, m) {
@@ -22,6 +25,7 @@ TORCH_LIBRARY_IMPL(resfused_C, CPU, m) {
   m.impl("bn_act_fwd", &resfused::bn_act_fwd_cpu);
   m.impl("bn_act_bwd_reduce", &resfused::bn_act_bwd_reduce_cpu);
   m.impl("bn_act_bwd_apply", &resfused::bn_act_bwd_apply_cpu);
+  m.impl("bn_act_bwd_apply_acc", &resfused::bn_act_bwd_apply_acc_cpu);
 }
 
 #ifdef RESFUSED_WITH_CUDA
@@ -30,6 +34,7 @@ TORCH_LIBRARY_IMPL(resfused_C, CUDA, m) {
   m.impl("bn_act_fwd", &resfused::bn_act_fwd_cuda);
   m.impl("bn_act_bwd_reduce", &resfused::bn_act_bwd_reduce_cuda);
   m.impl("bn_act_bwd_apply", &resfused::bn_act_bwd_apply_cuda);
+  m.impl("bn_act_bwd_apply_acc", &resfused::bn_act_bwd_apply_acc_cuda);
 }
 #endif
 

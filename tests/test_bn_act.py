@@ -410,3 +410,80 @@ def test_prefix_view_odd_batch_stride(case):
                  for xx in (x, xc))
     for a, b in zip(got, want):
         assert a.is_contiguous() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(3, 7, 5, 3), (2, 16, 3, 5), (2, 65, 3, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("mask", ["recompute", "out", "none"])
+def test_apply_accumulates_into_a_prefix(case, layout, shape, dtype, mask, monkeypatch):
+    """bn_act_bwd_apply_acc adds the apply pass's dx into ``acc`` in place, rounded once
+    (the contract: acc + dx in the accumulation dtype), where x and acc are the same
+    channel prefix of two like buffers (a dense layer's prefix of the feature buffer and
+    of the gradient buffer), and where they are whole tensors; the other channels of the
+    gradient buffer are untouched. Backends that read the view hand both views to their
+    kernels (no copy); a pair whose strides differ is still summed right."""
+    from resfused import _backend
+    from resfused.ops import bn_act as ops
+    from resfused.ops import eager
+
+    backend, device = case
+    if dtype not in _backend.SUPPORTED_DTYPES[backend]:
+        pytest.skip(f"{backend} does not support {dtype}")
+    n, c, h, w = shape
+    acc_t = torch.float64 if dtype == torch.float64 else torch.float32
+    wide = make_input((n, c + 8, h, w), layout, dtype, device)
+    gwide = make_input((n, c + 8, h, w), layout, dtype, device)
+    g = make_input(shape, layout, dtype, device)
+    affine = torch.stack([torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)]).to(acc_t)
+    coef = torch.randn(4, c, device=device, dtype=acc_t)
+    relu = mask != "none"
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    out = ops.bn_act_fwd(wide[:, :c], affine, None, None, True, "eager") if mask == "out" else None
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2 ** -7)
+    called = []
+    impl = ops._backend_impl
+    monkeypatch.setattr(ops, "_backend_impl", lambda name, op: (called.append(op), impl(name, op))[-1])
+    for x, acc in ((wide[:, :c], gwide[:, :c]),  # prefix views, as in a dense block
+                   (wide[:, :c].contiguous(memory_format=fmt), gwide[:, :c].contiguous(memory_format=fmt)),
+                   (wide[:, :c].contiguous(memory_format=fmt), gwide[:, :c])):  # strides differ
+        before = gwide.clone()
+        want = acc.clone()
+        eager.bn_act_bwd_apply_acc(want, g, x, affine, coef, out, relu)
+        called.clear()
+        ops.bn_act_bwd_apply_acc(acc, g, x, affine, coef, out, relu, backend)
+        assert_close(acc, want, tol, tol, f"acc ({'view' if ops.is_prefix_view(x) else 'dense'} x)")
+        if acc.data_ptr() == gwide.data_ptr():  # the rest of the gradient buffer is untouched
+            assert torch.equal(gwide[:, c:], before[:, c:])
+        else:
+            assert torch.equal(gwide, before)
+        if backend != "eager" and acc.stride() == x.stride() and ops.reads_as_is(backend, x):
+            assert called == ["bn_act_bwd_apply_acc"], called  # one pass: the backend's own
+    # the views are read in place: no copy, one kernel launch for a view-reading backend
+    x, acc = wide[:, :c], gwide[:, :c]
+    if backend in ("cpu", "triton") and n * h * w > 1 and not interpreted(backend, device) \
+            or (backend == "cuda" and layout == "channels_last" and c * x.element_size() % 16 == 0):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            ops.bn_act_bwd_apply_acc(acc, g, x, affine, coef, out, relu, backend)
+        copies = [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous",
+                                                               "aten::add_")]
+        assert not copies, f"the {backend} backend copied or added separately: {copies}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_apply_acc_bad_input_changes_nothing(case):
+    from resfused.ops import bn_act as ops
+
+    backend, device = case
+    x = torch.randn(2, 3, 4, 4, device=device)
+    g = torch.randn_like(x)
+    affine = torch.randn(2, 3, device=device)
+    coef = torch.randn(4, 3, device=device)
+    for acc in (torch.randn(2, 4, 4, 4, device=device), torch.randn(2, 3, 4, 4, device=device, dtype=torch.float64)):
+        before = acc.clone()
+        with pytest.raises(ValueError, match="acc must match x"):
+            ops.bn_act_bwd_apply_acc(acc, g, x, affine, coef, None, True, backend)
+        assert torch.equal(acc, before)

@@ -9,9 +9,10 @@ partial warp, aborts), and every vector load and store is checked for alignment 
 staying inside its tensor. ``tests/cuda_sim/harness.cpp`` holds copies of the host
 launchers' decisions (vector widths, block shapes, split counts, when a prefix view is read
 in place) and a float64 reference of the op contract (``resfused/ops/eager.py``), and runs
-the four ops over shapes, dtypes (fp32, fp16, bf16, fp64), both layouts, misaligned
-operands, channel-prefix views and every combination of the optional operands, with few
-resident blocks so that the grid-stride loops wrap.
+the four ops (and the apply pass accumulating into a tensor with x's strides) over shapes,
+dtypes (fp32, fp16, bf16, fp64), both layouts, misaligned operands, channel-prefix views
+and every combination of the optional operands, with few resident blocks so that the
+grid-stride loops wrap.
 
 What it cannot show: timing, the device's memory model, and launcher code that drifts from
 its copy in the harness (a kernel whose signature changes fails to compile here, which
@@ -70,16 +71,25 @@ def test_cuda_kernels_on_the_simulator(harness, args):
     summary = [line for line in done.stdout.splitlines() if "cases" in line]
     assert done.returncode == 0 and summary and summary[-1].endswith("fails 0"), \
         f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    # the run reached the prefix-view paths it is meant to cover
-    assert " prefix 0)" not in summary[-1], summary[-1]
+    # the run reached the prefix-view and accumulating paths it is meant to cover
+    assert " prefix 0," not in summary[-1] and "accumulating 0)" not in summary[-1], summary[-1]
 
 
-def test_planted_kernel_bug_is_caught(tmp_path):
-    """The harness would see a wrong kernel: x read with the dense row stride instead of a
-    prefix view's in the channels_last elementwise kernel."""
+PLANTED = {
+    # x read with the dense row stride instead of a prefix view's (channels_last elementwise)
+    "prefix-row-stride": ("const int64_t xe0 = m * op.xs + c0, xe1 = xe0 + rstride * op.xs;",
+                          "const int64_t xe0 = m * C + c0, xe1 = xe0 + rstride * C;", "rand"),
+    # the accumulated dx stored at the dense offsets instead of x's
+    "accumulate-offset": ("store_pack<V>(dx, ACC ? xe : e, dxv);", "store_pack<V>(dx, e, dxv);", "randaligned"),
+}
+
+
+@pytest.mark.parametrize("plant", sorted(PLANTED))
+def test_planted_kernel_bug_is_caught(tmp_path, plant):
+    """The harness would see a wrong kernel."""
+    right, wrong, mode = PLANTED[plant]
     body = kernel_section()
-    right = "const int64_t xe0 = m * op.xs + c0, xe1 = xe0 + rstride * op.xs;"
     assert body.count(right) == 1
-    exe = build(tmp_path, body.replace(right, "const int64_t xe0 = m * C + c0, xe1 = xe0 + rstride * C;"))
-    done = subprocess.run([exe, "40", "3", "rand"], capture_output=True, text=True, timeout=600)
+    exe = build(tmp_path, body.replace(right, wrong))
+    done = subprocess.run([exe, "40", "3", mode], capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "FAIL" in done.stdout + done.stderr

@@ -360,13 +360,31 @@ def test_layers_read_their_prefix_in_place(case, layout, monkeypatch):
         return name, kx
 
     monkeypatch.setattr(ops, "_kernel_x", spy)
+    accumulated = []  # (x, acc) handed to a backend's accumulating apply: both prefix views?
+    backend_impl = ops._backend_impl
+
+    def impl_spy(name, op):
+        fn = backend_impl(name, op)
+        if op != "bn_act_bwd_apply_acc":
+            return fn
+
+        def run(acc, g, xk, *rest):
+            accumulated.append((ops.is_prefix_view(xk), ops.is_prefix_view(acc)))
+            return fn(acc, g, xk, *rest)
+        return run
+
+    monkeypatch.setattr(ops, "_backend_impl", impl_spy)
     with resfused.use_backend(backend), resfused.use_conv("library"):
         block(x).sum().backward()
     assert len(scratches) == 2  # one decision in forward, one in backward
     views = backend in ("cpu", "triton") or (backend == "cuda" and layout == "channels_last")
     if views:
         assert scratches == [None, None]
-        # forward: norm1 of layers 2 and 3; backward: recompute, reduce and apply of all three
-        assert handed == [True] * (2 + 3 * 3)
+        # forward: norm1 of layers 2 and 3; backward: recompute and reduce of all three
+        assert handed == [True] * (2 + 2 * 3)
+        # and each layer's apply adds its prefix gradient into the gradient buffer's own
+        # prefix in the kernel, reading x's prefix in place
+        assert accumulated == [(True, True)] * 3
     else:
         assert all(s is not None for s in scratches) and not handed
+        assert accumulated == []  # eager adds itself; a gathered prefix's gradient is added after

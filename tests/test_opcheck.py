@@ -28,6 +28,8 @@ def samples(device, layout, residual_bn):
         "bn_act_fwd": (x, affine, r, ra, True),
         "bn_act_bwd_reduce": (g, x, affine, stats, r, ra, rs, None, True, not residual_bn),
         "bn_act_bwd_apply": (g, x, affine, coef, r, ra, rc, out, True),
+        # (the residual_bn variant: the relu mask from out instead of recomputed)
+        "bn_act_bwd_apply_acc": (torch.randn_like(x), g, x, affine, coef, out if residual_bn else None, True),
     }
 
 

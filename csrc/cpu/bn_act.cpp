@@ -292,30 +292,55 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_reduce_cpu(const at::Tensor& grad_
   return std::make_tuple(red, dz);
 }
 
-std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cpu(const at::Tensor& grad_out, const at::Tensor& x_,
-                                                        const at::Tensor& affine, const at::Tensor& coef_,
+namespace cpu {
+namespace {
+// The apply pass; with acc (no residual) dx is added into *acc, which has x's strides.
+std::tuple<at::Tensor, at::Tensor> bwd_apply(const at::Tensor& grad_out, const at::Tensor& x_,
+                                             const at::Tensor& affine, const at::Tensor& coef_,
+                                             const OptTensor& residual, const OptTensor& res_affine,
+                                             const OptTensor& res_coef, const OptTensor& out, bool relu,
+                                             const at::Tensor* acc) {
+  const auto L = layout_of(x_, true);
+  const auto b = bwd_common(grad_out, x_, affine, residual, res_affine, out, relu, L);
+  const bool rc = given(res_coef);
+  TORCH_CHECK(!rc || b.has_res, "resfused cpu: res_coef needs a residual");
+  const at::Tensor coef = chan(coef_, b.x, 4, "coef");
+  at::Tensor rcoef;
+  if (rc) rcoef = chan(*res_coef, b.x, 4, "res_coef");
+  if (acc) {
+    TORCH_CHECK(!b.has_res, "resfused cpu: acc is without residual");
+    TORCH_CHECK(acc->sizes() == b.x.sizes() && acc->strides() == b.x.strides() &&
+                    acc->scalar_type() == b.x.scalar_type() && acc->device().is_cpu(),
+                "resfused cpu: acc must match x in shape, strides, dtype and device");
+  }
+  at::Tensor dx = acc ? *acc : out_like(b.x, L);
+  at::Tensor dres = b.has_res ? out_like(b.x, L) : at::empty({0}, b.x.options());
+  if (b.x.numel() == 0) return std::make_tuple(dx, dres);
+  BnArgs a = base_args(b.x, L);
+  fill_common(a, b);
+  a.y = dx.data_ptr();
+  a.acc = acc != nullptr;
+  if (b.has_res) a.dres = dres.data_ptr();
+  a.dres_mode = !b.has_res ? 0 : (rc ? 2 : 1);
+  set_rows(a, 4, coef, 4);
+  if (rc) set_rows(a, 8, rcoef, 4);
+  pick()->bwd_apply(a);
+  return std::make_tuple(dx, dres);
+}
+}  // namespace
+}  // namespace cpu
+
+std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                        const at::Tensor& affine, const at::Tensor& coef,
                                                         const OptTensor& residual, const OptTensor& res_affine,
                                                         const OptTensor& res_coef, const OptTensor& out,
                                                         bool relu) {
-  const auto L = cpu::layout_of(x_, true);
-  const auto b = cpu::bwd_common(grad_out, x_, affine, residual, res_affine, out, relu, L);
-  const bool rc = cpu::given(res_coef);
-  TORCH_CHECK(!rc || b.has_res, "resfused cpu: res_coef needs a residual");
-  const at::Tensor coef = cpu::chan(coef_, b.x, 4, "coef");
-  at::Tensor rcoef;
-  if (rc) rcoef = cpu::chan(*res_coef, b.x, 4, "res_coef");
-  at::Tensor dx = cpu::out_like(b.x, L);
-  at::Tensor dres = b.has_res ? cpu::out_like(b.x, L) : at::empty({0}, b.x.options());
-  if (b.x.numel() == 0) return std::make_tuple(dx, dres);
-  BnArgs a = cpu::base_args(b.x, L);
-  cpu::fill_common(a, b);
-  a.y = dx.data_ptr();
-  if (b.has_res) a.dres = dres.data_ptr();
-  a.dres_mode = !b.has_res ? 0 : (rc ? 2 : 1);
-  cpu::set_rows(a, 4, coef, 4);
-  if (rc) cpu::set_rows(a, 8, rcoef, 4);
-  cpu::pick()->bwd_apply(a);
-  return std::make_tuple(dx, dres);
+  return cpu::bwd_apply(grad_out, x, affine, coef, residual, res_affine, res_coef, out, relu, nullptr);
+}
+
+void bn_act_bwd_apply_acc_cpu(const at::Tensor& acc, const at::Tensor& grad_out, const at::Tensor& x,
+                              const at::Tensor& affine, const at::Tensor& coef, const OptTensor& out, bool relu) {
+  cpu::bwd_apply(grad_out, x, affine, coef, c10::nullopt, c10::nullopt, c10::nullopt, out, relu, &acc);
 }
 
 }  // namespace resfused

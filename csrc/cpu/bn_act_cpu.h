@@ -39,6 +39,8 @@ struct BnArgs {
   bool relu = false;
   int rstats = 0;    // bwd_reduce: 1 when res_stats given
   int dres_mode = 0; // bwd_apply: 0 none, 1 dz, 2 BN input grad with res_coef
+  // bwd_apply without residual: y (dx) has x's strides (xs) and dx is added to what it holds
+  bool acc = false;
 };
 
 struct KernelTable {

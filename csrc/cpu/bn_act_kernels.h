@@ -616,15 +616,19 @@ struct K {
     }
   }
 
-  // dx = (dz - mdz - (x - mean)*p) * k ; dres = dz, or the same with res_coef
-  template <int MASK, int DRES>
+  // dx = (dz - mdz - (x - mean)*p) * k ; dres = dz, or the same with res_coef.
+  // ACC: dx is added to what *dx holds (rounded once).
+  template <int MASK, int DRES, bool ACC = false>
   static inline void app_vec(const scalar_t* g, const scalar_t* x, const scalar_t* r, const scalar_t* oin,
                              scalar_t* dx, scalar_t* dr, const ParV& p) {
     constexpr bool RLOAD = (MASK == 2 && DRES > 0) || DRES == 2;
-    V xv[NV], rv[NV], dz[NV], out[NV];
+    V xv[NV], rv[NV], dz[NV], out[NV], prev[NV];
+    if constexpr (ACC) io::load(dx, prev);
     dz_vec<MASK, RLOAD>(g, x, r, oin, p, xv, rv, dz);
-    for (int j = 0; j < NV; ++j)
+    for (int j = 0; j < NV; ++j) {
       out[j] = (dz[j] - p.v[6][j] - nc((xv[j] - p.v[4][j]) * p.v[7][j])) * p.v[5][j];
+      if constexpr (ACC) out[j] = prev[j] + out[j];
+    }
     io::store(dx, out);
     if constexpr (DRES == 1) {
       io::store(dr, dz);
@@ -634,13 +638,15 @@ struct K {
       io::store(dr, out);
     }
   }
-  template <int MASK, int DRES>
+  template <int MASK, int DRES, bool ACC = false>
   static inline void app_one(const scalar_t* g, const scalar_t* x, const scalar_t* r, const scalar_t* oin,
                              scalar_t* dx, scalar_t* dr, const ParS& p) {
     constexpr bool RLOAD = (MASK == 2 && DRES > 0) || DRES == 2;
     acc_t xs, rs = 0;
+    const acc_t prev = ACC ? io::ld(dx) : acc_t(0);
     const acc_t dz = dz_one<MASK, RLOAD>(g, x, r, oin, p, xs, rs);
-    io::st(dx, (dz - p.v[6] - nc((xs - p.v[4]) * p.v[7])) * p.v[5]);
+    const acc_t d = (dz - p.v[6] - nc((xs - p.v[4]) * p.v[7])) * p.v[5];
+    io::st(dx, ACC ? prev + d : d);
     if constexpr (DRES == 1) {
       io::st(dr, dz);
     } else if constexpr (DRES == 2) {
@@ -648,9 +654,11 @@ struct K {
     }
   }
 
-  template <int MASK, int DRES>
+  // ACC (a.acc, no residual): dx has x's strides and dx is added to what it holds.
+  template <int MASK, int DRES, bool ACC = false>
   static void bwd_apply(const BnArgs& a) {
     constexpr bool RES = DRES > 0;
+    static_assert(!(ACC && RES), "acc is without residual");
     const scalar_t* g = static_cast<const scalar_t*>(a.g);
     const scalar_t* x = static_cast<const scalar_t*>(a.x);
     const scalar_t* r = static_cast<const scalar_t*>(a.r);
@@ -670,6 +678,7 @@ struct K {
         int64_t cur = -1;
         for_segments(e0, e1, HW, [&](int64_t row, int64_t e, int64_t len) {
           const scalar_t* xq = x + (row / C) * xdn;  // x may be a channel-prefix view
+          scalar_t* dxq = ACC ? dx + (row / C) * xdn : dx;  // so may an accumulated dx
           const int64_t c = row % C;
           if (c != cur) {
             par_bcast(a, c, pv, ps);
@@ -678,13 +687,13 @@ struct K {
           int64_t i = 0;
           for (; i + B <= len; i += B) {
             const int64_t o = e + i;
-            app_vec<MASK, DRES>(g + o, xq + o, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, dx + o,
-                                RES ? dr + o : nullptr, pv);
+            app_vec<MASK, DRES, ACC>(g + o, xq + o, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, dxq + o,
+                                     RES ? dr + o : nullptr, pv);
           }
           for (; i < len; ++i) {
             const int64_t o = e + i;
-            app_one<MASK, DRES>(g + o, xq + o, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, dx + o,
-                                RES ? dr + o : nullptr, ps);
+            app_one<MASK, DRES, ACC>(g + o, xq + o, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, dxq + o,
+                                     RES ? dr + o : nullptr, ps);
           }
         });
       });
@@ -704,17 +713,17 @@ struct K {
                                        (DRES == 2 ? 0xF00u : 0u);
             par_load_used<kUsed>(a, c, pv);
             for (int64_t q = 0; q < nr; ++q) {
-              const int64_t o = (rg + q) * C + c;
-              app_vec<MASK, DRES>(g + o, x + o + (rg + q) * xdr, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, dx + o,
-                                  RES ? dr + o : nullptr, pv);
+              const int64_t o = (rg + q) * C + c, xo = o + (rg + q) * xdr;
+              app_vec<MASK, DRES, ACC>(g + o, x + xo, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr,
+                                       dx + (ACC ? xo : o), RES ? dr + o : nullptr, pv);
             }
           }
           for (; c < C; ++c) {
             par_one(a, c, ps);
             for (int64_t q = 0; q < nr; ++q) {
-              const int64_t o = (rg + q) * C + c;
-              app_one<MASK, DRES>(g + o, x + o + (rg + q) * xdr, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, dx + o,
-                                  RES ? dr + o : nullptr, ps);
+              const int64_t o = (rg + q) * C + c, xo = o + (rg + q) * xdr;
+              app_one<MASK, DRES, ACC>(g + o, x + xo, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr,
+                                       dx + (ACC ? xo : o), RES ? dr + o : nullptr, ps);
             }
           }
         }
@@ -771,7 +780,9 @@ void k_bwd_reduce(const BnArgs& a) {
 
 template <typename Kt, int MASK>
 void k_bwd_apply_m(const BnArgs& a) {
-  if (a.dres_mode == 0) Kt::template bwd_apply<MASK, 0>(a);
+  if (a.dres_mode == 0) {
+    if (a.acc) Kt::template bwd_apply<MASK, 0, true>(a); else Kt::template bwd_apply<MASK, 0>(a);
+  }
   else if (a.dres_mode == 1) Kt::template bwd_apply<MASK, 1>(a);
   else Kt::template bwd_apply<MASK, 2>(a);
 }

@@ -26,7 +26,10 @@
 // apply, the backward reduction and the backward apply: its pixel rows are xs >= C
 // elements apart. Only the channels_last kernels read such a view (row m of x at
 // m*xs, of every other tensor at m*C); the entry points copy x contiguous where
-// they would not launch those.
+// they would not launch those. The accumulating apply (bn_act_bwd_apply_acc: dx
+// added into a tensor with x's strides, e.g. the same prefix of the dense block's
+// gradient buffer) runs in the channels_last kernel only, reading and writing that
+// tensor at x's offsets; elsewhere its entry point computes dx and adds it.
 //
 // Accumulation is in float (double for double input). Every index that can
 // exceed 2^31 is int64. Vector width V = 16 bytes / sizeof(scalar) when all base
@@ -112,8 +115,9 @@ __device__ __forceinline__ A preact(A x, A r, A sc, A sh, A rsc, A rsh, bool has
 // ---------------------------------------------------------------------------
 // Elementwise ops. Op::load<V>(e, xe) loads the inputs of elements [e, e+V)
 // (x's at [xe, xe+V): xe == e except for a prefix view, see ew_nhwc_kernel);
-// Op::finish<V>(e, regs, get) computes and stores them, calling get(j) exactly
-// once per element, in order j = 0..V-1, for that element's channel params.
+// Op::finish<V>(e, xe, regs, get) computes and stores them (at e; an accumulated dx of
+// ApplyOp<.., true> at xe), calling get(j) exactly once per element, in order
+// j = 0..V-1, for that element's channel params.
 // ---------------------------------------------------------------------------
 
 template <typename T, typename A>
@@ -162,7 +166,7 @@ struct FwdOp {
   }
 
   template <int V, typename Get>
-  __device__ __forceinline__ void finish(int64_t e, const Regs<V>& R, Get&& get) const {
+  __device__ __forceinline__ void finish(int64_t e, int64_t, const Regs<V>& R, Get&& get) const {
     Pack<T, V> ov;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
@@ -175,7 +179,9 @@ struct FwdOp {
   }
 };
 
-template <typename T, typename A>
+// ACC: no residual; dx has x's strides (row m at m*xs in the channels_last kernel, the
+// only one it runs in) and dx is added to what it holds, rounded once.
+template <typename T, typename A, bool ACC = false>
 struct ApplyOp {
   const T* g;
   const T* x;
@@ -225,7 +231,7 @@ struct ApplyOp {
 
   template <int V>
   struct Regs {
-    Pack<T, V> g, x, r, o;
+    Pack<T, V> g, x, r, o, d;
   };
 
   template <int V>
@@ -235,11 +241,12 @@ struct ApplyOp {
     R.x = load_pack<V>(x, xe);
     if (need_r) R.r = load_pack<V>(res, e);
     if (use_out) R.o = load_pack<V>(out, e);
+    if constexpr (ACC) R.d = load_pack<V>(static_cast<const T*>(dx), xe);
     return R;
   }
 
   template <int V, typename Get>
-  __device__ __forceinline__ void finish(int64_t e, const Regs<V>& R, Get&& get) const {
+  __device__ __forceinline__ void finish(int64_t e, int64_t xe, const Regs<V>& R, Get&& get) const {
     Pack<T, V> dxv, drv;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
@@ -252,10 +259,12 @@ struct ApplyOp {
                                : (preact(xj, rj, q.sc, q.sh, q.rsc, q.rsh, has_res, res_aff) > A(0));
         dz = m ? dz : A(0);
       }
-      dxv.v[j] = static_cast<T>(((dz - q.mdz) - (xj - q.mean) * q.p) * q.k);
+      A d = ((dz - q.mdz) - (xj - q.mean) * q.p) * q.k;
+      if constexpr (ACC) d = static_cast<A>(R.d.v[j]) + d;
+      dxv.v[j] = static_cast<T>(d);
       drv.v[j] = static_cast<T>(has_rcoef ? ((dz - q.rmdz) - (rj - q.rmean) * q.rp) * q.rk : dz);
     }
-    store_pack<V>(dx, e, dxv);
+    store_pack<V>(dx, ACC ? xe : e, dxv);
     if (has_res) store_pack<V>(dres, e, drv);
   }
 };
@@ -276,7 +285,7 @@ __global__ void __launch_bounds__(kThreads) ew_nchw_kernel(Op op, int64_t numel,
     const int64_t i = nvec * V + tid;
     if (i < numel) {
       const Chan p = op.chan((i / HW) % C);
-      op.template finish<1>(i, op.template load<1>(i, i), [&](int) -> Chan { return p; });
+      op.template finish<1>(i, i, op.template load<1>(i, i), [&](int) -> Chan { return p; });
     }
   }
   if (tid >= nvec) return;
@@ -301,7 +310,7 @@ __global__ void __launch_bounds__(kThreads) ew_nchw_kernel(Op op, int64_t numel,
   Chan cur{};
   // channel params for elements e, e+1, ... starting at (o, cc); reloaded on change
   auto run = [&](int64_t e, const typename Op::template Regs<V>& R, int64_t o, int cc) {
-    op.template finish<V>(e, R, [&](int) -> Chan {
+    op.template finish<V>(e, e, R, [&](int) -> Chan {
       if (cc != cur_c) {
         cur = op.chan(cc);
         cur_c = cc;
@@ -352,8 +361,8 @@ __global__ void __launch_bounds__(kThreads) ew_nhwc_kernel(Op op, int64_t M, int
     const auto R0 = op.template load<V>(e0, xe0);
     typename Op::template Regs<V> R1{};
     if (two) R1 = op.template load<V>(e1, xe1);
-    op.template finish<V>(e0, R0, get);
-    if (two) op.template finish<V>(e1, R1, get);
+    op.template finish<V>(e0, xe0, R0, get);
+    if (two) op.template finish<V>(e1, xe1, R1, get);
   }
 }
 
@@ -877,17 +886,22 @@ inline bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
 
-// x as the kernels read it. A prefix view (s.xs > C) stays in place where the
-// channels_last kernels, the only ones that read one, are sure to run for every op:
+// Whether the kernels read x as it is. A prefix view (s.xs > C) stays in place where
+// the channels_last kernels, the only ones that read one, are sure to run for every op:
 // C and xs multiples of the widest vector (16 bytes), x and the other big inputs
-// 16-byte aligned (outputs are fresh allocations). Otherwise x is copied
-// channels_last-contiguous and s.xs becomes C.
-at::Tensor read_x(const at::Tensor& x, Shape& s, std::initializer_list<const OptTensor*> inputs) {
-  if (s.xs == s.C) return x;
+// 16-byte aligned (outputs are fresh allocations).
+bool x_in_place(const at::Tensor& x, const Shape& s, std::initializer_list<const OptTensor*> inputs) {
+  if (s.xs == s.C) return true;
   const int64_t V = 16 / static_cast<int64_t>(x.element_size());
   bool ok = s.C % V == 0 && s.xs % V == 0 && aligned16(x);
   for (const OptTensor* t : inputs) ok = ok && (!has(*t) || aligned16(**t));
-  if (ok) return x;
+  return ok;
+}
+
+// x as the kernels read it: as it is (x_in_place), else copied channels_last-contiguous
+// (s.xs becomes C).
+at::Tensor read_x(const at::Tensor& x, Shape& s, std::initializer_list<const OptTensor*> inputs) {
+  if (x_in_place(x, s, inputs)) return x;
   s.xs = s.C;
   return x.contiguous(at::MemoryFormat::ChannelsLast);
 }
@@ -1253,6 +1267,60 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cuda(const at::Tensor& grad_
     launch_ew<scalar_t>(aop, s, {aop.g, aop.x, aop.res, aop.out, aop.dx, aop.dres}, dev, stream);
   });
   return {dx, dres};
+}
+
+void bn_act_bwd_apply_acc_cuda(const at::Tensor& acc, const at::Tensor& grad_out, const at::Tensor& x,
+                               const at::Tensor& affine, const at::Tensor& coef, const OptTensor& out, bool relu) {
+  const char* op = "resfused bn_act_bwd_apply_acc (cuda)";
+  Shape s = check_x(x, op, /*allow_prefix=*/true);
+  TORCH_CHECK(acc.device() == x.device() && acc.scalar_type() == x.scalar_type() && acc.sizes() == x.sizes() &&
+                  acc.strides() == x.strides(),
+              op, ": acc must match x in device, dtype, shape and strides");
+  check_like_x(grad_out, x, s, op, "grad_out");
+  check_chan(affine, x, 2, s.C, op, "affine");
+  check_chan(coef, x, 4, s.C, op, "coef");
+  const bool use_out = relu && has(out);
+  if (use_out) check_like_x(*out, x, s, op, "out");
+  c10::cuda::CUDAGuard guard(x.device());
+  if (s.numel == 0) return;
+  // One pass, reading and writing acc at x's offsets, in the channels_last kernel (the
+  // one that takes a row stride) when it runs with every operand in place; otherwise dx
+  // is computed, then added.
+  bool fused = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_bwd_apply_acc_cuda", [&] {
+    using A = typename AccOf<scalar_t>::type;
+    using Op = ApplyOp<scalar_t, A, true>;
+    constexpr int VN = Op::kNhwcVec;
+    const OptTensor g_opt(grad_out);
+    if (s.nchw || !x_in_place(x, s, {&g_opt, &out}) || s.C % VN != 0 ||
+        !all_aligned<scalar_t>({grad_out.const_data_ptr(), x.const_data_ptr(), acc.const_data_ptr(),
+                                use_out ? out->const_data_ptr() : nullptr}, VN))
+      return;
+    Op aop;
+    aop.relu = relu;
+    aop.use_out = use_out;
+    aop.has_res = aop.res_aff = aop.has_rcoef = aop.need_r = false;
+    aop.g = grad_out.const_data_ptr<scalar_t>();
+    aop.x = x.const_data_ptr<scalar_t>();
+    aop.res = nullptr;
+    aop.out = use_out ? out->const_data_ptr<scalar_t>() : nullptr;
+    aop.dx = acc.mutable_data_ptr<scalar_t>();
+    aop.dres = nullptr;
+    aop.affine = affine.const_data_ptr<A>();
+    aop.res_affine = nullptr;
+    aop.coef = coef.const_data_ptr<A>();
+    aop.res_coef = nullptr;
+    aop.C = s.C;
+    aop.xs = s.xs;
+    const int dev = x.get_device();
+    launch_ew_nhwc<Op, VN>(aop, s.N * s.HW, s.C, dev, c10::cuda::getCurrentCUDAStream(dev).stream());
+    fused = true;
+  });
+  if (!fused) {
+    const at::Tensor dx =
+        std::get<0>(bn_act_bwd_apply_cuda(grad_out, x, affine, coef, c10::nullopt, c10::nullopt, c10::nullopt, out, relu));
+    acc.add_(dx);
+  }
 }
 
 }  // namespace resfused

@@ -107,13 +107,18 @@ def _fused_conv_backward(path: str, tf32: bool, dy: Tensor, inp: Tensor, w: Tens
 
 
 def _bn_input_grad(dz: Tensor, x: Tensor, affine: Tensor, stats: Tensor, sums: Tensor, bn: BNSpec,
-                   backend: str) -> Tensor:
+                   backend: str, acc: Optional[Tensor] = None) -> Optional[Tensor]:
     """The BN input gradient from the ReLU-masked dz and its sums (Σdz, Σdz*x̂), which a
-    fused dgrad epilogue produced: the apply pass alone (sums synchronized under sync BN)."""
+    fused dgrad epilogue produced: the apply pass alone (sums synchronized under sync BN).
+    With ``acc`` it is added into acc in place (``ops.bn_act_bwd_apply_acc``) and None is
+    returned."""
     g_sums, g_count = sums, channel_count(x)
     if sync_active(bn.group, bn.training):
         g_sums, g_count = sync_grad_sums(sums, g_count, bn.group)
     coef = _grad_coefficients(stats, affine, g_sums[0], g_sums[1], bn.training, g_count)
+    if acc is not None:
+        ops.bn_act_bwd_apply_acc(acc, dz, x, affine, coef, None, False, backend)
+        return None
     return ops.bn_act_bwd_apply(dz, x, affine, coef, None, None, None, None, False, backend)[0]
 
 

@@ -76,7 +76,7 @@ def bn_act_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], affine: 
                     training: bool, relu: bool, backend: str, *, need_dx: bool, need_sums: bool,
                     plain_residual_grad: bool = False, residual: Optional[Tensor] = None,
                     res_affine: Optional[Tensor] = None, res_stats: Optional[Tensor] = None,
-                    res_training: bool = False, group: Optional[Any] = None):
+                    res_training: bool = False, group: Optional[Any] = None, acc: Optional[Tensor] = None):
     """Backward of ``out = act(bn(x) [+ residual | + bn_r(residual)])``: one reduction pass
     (when ``need_sums``) and one apply pass (when a gradient is wanted).
 
@@ -86,7 +86,12 @@ def bn_act_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], affine: 
     ``sums`` are (dbeta, dgamma[, dgamma_r]) in the accumulation dtype: this rank's share
     when ``group`` synchronizes the statistics (the input gradient then uses the sums of
     the whole distributed batch, as ``nn.SyncBatchNorm``).
+
+    ``acc`` (no residual): dx is added into acc in place, by the apply pass itself where
+    acc has x's strides (``ops.bn_act_bwd_apply_acc``), and returned as None.
     """
+    if acc is not None and (residual is not None or plain_residual_grad):
+        raise ValueError("bn_act_backward: acc is for the input gradient of a BN without residual")
     res_bn = res_stats is not None
     count = channel_count(x)
     sync = sync_active(group, training or (res_bn and res_training))
@@ -120,6 +125,10 @@ def bn_act_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], affine: 
         res_arg = residual if res_bn else (grad_out if plain_residual_grad else None)
         if relu and out is None and res_arg is not None and not res_bn:
             raise ValueError("bn_act_backward: a plain residual needs `out` for the relu mask")
+        if acc is not None:
+            if need_dx:
+                ops.bn_act_bwd_apply_acc(acc, grad_out, x, affine, coef, out, relu, backend)
+            return None, None, sums
         dx, dres = ops.bn_act_bwd_apply(grad_out, x, affine, coef, res_arg, res_affine, res_coef, out, relu,
                                         backend)
         dx = dx if need_dx else None

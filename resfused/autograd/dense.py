@@ -30,7 +30,10 @@ Dense block (DESIGN.md §3, Pleiss et al.):
 Saved for backward: the feature buffer, per layer ``y1`` (conv1 output), per-channel
 affine/stats (fp32) and the dropout mask if any. Backward walks the layers in reverse,
 accumulating into one gradient buffer shaped like the feature buffer; layer j's slice is
-complete when layer j is reached.
+complete when layer j is reached. Each layer's norm1 input gradient is added into the
+buffer's prefix by the BN backward apply pass itself (``ops.bn_act_bwd_apply_acc``: it
+reads the gradient buffer's prefix where it reads the feature buffer's, and writes it
+back), not written out and added in a second pass.
 """
 from __future__ import annotations
 
@@ -313,8 +316,8 @@ class DenseBlockFunction(torch.autograd.Function):
                 if need_norm1:
                     put(i, _N1W, sums1[1])
                     put(i, _N1B, sums1[0])
-                    if need_prefix:
-                        gbuf[:, :cl] += _bn_input_grad(dz1, xp, aff1s[i], st1s[i], sums1, ls.norm1, backend)
+                    if need_prefix:  # added into the gradient buffer by the apply pass itself
+                        _bn_input_grad(dz1, xp, aff1s[i], st1s[i], sums1, ls.norm1, backend, acc=gbuf[:, :cl])
                 continue
             a2 = ops.bn_act_fwd(y1, aff2s[i], None, None, True, backend)  # recompute relu2
             d_a2, dw2, db2 = _conv_backward(g, a2, weights[2 * i + 1], conv_biases[2 * i + 1], ls.conv2,
@@ -343,14 +346,13 @@ class DenseBlockFunction(torch.autograd.Function):
             del dy1, a1
             if need_norm1:
                 need_sums1 = ls.norm1.training or need(i, _N1W) or need(i, _N1B)
-                dxp, _, sums1 = bn_act_backward(d_a1, xp, None, aff1s[i], st1s[i], ls.norm1.training, True,
-                                                backend, need_dx=need_prefix, need_sums=need_sums1,
-                                                group=ls.norm1.group)
+                # the prefix's input gradient is added into the gradient buffer by the apply
+                # pass itself (one pass where xp is the buffer's view, else dx, then an add)
+                _, _, sums1 = bn_act_backward(d_a1, xp, None, aff1s[i], st1s[i], ls.norm1.training, True,
+                                              backend, need_dx=need_prefix, need_sums=need_sums1,
+                                              group=ls.norm1.group, acc=gbuf[:, :cl] if need_prefix else None)
                 put(i, _N1W, sums1[1])
                 put(i, _N1B, sums1[0])
-                if need_prefix:
-                    gbuf[:, :cl] += dxp
-                del dxp
             del xp, d_a1
         dx = gbuf[:, :ctx.c0].contiguous(memory_format=fmt) if need_x else None
         return (None, dx, *grads)

@@ -5,6 +5,8 @@ Four ops make up a fused BatchNorm(+add)+activation, forward and backward
 (DESIGN.md §1): ``bn_stats`` (one reduction pass), ``bn_act_fwd`` (one apply
 pass), ``bn_act_bwd_reduce`` (one reduction pass) and ``bn_act_bwd_apply`` (one
 apply pass). Their contract is written, executable, in ``resfused/ops/eager.py``.
+A fifth, ``bn_act_bwd_apply_acc``, is the apply pass adding its input gradient into a
+tensor in place (a dense block's gradient buffer) instead of writing a new one.
 
 Each op takes a ``backend`` argument (``"auto"`` or a backend name); the autograd
 layer resolves it once per forward and hands the same name to backward. Before
@@ -21,7 +23,7 @@ from torch import Tensor
 from .. import _backend
 from . import eager
 
-OPS = ("bn_stats", "bn_act_fwd", "bn_act_bwd_reduce", "bn_act_bwd_apply")
+OPS = ("bn_stats", "bn_act_fwd", "bn_act_bwd_reduce", "bn_act_bwd_apply", "bn_act_bwd_apply_acc")
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
@@ -220,6 +222,36 @@ def _(grad_out, x, affine, coef, residual, res_affine, res_coef, out, relu, back
     return torch.empty_like(x, memory_format=fmt), dres
 
 
+def _bn_act_bwd_apply_acc_impl(acc: Tensor, grad_out: Tensor, x: Tensor, affine: Tensor, coef: Tensor,
+                               out: Optional[Tensor], relu: bool, backend: str = "auto") -> None:
+    """``acc += dx`` in place: dx is ``bn_act_bwd_apply``'s input gradient (no residual).
+    One pass that reads acc and writes it back where acc has x's strides and the backend
+    reads x as it is (a layer's prefix of a dense block's gradient buffer, x being the
+    same prefix of the feature buffer); otherwise dx is computed, then added."""
+    if acc.shape != x.shape or acc.dtype != x.dtype or acc.device != x.device:
+        raise ValueError(f"bn_act_bwd_apply_acc: acc must match x in shape, dtype and device; got "
+                         f"{tuple(acc.shape)} {acc.dtype} on {acc.device} for x {tuple(x.shape)} {x.dtype} "
+                         f"on {x.device}")
+    fmt = memory_format_of(x)
+    name = resolve(backend, x)
+    if name == "eager":
+        eager.bn_act_bwd_apply_acc(acc, grad_out, x, affine, coef, out, relu)
+    elif acc.stride() == x.stride() and reads_as_is(name, x):
+        _backend_impl(name, "bn_act_bwd_apply_acc")(acc, _like_x(grad_out, fmt), x, _per_channel(affine),
+                                                    _per_channel(coef), _like_x(out, fmt), relu)
+    else:
+        acc.add_(_bn_act_bwd_apply_impl(grad_out, x, affine, coef, None, None, None, out, relu, backend)[0])
+
+
+bn_act_bwd_apply_acc_op = torch.library.custom_op("resfused::bn_act_bwd_apply_acc",
+                                                  mutates_args=("acc",))(_bn_act_bwd_apply_acc_impl)
+
+
+@bn_act_bwd_apply_acc_op.register_fake
+def _(acc, grad_out, x, affine, coef, out, relu, backend="auto"):
+    return None
+
+
 def _compiling() -> bool:
     is_compiling = getattr(torch.compiler, "is_compiling", None)
     return bool(is_compiling and is_compiling())
@@ -240,6 +272,7 @@ bn_stats = _fast(bn_stats_op, _bn_stats_impl)
 bn_act_fwd = _fast(bn_act_fwd_op, _bn_act_fwd_impl)
 bn_act_bwd_reduce = _fast(bn_act_bwd_reduce_op, _bn_act_bwd_reduce_impl)
 bn_act_bwd_apply = _fast(bn_act_bwd_apply_op, _bn_act_bwd_apply_impl)
+bn_act_bwd_apply_acc = _fast(bn_act_bwd_apply_acc_op, _bn_act_bwd_apply_acc_impl)
 
 # The registered ops (torch.ops.resfused.*), by name.
 BY_NAME: Dict[str, Callable] = {
@@ -247,4 +280,5 @@ BY_NAME: Dict[str, Callable] = {
     "bn_act_fwd": bn_act_fwd_op,
     "bn_act_bwd_reduce": bn_act_bwd_reduce_op,
     "bn_act_bwd_apply": bn_act_bwd_apply_op,
+    "bn_act_bwd_apply_acc": bn_act_bwd_apply_acc_op,
 }

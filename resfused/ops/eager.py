@@ -127,3 +127,11 @@ def bn_act_bwd_apply(grad_out: Tensor, x: Tensor, affine: Tensor, coef: Tensor,
     else:
         dres = _apply_coef(dz, residual, res_coef).to(x.dtype)
     return dx, dres
+
+
+def bn_act_bwd_apply_acc(acc: Tensor, grad_out: Tensor, x: Tensor, affine: Tensor, coef: Tensor,
+                         out: Optional[Tensor], relu: bool) -> None:
+    """``acc += dx`` in place, dx being ``bn_act_bwd_apply``'s (no residual), added in the
+    accumulation dtype and rounded once into acc."""
+    dz = _grad_preact(grad_out, x, affine, None, None, out, relu)
+    acc.copy_(acc.to(dz.dtype) + _apply_coef(dz, x, coef))

@@ -1,7 +1,9 @@
 """Triton backend of the four BN-activation ops.
 
 Same signatures and semantics as the executable contract ``resfused/ops/eager.py``:
-``bn_stats``, ``bn_act_fwd``, ``bn_act_bwd_reduce``, ``bn_act_bwd_apply``.
+``bn_stats``, ``bn_act_fwd``, ``bn_act_bwd_reduce``, ``bn_act_bwd_apply``, and
+``bn_act_bwd_apply_acc`` (the apply kernels with ``accum`` set: dx is added into a tensor
+with x's strides, read and written in place).
 
 Layouts (chosen from ``x.is_contiguous()``; otherwise x is channels_last-contiguous):
 
@@ -75,7 +77,8 @@ DATA_PTRS = frozenset({"x_ptr", "g_ptr", "res_ptr", "out_ptr", "dx_ptr", "dres_p
 #: @triton.jit helpers that are inlined into kernels, never launched on their own
 JIT_HELPERS = frozenset({"_relu_keep", "_cast_out", "_nchw_tile"})
 #: runtime 0/1 (relu_mode: 0/1/2) flag arguments; every other non-constexpr scalar is a size
-FLAG_ARGS = frozenset({"has_res", "res_aff", "relu", "use_res", "res_st", "res_coef", "relu_mode", "write_dz"})
+FLAG_ARGS = frozenset({"has_res", "res_aff", "relu", "use_res", "res_st", "res_coef", "relu_mode", "write_dz",
+                       "accum"})
 #: integer arguments the JIT must not specialise (on == 1 or % 16 == 0): the flags, and
 #: sizes no vectorised load depends on. Left specialised: HW in the NCHW kernels (offsets
 #: are ``(n*C + c)*HW + hw``), C and XC in the NHWC ones (``m*C + c``, x's ``m*XC + c``),
@@ -381,9 +384,10 @@ def _bwd_reduce_part_nhwc(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, st_ptr, raff_
 
 @triton.jit(do_not_specialize=UNSPECIALIZED["nchw"])
 def _bwd_apply_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, coef_ptr, raff_ptr, rcoef_ptr, dx_ptr, dres_ptr,
-                    N, C, XC, HW, n_hwb, use_res, res_aff, res_coef, has_res, relu_mode,
+                    N, C, XC, HW, n_hwb, use_res, res_aff, res_coef, has_res, relu_mode, accum,
                     ROWS: tl.constexpr, BLOCK_HW: tl.constexpr):
-    # grid (cdiv(N, ROWS) * n_hwb, C), as _fwd_nchw; coef rows (mean, k, mdz, p)
+    # grid (cdiv(N, ROWS) * n_hwb, C), as _fwd_nchw; coef rows (mean, k, mdz, p).
+    # accum: dx_ptr has x's strides and dx is added to what it holds
     acc_ty = aff_ptr.dtype.element_ty
     u = tl.program_id(0)
     c = tl.program_id(1)
@@ -406,17 +410,20 @@ def _bwd_apply_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, coef_ptr, raff_ptr,
     r = tl.load(res_ptr + offs, mask=m & (use_res != 0), other=0).to(acc_ty)
     keep = _relu_keep(x, o, r, scale, shift, rs, rb, relu_mode)
     dz = tl.where(keep, g, 0)
-    dx = (dz - mdz - (x - mean) * pc) * k
-    tl.store(dx_ptr + offs, _cast_out(dx, dx_ptr), mask=m)
+    doffs = tl.where(accum != 0, xoffs, offs)
+    prev = tl.load(dx_ptr + doffs, mask=m & (accum != 0), other=0).to(acc_ty)
+    dx = (dz - mdz - (x - mean) * pc) * k + prev
+    tl.store(dx_ptr + doffs, _cast_out(dx, dx_ptr), mask=m)
     dres = tl.where(res_coef != 0, (dz - rmdz - (r - rmean) * rpc) * rk, dz)
     tl.store(dres_ptr + offs, _cast_out(dres, dres_ptr), mask=m & (has_res != 0))
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED["nhwc"])
 def _bwd_apply_nhwc(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, coef_ptr, raff_ptr, rcoef_ptr, dx_ptr, dres_ptr,
-                    M, C, XC, use_res, res_aff, res_coef, has_res, relu_mode,
+                    M, C, XC, use_res, res_aff, res_coef, has_res, relu_mode, accum,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    # grid (cdiv(M, BLOCK_M), cdiv(C, BLOCK_C)); coef rows (mean, k, mdz, p)
+    # grid (cdiv(M, BLOCK_M), cdiv(C, BLOCK_C)); coef rows (mean, k, mdz, p).
+    # accum: dx_ptr has x's strides and dx is added to what it holds
     acc_ty = aff_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -444,8 +451,10 @@ def _bwd_apply_nhwc(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, coef_ptr, raff_ptr,
     r = tl.load(res_ptr + offs, mask=m & (use_res != 0), other=0).to(acc_ty)
     keep = _relu_keep(x, o, r, scale, shift, rs, rb, relu_mode)
     dz = tl.where(keep, g, 0)
-    dx = (dz - mdz - (x - mean) * pc) * k
-    tl.store(dx_ptr + offs, _cast_out(dx, dx_ptr), mask=m)
+    doffs = tl.where(accum != 0, xoffs, offs)
+    prev = tl.load(dx_ptr + doffs, mask=m & (accum != 0), other=0).to(acc_ty)
+    dx = (dz - mdz - (x - mean) * pc) * k + prev
+    tl.store(dx_ptr + doffs, _cast_out(dx, dx_ptr), mask=m)
     dres = tl.where(res_coef != 0, (dz - rmdz - (r - rmean) * rpc) * rk, dz)
     tl.store(dres_ptr + offs, _cast_out(dres, dres_ptr), mask=m & (has_res != 0))
 
@@ -723,6 +732,18 @@ def bn_act_bwd_apply(grad_out: Tensor, x: Tensor, affine: Tensor, coef: Tensor,
                      res_coef: Optional[Tensor], out: Optional[Tensor], relu: bool) -> Tuple[Tensor, Tensor]:
     """Returns (dx, dres). dres is ``dz`` for a plain residual, the BN input
     gradient for a residual with ``res_coef``, and an empty tensor without residual."""
+    return _bwd_apply(grad_out, x, affine, coef, residual, res_affine, res_coef, out, relu, None)
+
+
+def bn_act_bwd_apply_acc(acc: Tensor, grad_out: Tensor, x: Tensor, affine: Tensor, coef: Tensor,
+                         out: Optional[Tensor], relu: bool) -> None:
+    """``acc += dx`` in place (no residual); acc has x's shape, dtype and strides."""
+    if acc.shape != x.shape or acc.dtype != x.dtype or acc.device != x.device or acc.stride() != x.stride():
+        raise ValueError("resfused triton: acc must match x in shape, dtype, device and strides")
+    _bwd_apply(grad_out, x, affine, coef, None, None, None, out, relu, acc)
+
+
+def _bwd_apply(grad_out, x, affine, coef, residual, res_affine, res_coef, out, relu, acc):
     geo = _Geom(x, prefix=True)
     for nm, t in (("grad_out", grad_out), ("residual", residual), ("out", out)):
         _check_like(nm, t, x, geo)
@@ -731,7 +752,7 @@ def bn_act_bwd_apply(grad_out: Tensor, x: Tensor, affine: Tensor, coef: Tensor,
         _check_chan(nm, t, k, x)
     if residual is None and (res_affine is not None or res_coef is not None):
         raise ValueError("resfused triton: res_affine/res_coef given without residual")
-    dx = _empty(x, geo)
+    dx = _empty(x, geo) if acc is None else acc
     dres = _empty(x, geo) if residual is not None else x.new_empty(0)
     if x.numel() == 0:
         return dx, dres
@@ -740,7 +761,8 @@ def bn_act_bwd_apply(grad_out: Tensor, x: Tensor, affine: Tensor, coef: Tensor,
     ptrs = (grad_out, x, out if mode == 1 else x, residual if residual is not None else x,
             affine, coef, res_affine if res_affine is not None else affine,
             res_coef if res_coef is not None else coef, dx, dres if residual is not None else dx)
-    flags = (int(use_res), int(res_affine is not None), int(res_coef is not None), int(residual is not None), mode)
+    flags = (int(use_res), int(res_affine is not None), int(res_coef is not None), int(residual is not None), mode,
+             int(acc is not None))
     if geo.layout == "nchw":
         _launch("bwd_apply_nchw", geo.apply_grid(),
                 (*ptrs, geo.N, geo.C, geo.XC, geo.HW, _cdiv(geo.HW, geo.block), *flags), geo)

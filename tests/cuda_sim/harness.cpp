@@ -10,6 +10,7 @@
 //   harness SHAPES SEED fixed        the fixed sweep over its first SHAPES shapes (0: all)
 //   harness ITERS SEED rand          ITERS random cases (3 in 4 with a channel-prefix x)
 //   harness ITERS SEED randaligned   the same with aligned operands (views kept in place)
+// Each case without residual also runs the accumulating apply where its entry point would.
 // Prints a summary line "...; launches L fails F"; exits non-zero on any failure.
 #include "shim.h"
 #include <random>
@@ -157,7 +158,7 @@ template <typename T> Buf mk(int64_t n, size_t off) { Buf b; b.raw.assign(64 + (
 inline bool al16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 int g_fail = 0;
-long g_cases = 0, g_pref = 0, g_view[3] = {0, 0, 0}, g_copy[3] = {0, 0, 0}, g_pathcnt[8] = {0};
+long g_cases = 0, g_acc = 0, g_pref = 0, g_view[3] = {0, 0, 0}, g_copy[3] = {0, 0, 0}, g_pathcnt[8] = {0};
 template <typename T>
 bool close(double got, double want, double tol) {
   if (std::isnan(want)) return std::isnan(got);
@@ -320,6 +321,52 @@ fwd_done:
     }
   ap_done:;
   }
+  // ---- bwd apply accumulating into acc, a tensor with x's strides (no residual): the
+  // entry point runs ApplyOp<.., true> in the channels_last kernel when every operand is in
+  // place and aligned to its vector (else it adds a plain apply's dx: not a kernel of its own)
+  if (!has_res) {
+    using Op = ApplyOp<T, A, true>;
+    constexpr int VN = Op::kNhwcVec;
+    const int64_t V16 = 16 / (int64_t)sizeof(T);
+    const bool in_place = !pref || (C % V16 == 0 && xs % V16 == 0 && al16(x) && al16(g) && (!pass_out || al16(o)));
+    Buf bacc = mk<T>(xalloc, pref ? xoff : (offmask & 1 ? 1 : 0));
+    T* acc = bacc.p<T>();
+    if (!nchw && in_place && C % VN == 0 && all_aligned<T>({g, x, acc, use_out ? o : nullptr}, VN)) {
+      ++g_acc;
+      { T* w0 = reinterpret_cast<T*>(bacc.raw.data()); size_t nn = bacc.raw.size() / sizeof(T); for (size_t i = 0; i < nn; ++i) w0[i] = T(NAN); }
+      for (int64_t n = 0; n < N; ++n) for (int64_t c = 0; c < C; ++c) for (int64_t k = 0; k < HW; ++k) acc[xi(n, c, k)] = T(urand());
+      std::vector<double> acc0(bacc.raw.size() / sizeof(T));
+      { T* w0 = reinterpret_cast<T*>(bacc.raw.data()); for (size_t i = 0; i < acc0.size(); ++i) acc0[i] = double(w0[i]); }
+      g_ranges.push_back({(const char*)acc, (const char*)(acc + xext)});
+      Op p;
+      p.relu = relu; p.use_out = use_out; p.has_res = p.res_aff = p.has_rcoef = p.need_r = false;
+      p.g = g; p.x = x; p.res = nullptr; p.out = use_out ? o : nullptr; p.dx = acc; p.dres = nullptr;
+      p.affine = aff.data(); p.res_affine = nullptr; p.coef = coef.data(); p.res_coef = nullptr;
+      p.C = C; p.xs = xs;
+      launch_ew_nhwc<Op, VN>(p, M, C, 0);
+      const size_t base = (reinterpret_cast<char*>(acc) - bacc.raw.data()) / sizeof(T);
+      T* w0 = reinterpret_cast<T*>(bacc.raw.data());
+      for (size_t i = 0; i < acc0.size(); ++i) {  // everything outside the prefix untouched
+        bool inside = false;
+        if (i >= base) { const int64_t j = int64_t(i - base); inside = j < xext && (!pref || j % xs < C); }
+        if (!inside && !(std::isnan(double(w0[i])) && std::isnan(acc0[i]))) {
+          if (g_fail++ < 20) printf("ACC FAIL %s wrote outside the prefix at %zu\n", desc, i);
+          goto acc_done;
+        }
+      }
+      for (int64_t n = 0; n < N; ++n) for (int64_t c = 0; c < C; ++c) for (int64_t k = 0; k < HW; ++k) {
+        int64_t i = idx(n, c, k);
+        double dz = double(g[i]);
+        if (relu) { bool m = use_out ? double(o[i]) > 0 : pre(n, c, k) > 0; if (!m) dz = 0; }
+        double want = acc0[base + xi(n, c, k)] + (dz - coef[2 * C + c] - (X(n, c, k) - coef[c]) * coef[3 * C + c]) * coef[C + c];
+        if (!close<T>(double(acc[xi(n, c, k)]), want, tol * 20)) {
+          if (g_fail++ < 20) printf("ACC FAIL %s at n%ld c%ld k%ld got %g want %g\n", desc, (long)n, (long)c, (long)k, double(acc[xi(n, c, k)]), want);
+          goto acc_done;
+        }
+      }
+    }
+  acc_done:;
+  }
 }
 
 template <typename F> void by_type(int t, F f) {
@@ -327,8 +374,8 @@ template <typename F> void by_type(int t, F f) {
 }
 
 void report(const char* tag) {
-  printf("%s: cases %ld (prefix %ld) view kept fwd/red/apply %ld/%ld/%ld copied %ld/%ld/%ld; prefix-case paths nhwc-ew %ld flat-vec %ld flat-1 %ld red-nhwc-vec %ld red-nhwc-1 %ld red-nchw %ld; launches %ld fails %d\n",
-         tag, g_cases, g_pref, g_view[0], g_view[1], g_view[2], g_copy[0], g_copy[1], g_copy[2], g_pathcnt[1], g_pathcnt[2], g_pathcnt[3], g_pathcnt[5], g_pathcnt[6], g_pathcnt[4], g_launches, g_fail);
+  printf("%s: cases %ld (prefix %ld, accumulating %ld) view kept fwd/red/apply %ld/%ld/%ld copied %ld/%ld/%ld; prefix-case paths nhwc-ew %ld flat-vec %ld flat-1 %ld red-nhwc-vec %ld red-nhwc-1 %ld red-nchw %ld; launches %ld fails %d\n",
+         tag, g_cases, g_pref, g_acc, g_view[0], g_view[1], g_view[2], g_copy[0], g_copy[1], g_copy[2], g_pathcnt[1], g_pathcnt[2], g_pathcnt[3], g_pathcnt[5], g_pathcnt[6], g_pathcnt[4], g_launches, g_fail);
 }
 
 int main(int argc, char** argv) {

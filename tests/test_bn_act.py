@@ -331,9 +331,9 @@ def test_reduce_writes_dz(case, layout, dtype, mask_from):
 def test_channel_prefix_views(case, layout, shape, dtype, monkeypatch):
     """x = wide[:, :C] (a dense block's prefix): every op (with a residual, dz written)
     gives exactly what it gives on a contiguous copy of x, and the backends read the view
-    in place (no copy made; the triton kernels are handed the view itself): cpu and
-    triton always, cuda for a channels_last view whose C and row stride are multiples of
-    16 bytes."""
+    in place (no copy made; the triton kernels are handed the view itself): cpu, triton
+    and cuda always in NCHW, and in channels_last (cuda: where C and the row stride are
+    multiples of 16 bytes)."""
     from resfused import _backend
     from resfused.ops import bn_act as ops
 
@@ -362,8 +362,8 @@ def test_channel_prefix_views(case, layout, shape, dtype, monkeypatch):
         else:
             assert a.is_contiguous(memory_format=ops.memory_format_of(xc)), name
             assert torch.equal(a, b), name
-    in_place = backend in ("cpu", "triton") or (backend == "cuda" and layout == "channels_last" and h * w > 1
-                                                 and c * x.element_size() % 16 == 0)
+    in_place = backend in ("cpu", "triton") or (backend == "cuda" and (layout == "nchw" or h * w > 1
+                                                                       and c * x.element_size() % 16 == 0))
     if in_place and n * h * w > 1 and n > 1:
         assert backend in ops.PREFIX_VIEW_BACKENDS and ops.is_prefix_view(x)
         from torch.profiler import ProfilerActivity, profile
@@ -463,7 +463,7 @@ def test_apply_accumulates_into_a_prefix(case, layout, shape, dtype, mask, monke
     # the views are read in place: no copy, one kernel launch for a view-reading backend
     x, acc = wide[:, :c], gwide[:, :c]
     if backend in ("cpu", "triton") and n * h * w > 1 and not interpreted(backend, device) \
-            or (backend == "cuda" and layout == "channels_last" and c * x.element_size() % 16 == 0):
+            or (backend == "cuda" and (layout == "nchw" or c * x.element_size() % 16 == 0)):
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:

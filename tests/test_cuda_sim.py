@@ -11,8 +11,8 @@ launchers' decisions (vector widths, block shapes, split counts, when a prefix v
 in place) and a float64 reference of the op contract (``resfused/ops/eager.py``), and runs
 the four ops (and the apply pass accumulating into a tensor with x's strides) over shapes,
 dtypes (fp32, fp16, bf16, fp64), both layouts, misaligned operands, channel-prefix views
-and every combination of the optional operands, with few resident blocks so that the
-grid-stride loops wrap.
+(channels_last and NCHW) and every combination of the optional operands, with few
+resident blocks so that the grid-stride loops wrap.
 
 What it cannot show: timing, the device's memory model, and launcher code that drifts from
 its copy in the harness (a kernel whose signature changes fails to compile here, which
@@ -72,13 +72,16 @@ def test_cuda_kernels_on_the_simulator(harness, args):
     assert done.returncode == 0 and summary and summary[-1].endswith("fails 0"), \
         f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     # the run reached the prefix-view and accumulating paths it is meant to cover
-    assert " prefix 0," not in summary[-1] and "accumulating 0)" not in summary[-1], summary[-1]
+    assert all(f"{what} 0" not in summary[-1] for what in ("(prefix", "NCHW prefix", "accumulating")), summary[-1]
 
 
 PLANTED = {
     # x read with the dense row stride instead of a prefix view's (channels_last elementwise)
     "prefix-row-stride": ("const int64_t xe0 = m * op.xs + c0, xe1 = xe0 + rstride * op.xs;",
                           "const int64_t xe0 = m * C + c0, xe1 = xe0 + rstride * C;", "rand"),
+    # an NCHW view's image gap ignored in the flat elementwise kernel
+    "nchw-image-stride": ("const int64_t xe0 = e0 + n * xgap, xe1 = e1 + n1 * xgap;",
+                          "const int64_t xe0 = e0, xe1 = e1 + n1 * xgap;", "rand"),
     # the accumulated dx stored at the dense offsets instead of x's
     "accumulate-offset": ("store_pack<V>(dx, ACC ? xe : e, dxv);", "store_pack<V>(dx, e, dxv);", "randaligned"),
 }

@@ -340,8 +340,8 @@ def test_rejects_bad_input_and_changes_nothing(bad, which):
 def test_layers_read_their_prefix_in_place(case, layout, monkeypatch):
     """Each layer's BN kernels get its channel prefix of the feature buffer as the view
     itself, forward and backward, and no scratch is gathered, on every backend whose
-    kernels read such views (cuda: channels_last, C a multiple of 16 bytes); the eager
-    backend and cuda in NCHW gather into one scratch per block."""
+    kernels read such views (cuda: in channels_last, C a multiple of 16 bytes); the eager
+    backend gathers into one scratch per block."""
     from resfused.autograd import dense as D
     from resfused.ops import bn_act as ops
 
@@ -377,7 +377,7 @@ def test_layers_read_their_prefix_in_place(case, layout, monkeypatch):
     with resfused.use_backend(backend), resfused.use_conv("library"):
         block(x).sum().backward()
     assert len(scratches) == 2  # one decision in forward, one in backward
-    views = backend in ("cpu", "triton") or (backend == "cuda" and layout == "channels_last")
+    views = backend in ("cpu", "triton", "cuda")
     if views:
         assert scratches == [None, None]
         # forward: norm1 of layers 2 and 3; backward: recompute and reduce of all three

@@ -21,15 +21,16 @@
 //   stats_finalize_kernel / sum_finalize_kernel: one warp per channel merges the
 //                           S partials in a fixed order (deterministic, no atomics).
 //
-// x may also be a channel-prefix view wide[:, :C] of a wider channels_last tensor
-// (a dense block's layer reading its prefix of the feature buffer) in the forward
-// apply, the backward reduction and the backward apply: its pixel rows are xs >= C
-// elements apart. Only the channels_last kernels read such a view (row m of x at
-// m*xs, of every other tensor at m*C); the entry points copy x contiguous where
-// they would not launch those. The accumulating apply (bn_act_bwd_apply_acc: dx
-// added into a tensor with x's strides, e.g. the same prefix of the dense block's
-// gradient buffer) runs in the channels_last kernel only, reading and writing that
-// tensor at x's offsets; elsewhere its entry point computes dx and adds it.
+// x may also be a channel-prefix view wide[:, :C] of a wider tensor (a dense block's
+// layer reading its prefix of the feature buffer) in the forward apply, the backward
+// reduction and the backward apply. channels_last: its pixel rows are xs >= C elements
+// apart, read by the channels_last kernels only (row m of x at m*xs, of every other
+// tensor at m*C); the entry points copy x contiguous where they would not launch
+// those. NCHW: its images are xb >= C*HW elements apart, read by the flat and NCHW
+// reduction kernels (vectorised where xb and C*HW resp. HW allow). The accumulating
+// apply (bn_act_bwd_apply_acc: dx added into a tensor with x's strides, e.g. the same
+// prefix of the dense block's gradient buffer) reads and writes that tensor at x's
+// offsets; where x would be copied its entry point computes dx and adds it.
 //
 // Accumulation is in float (double for double input). Every index that can
 // exceed 2^31 is int64. Vector width V = 16 bytes / sizeof(scalar) when all base
@@ -179,8 +180,8 @@ struct FwdOp {
   }
 };
 
-// ACC: no residual; dx has x's strides (row m at m*xs in the channels_last kernel, the
-// only one it runs in) and dx is added to what it holds, rounded once.
+// ACC: no residual; dx has x's strides (stored at x's offset xe) and dx is added to what
+// it holds, rounded once.
 template <typename T, typename A, bool ACC = false>
 struct ApplyOp {
   const T* g;
@@ -270,14 +271,17 @@ struct ApplyOp {
 };
 
 // Flat elementwise kernel. Element i has channel (i / HW) % C (NCHW; HW = 1 for
-// channels_last). Vectors of V elements may straddle rows/channels. x is dense
-// like every other tensor here (op.xs is not used).
+// channels_last). Vectors of V elements may straddle rows/channels. x is dense like
+// every other tensor here (op.xs is not used), or, in NCHW, a channel-prefix view
+// whose images are C*HW + xgap elements apart: element i of x is at i + n*xgap,
+// n = i / (C*HW); then a vector never straddles two images (C*HW % V == 0).
 template <typename Op, int V>
-__global__ void __launch_bounds__(kThreads) ew_nchw_kernel(Op op, int64_t numel, int64_t HW, int C) {
+__global__ void __launch_bounds__(kThreads) ew_nchw_kernel(Op op, int64_t numel, int64_t HW, int C, int64_t xgap) {
   using Chan = typename Op::Chan;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nthr = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t nvec = numel / V;
+  const int64_t CHW = HW * C;
   // The numel % V (< V <= 8) trailing elements, one per thread: the grid has at
   // least kThreads >= V threads (a loop here costs a spill on sm_80).
   static_assert(kThreads >= 16, "tail handling needs blockDim >= V");
@@ -285,7 +289,8 @@ __global__ void __launch_bounds__(kThreads) ew_nchw_kernel(Op op, int64_t numel,
     const int64_t i = nvec * V + tid;
     if (i < numel) {
       const Chan p = op.chan((i / HW) % C);
-      op.template finish<1>(i, i, op.template load<1>(i, i), [&](int) -> Chan { return p; });
+      const int64_t xi = i + (i / CHW) * xgap;
+      op.template finish<1>(i, xi, op.template load<1>(i, xi), [&](int) -> Chan { return p; });
     }
   }
   if (tid >= nvec) return;
@@ -294,23 +299,29 @@ __global__ void __launch_bounds__(kThreads) ew_nchw_kernel(Op op, int64_t numel,
   const int64_t step = nthr * V;  // elements between the two vectors
   const int64_t step_r = step % HW;
   const int step_c = static_cast<int>((step / HW) % C);
-  // (off, c) += step elements; c + step_c + 1 <= 2C - 1
-  auto advance = [&](int64_t& off, int& c) {
+  const int64_t step_n = step / CHW;
+  // (n, c, off) += step elements; off + step_r < 2HW, c + step_c + 1 <= 2C - 1
+  auto advance = [&](int64_t& off, int& c, int64_t& n) {
     off += step_r;
     c += step_c;
+    n += step_n;
     if (off >= HW) {
       off -= HW;
       ++c;
     }
-    if (c >= C) c -= C;
+    if (c >= C) {
+      c -= C;
+      ++n;
+    }
   };
   int64_t off = (tid * V) % HW;                        // position inside the (n, c) row
   int c = static_cast<int>(((tid * V) / HW) % C);      // channel of element tid*V
+  int64_t n = (tid * V) / CHW;                         // its image
   int cur_c = -1;
   Chan cur{};
   // channel params for elements e, e+1, ... starting at (o, cc); reloaded on change
-  auto run = [&](int64_t e, const typename Op::template Regs<V>& R, int64_t o, int cc) {
-    op.template finish<V>(e, e, R, [&](int) -> Chan {
+  auto run = [&](int64_t e, int64_t xe, const typename Op::template Regs<V>& R, int64_t o, int cc) {
+    op.template finish<V>(e, xe, R, [&](int) -> Chan {
       if (cc != cur_c) {
         cur = op.chan(cc);
         cur_c = cc;
@@ -325,17 +336,19 @@ __global__ void __launch_bounds__(kThreads) ew_nchw_kernel(Op op, int64_t numel,
   for (int64_t v = tid; v < nvec; v += 2 * nthr) {
     const int64_t e0 = v * V, e1 = e0 + step;
     const bool two = v + nthr < nvec;
-    const auto R0 = op.template load<V>(e0, e0);
-    typename Op::template Regs<V> R1{};
-    if (two) R1 = op.template load<V>(e1, e1);
-    int64_t off1 = off;
+    int64_t off1 = off, n1 = n;
     int c1 = c;
-    advance(off1, c1);
-    run(e0, R0, off, c);
-    if (two) run(e1, R1, off1, c1);
+    advance(off1, c1, n1);
+    const int64_t xe0 = e0 + n * xgap, xe1 = e1 + n1 * xgap;
+    const auto R0 = op.template load<V>(e0, xe0);
+    typename Op::template Regs<V> R1{};
+    if (two) R1 = op.template load<V>(e1, xe1);
+    run(e0, xe0, R0, off, c);
+    if (two) run(e1, xe1, R1, off1, c1);
     off = off1;
     c = c1;
-    advance(off, c);
+    n = n1;
+    advance(off, c, n);
   }
 }
 
@@ -634,6 +647,7 @@ struct RedArgs {
   T* dz;                // written (dz in x's layout) when not nullptr
   int C;
   int64_t xs;  // x's row stride in reduce_nhwc_kernel (C unless x is a prefix view)
+  int64_t xb;  // x's image stride in reduce_nchw_kernel (C*HW unless x is a prefix view)
   bool relu, use_out, has_res, res_aff, has_rstats, need_r;
 };
 
@@ -680,6 +694,7 @@ __device__ __forceinline__ A red_elem(const RedArgs<T, A>& a, const RedChan<T, A
 }
 
 // Same partition as stats_nchw_kernel; ws is [3, S, C] (row 2 zero when unused).
+// x's image n at n * a.xb.
 template <typename T, typename A, int V>
 __global__ void __launch_bounds__(kThreads)
     reduce_nchw_kernel(RedArgs<T, A> a, int64_t HW, int64_t nvc, int64_t chunk, A* __restrict__ ws) {
@@ -700,7 +715,7 @@ __global__ void __launch_bounds__(kThreads)
   for (; v < v1; v += kThreads) {
     const int64_t e = n * CHW + cbase + hv * V;
     const Pack<T, V> gv = load_pack<V>(a.g, e);
-    const Pack<T, V> xv = load_pack<V>(a.x, e);
+    const Pack<T, V> xv = load_pack<V>(a.x, n * a.xb + cbase + hv * V);
     Pack<T, V> rv{}, ov{};
     if (a.need_r) rv = load_pack<V>(a.res, e);
     if (a.use_out) ov = load_pack<V>(a.out, e);
@@ -822,6 +837,8 @@ struct Shape {
   int64_t N, C, HW, numel;
   bool nchw;
   int64_t xs;  // x's row stride when channels_last: C, or more for a channel-prefix view
+  int64_t xb;  // x's image stride when NCHW: C*HW, or more for a channel-prefix view
+  bool dense_x() const { return xs == C && xb == C * HW; }
 };
 
 // The row stride rs > C of x when x is a channel-prefix view wide[:, :C] of a
@@ -835,8 +852,18 @@ int64_t cl_prefix_stride(const at::Tensor& x) {
   return ok ? rs : 0;
 }
 
+// The image stride xb > C*H*W of x when x is a channel-prefix view wide[:, :C] of an
+// NCHW tensor (each image's C planes dense, images xb apart; N > 1), else 0.
+int64_t nchw_prefix_stride(const at::Tensor& x) {
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  if (x.numel() == 0 || n == 1) return 0;
+  const auto st = x.strides();
+  const bool inner = (w == 1 || st[3] == 1) && (h == 1 || st[2] == w) && (c == 1 || st[1] == h * w);
+  return inner && st[0] > c * h * w ? st[0] : 0;
+}
+
 // x: CUDA, 4-D, NCHW-contiguous or channels_last-contiguous (or, with
-// allow_prefix, a channels_last channel-prefix view), supported dtype.
+// allow_prefix, a channel-prefix view of either), supported dtype.
 Shape check_x(const at::Tensor& x, const char* op, bool allow_prefix = false) {
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
@@ -850,11 +877,18 @@ Shape check_x(const at::Tensor& x, const char* op, bool allow_prefix = false) {
   s.numel = x.numel();
   s.nchw = x.is_contiguous();
   s.xs = s.C;
+  s.xb = s.C * s.HW;
   if (!s.nchw && !x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     const int64_t rs = allow_prefix ? cl_prefix_stride(x) : 0;
-    TORCH_CHECK(rs > 0, op, ": x must be NCHW-contiguous or channels_last-contiguous",
-                allow_prefix ? " (or a channel-prefix view of a channels_last tensor)" : "");
-    s.xs = rs;
+    const int64_t xb = allow_prefix && rs == 0 ? nchw_prefix_stride(x) : 0;
+    TORCH_CHECK(rs > 0 || xb > 0, op, ": x must be NCHW-contiguous or channels_last-contiguous",
+                allow_prefix ? " (or a channel-prefix view of such a tensor)" : "");
+    if (rs > 0) {
+      s.xs = rs;
+    } else {
+      s.nchw = true;
+      s.xb = xb;
+    }
   }
   TORCH_CHECK(s.C < (int64_t(1) << 30), op, ": too many channels (", s.C, ")");
   return s;
@@ -886,9 +920,10 @@ inline bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
 
-// Whether the kernels read x as it is. A prefix view (s.xs > C) stays in place where
-// the channels_last kernels, the only ones that read one, are sure to run for every op:
-// C and xs multiples of the widest vector (16 bytes), x and the other big inputs
+// Whether the kernels read x as it is. An NCHW prefix view (s.xb > C*HW) always: the
+// flat and NCHW reduction kernels take any image stride. A channels_last one (s.xs > C)
+// where the channels_last kernels, the only ones that read it, are sure to run for every
+// op: C and xs multiples of the widest vector (16 bytes), x and the other big inputs
 // 16-byte aligned (outputs are fresh allocations).
 bool x_in_place(const at::Tensor& x, const Shape& s, std::initializer_list<const OptTensor*> inputs) {
   if (s.xs == s.C) return true;
@@ -908,8 +943,9 @@ at::Tensor read_x(const at::Tensor& x, Shape& s, std::initializer_list<const Opt
 
 // A new tensor like x in x's layout (x may be a prefix view: its layout, not its strides).
 at::Tensor new_like_x(const at::Tensor& x, const Shape& s) {
-  if (s.xs == s.C) return at::empty_like(x);
-  return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (s.dense_x()) return at::empty_like(x);
+  return at::empty(x.sizes(), x.options().memory_format(s.nchw ? at::MemoryFormat::Contiguous
+                                                               : at::MemoryFormat::ChannelsLast));
 }
 
 int sm_count(int dev) {
@@ -965,11 +1001,11 @@ void nhwc_block(int64_t Cv, int& bdx, int& bdy, int64_t& gx) {
 constexpr int64_t kMaxGridY = 65535;
 
 template <typename Op, int V>
-void launch_ew_flat(const Op& op, int64_t numel, int64_t HW, int64_t C, int dev, cudaStream_t stream) {
+void launch_ew_flat(const Op& op, int64_t numel, int64_t HW, int64_t C, int64_t xgap, int dev, cudaStream_t stream) {
   auto kernel = ew_nchw_kernel<Op, V>;
   const int64_t nvec = numel / V;
   const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(nvec, kThreads), resident_blocks(kernel, kThreads, dev)));
-  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(op, numel, HW, static_cast<int>(C));
+  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(op, numel, HW, static_cast<int>(C), xgap);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -995,13 +1031,15 @@ void launch_ew(const Op& op, const Shape& s, std::initializer_list<const void*> 
     launch_ew_nhwc<Op, VN>(op, s.N * s.HW, s.C, dev, stream);
     return;
   }
-  TORCH_INTERNAL_ASSERT(s.xs == s.C, "resfused: a prefix view reached the flat elementwise kernel");
-  const bool al = all_aligned<T>(ptrs, VV);
+  TORCH_INTERNAL_ASSERT(s.xs == s.C, "resfused: a channels_last prefix view reached the flat elementwise kernel");
+  // an NCHW prefix view: vectors must not straddle images, nor x's vectors be misaligned
+  const int64_t xgap = s.xb - s.C * s.HW;
+  const bool al = all_aligned<T>(ptrs, VV) && (xgap == 0 || (s.C * s.HW % VV == 0 && s.xb % VV == 0));
   const int64_t HW = s.nchw ? s.HW : 1;  // channels_last: channel = i % C
   if (al)
-    launch_ew_flat<Op, VV>(op, s.numel, HW, s.C, dev, stream);
+    launch_ew_flat<Op, VV>(op, s.numel, HW, s.C, xgap, dev, stream);
   else
-    launch_ew_flat<Op, 1>(op, s.numel, HW, s.C, dev, stream);
+    launch_ew_flat<Op, 1>(op, s.numel, HW, s.C, xgap, dev, stream);
 }
 
 // Split count for the NCHW reductions: fill the device, >= ~8 vectors per thread.
@@ -1071,9 +1109,10 @@ void reduce_impl(const RedArgs<T, typename AccOf<T>::type>& a, const Shape& s, c
                         "resfused: a prefix view reached a reduction kernel that cannot read it");
   if (s.nchw) {
     constexpr int VM = VV > 4 ? 4 : VV;  // middle width for 16-bit types (HW = 14*14, ...)
-    const int V = (s.HW % VV == 0 && all_aligned<T>({a.g, a.x, a.res, a.out, a.dz}, VV))   ? VV
-                  : (s.HW % VM == 0 && all_aligned<T>({a.g, a.x, a.res, a.out, a.dz}, VM)) ? VM
-                                                                                    : 1;
+    // (x's image stride too: an NCHW prefix view's xb)
+    const int V = (s.HW % VV == 0 && s.xb % VV == 0 && all_aligned<T>({a.g, a.x, a.res, a.out, a.dz}, VV)) ? VV
+                  : (s.HW % VM == 0 && s.xb % VM == 0 && all_aligned<T>({a.g, a.x, a.res, a.out, a.dz}, VM)) ? VM
+                                                                                                        : 1;
     auto kernel = V == VV ? reduce_nchw_kernel<T, A, VV> : V == VM ? reduce_nchw_kernel<T, A, VM> : reduce_nchw_kernel<T, A, 1>;
     const int64_t nvc = s.N * s.HW / V;
     int64_t chunk;
@@ -1213,6 +1252,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_reduce_cuda(const at::Tensor& grad
     a.dz = write_dz ? dz.mutable_data_ptr<scalar_t>() : nullptr;
     a.C = static_cast<int>(s.C);
     a.xs = s.xs;
+    a.xb = s.xb;
     reduce_impl<scalar_t>(a, s, acc_opts, result, K, dev, stream);
   });
   return std::make_tuple(result, dz);
@@ -1283,20 +1323,21 @@ void bn_act_bwd_apply_acc_cuda(const at::Tensor& acc, const at::Tensor& grad_out
   if (use_out) check_like_x(*out, x, s, op, "out");
   c10::cuda::CUDAGuard guard(x.device());
   if (s.numel == 0) return;
-  // One pass, reading and writing acc at x's offsets, in the channels_last kernel (the
-  // one that takes a row stride) when it runs with every operand in place; otherwise dx
-  // is computed, then added.
-  bool fused = false;
+  // One pass reading and writing acc at x's offsets wherever x is read in place (acc
+  // then too: same strides, checked for alignment with the inputs); otherwise dx is
+  // computed, then added.
+  const OptTensor g_opt(grad_out), acc_opt(acc);
+  if (!x_in_place(x, s, {&g_opt, &out, &acc_opt})) {
+    const at::Tensor dx =
+        std::get<0>(bn_act_bwd_apply_cuda(grad_out, x, affine, coef, c10::nullopt, c10::nullopt, c10::nullopt, out, relu));
+    acc.add_(dx);
+    return;
+  }
+  const int dev = x.get_device();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_bwd_apply_acc_cuda", [&] {
     using A = typename AccOf<scalar_t>::type;
-    using Op = ApplyOp<scalar_t, A, true>;
-    constexpr int VN = Op::kNhwcVec;
-    const OptTensor g_opt(grad_out);
-    if (s.nchw || !x_in_place(x, s, {&g_opt, &out}) || s.C % VN != 0 ||
-        !all_aligned<scalar_t>({grad_out.const_data_ptr(), x.const_data_ptr(), acc.const_data_ptr(),
-                                use_out ? out->const_data_ptr() : nullptr}, VN))
-      return;
-    Op aop;
+    ApplyOp<scalar_t, A, true> aop;
     aop.relu = relu;
     aop.use_out = use_out;
     aop.has_res = aop.res_aff = aop.has_rcoef = aop.need_r = false;
@@ -1312,15 +1353,8 @@ void bn_act_bwd_apply_acc_cuda(const at::Tensor& acc, const at::Tensor& grad_out
     aop.res_coef = nullptr;
     aop.C = s.C;
     aop.xs = s.xs;
-    const int dev = x.get_device();
-    launch_ew_nhwc<Op, VN>(aop, s.N * s.HW, s.C, dev, c10::cuda::getCurrentCUDAStream(dev).stream());
-    fused = true;
+    launch_ew<scalar_t>(aop, s, {aop.g, aop.x, aop.out, aop.dx}, dev, stream);
   });
-  if (!fused) {
-    const at::Tensor dx =
-        std::get<0>(bn_act_bwd_apply_cuda(grad_out, x, affine, coef, c10::nullopt, c10::nullopt, c10::nullopt, out, relu));
-    acc.add_(dx);
-  }
 }
 
 }  // namespace resfused

@@ -127,10 +127,10 @@ def reads_as_is(backend: str, x: Tensor) -> bool:
 
 def _reads_view(name: str, x: Tensor) -> bool:
     """The backend's own condition on a prefix view: the cpu kernels take any; the triton
-    ones an NCHW batch stride that is a whole number of channel planes; the cuda ones a
-    channels_last view whose C and row stride are multiples of 16 bytes (what their
-    vectorised channels_last kernels read; for anything else, or when x, grad_out,
-    residual or out is not 16-byte aligned, their entry point copies x itself)."""
+    ones an NCHW batch stride that is a whole number of channel planes; the cuda ones any
+    NCHW view, and a channels_last view whose C and row stride are multiples of 16 bytes
+    (what their vectorised channels_last kernels read; for anything else, or when x,
+    grad_out, residual or out is not 16-byte aligned, their entry point copies x itself)."""
     if name == "triton":
         from ..triton import bn_act as triton_bn_act
 
@@ -138,10 +138,14 @@ def _reads_view(name: str, x: Tensor) -> bool:
     if name == "cuda":
         # shapes and strides only (what torch.compile can trace; a prefix starts at channel 0
         # of its buffer): the kernels' entry point checks the real pointers (x's, and those
-        # of the other big inputs) and copies x where one is not 16-byte aligned
+        # of the other big inputs) and copies a channels_last x where one is not 16-byte
+        # aligned. The entry point takes a view as channels_last first, as here.
+        n, c, h, w = x.shape
+        s = x.stride()
+        rs = s[3] if w > 1 else s[2] if h > 1 else s[0]
+        cl = (c == 1 or s[1] == 1) and rs > c and (h == 1 or s[2] == w * rs) and (n == 1 or s[0] == h * w * rs)
         e = x.element_size()
-        return memory_format_of(x) == torch.channels_last \
-            and x.shape[1] * e % 16 == 0 and x.stride(3 if x.shape[3] > 1 else 2) * e % 16 == 0
+        return not cl or (c * e % 16 == 0 and rs * e % 16 == 0)
     return True
 
 

@@ -332,8 +332,8 @@ def test_channel_prefix_views(case, layout, shape, dtype, monkeypatch):
     """x = wide[:, :C] (a dense block's prefix): every op (with a residual, dz written)
     gives exactly what it gives on a contiguous copy of x, and the backends read the view
     in place (no copy made; the triton kernels are handed the view itself): cpu, triton
-    and cuda always in NCHW, and in channels_last (cuda: where C and the row stride are
-    multiples of 16 bytes)."""
+    and cuda always in NCHW (H*W > 1), and in channels_last (cuda: where C and the row
+    stride are multiples of 16 bytes)."""
     from resfused import _backend
     from resfused.ops import bn_act as ops
 
@@ -362,8 +362,8 @@ def test_channel_prefix_views(case, layout, shape, dtype, monkeypatch):
         else:
             assert a.is_contiguous(memory_format=ops.memory_format_of(xc)), name
             assert torch.equal(a, b), name
-    in_place = backend in ("cpu", "triton") or (backend == "cuda" and (layout == "nchw" or h * w > 1
-                                                                       and c * x.element_size() % 16 == 0))
+    in_place = backend in ("cpu", "triton") or (backend == "cuda" and (layout == "nchw" and h * w > 1
+                                                                       or c * x.element_size() % 16 == 0))
     if in_place and n * h * w > 1 and n > 1:
         assert backend in ops.PREFIX_VIEW_BACKENDS and ops.is_prefix_view(x)
         from torch.profiler import ProfilerActivity, profile
@@ -463,7 +463,7 @@ def test_apply_accumulates_into_a_prefix(case, layout, shape, dtype, mask, monke
     # the views are read in place: no copy, one kernel launch for a view-reading backend
     x, acc = wide[:, :c], gwide[:, :c]
     if backend in ("cpu", "triton") and n * h * w > 1 and not interpreted(backend, device) \
-            or (backend == "cuda" and (layout == "nchw" or c * x.element_size() % 16 == 0)):
+            or (backend == "cuda" and (layout == "nchw" and h * w > 1 or c * x.element_size() % 16 == 0)):
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -471,6 +471,34 @@ def test_apply_accumulates_into_a_prefix(case, layout, shape, dtype, mask, monke
         copies = [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous",
                                                                "aten::add_")]
         assert not copies, f"the {backend} backend copied or added separately: {copies}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_apply_acc_rounds_once(case, dtype):
+    """acc + dx is rounded once into acc's dtype on every path (one pass on the views, and
+    the strides-differ path): here 1 + 2^-8 * (1 + 2^-9) rounds up to 1 + 2^-7 in bf16,
+    where rounding dx first (to 2^-8) and then the sum (a tie, to even) gives 1."""
+    from resfused import _backend
+    from resfused.ops import bn_act as ops
+
+    backend, device = case
+    if dtype not in _backend.SUPPORTED_DTYPES[backend]:
+        pytest.skip(f"{backend} does not support {dtype}")
+    n, c, h, w = 2, 16, 3, 3
+    eps = torch.finfo(dtype).eps  # 2^-7 (bf16), 2^-10 (fp16)
+    wide = torch.randn(n, c + 16, h, w, device=device).to(dtype)
+    g = torch.full((n, c, h, w), eps / 2, device=device, dtype=dtype)
+    affine = torch.stack([torch.ones(c, device=device), torch.zeros(c, device=device)])
+    coef = torch.zeros(4, c, device=device)
+    coef[1] = 1 + eps / 4  # dx = g*k: mean, mdz and p are 0
+    want = 1 + eps
+    for x_view, acc_view in ((True, True), (True, False), (False, False)):
+        gbuf = torch.ones(n, c + 16, h, w, device=device, dtype=dtype)
+        acc = gbuf[:, :c] if acc_view else torch.ones(n, c, h, w, device=device, dtype=dtype)
+        x = wide[:, :c] if x_view else wide[:, :c].contiguous()
+        ops.bn_act_bwd_apply_acc(acc, g, x, affine, coef, None, False, backend)
+        assert torch.all(acc == want), (x_view, acc_view, acc.flatten()[:4].tolist())
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -487,3 +515,10 @@ def test_apply_acc_bad_input_changes_nothing(case):
         with pytest.raises(ValueError, match="acc must match x"):
             ops.bn_act_bwd_apply_acc(acc, g, x, affine, coef, None, True, backend)
         assert torch.equal(acc, before)
+    # acc sharing memory with an input: channels 1..3 of a buffer whose channels 0..2 are x
+    buf = torch.randn(2, 5, 4, 4, device=device)
+    before = buf.clone()
+    for acc, xx, gg, what in ((buf[:, 1:4], buf[:, 0:3], g, "x"), (buf[:, 1:4], x, buf[:, 0:3], "grad_out")):
+        with pytest.raises(ValueError, match=f"acc must not share memory with {what}"):
+            ops.bn_act_bwd_apply_acc(acc, gg, xx, affine, coef, None, True, backend)
+        assert torch.equal(buf, before)

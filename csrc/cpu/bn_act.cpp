@@ -5,6 +5,7 @@
 // bodies (bn_act_kernels.h). bn_act_avx2.cpp holds an AVX2+FMA copy of the same
 // bodies; it is chosen at run time when the CPU supports it.
 #include <ATen/core/Tensor.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
@@ -312,6 +313,9 @@ std::tuple<at::Tensor, at::Tensor> bwd_apply(const at::Tensor& grad_out, const a
     TORCH_CHECK(acc->sizes() == b.x.sizes() && acc->strides() == b.x.strides() &&
                     acc->scalar_type() == b.x.scalar_type() && acc->device().is_cpu(),
                 "resfused cpu: acc must match x in shape, strides, dtype and device");
+    at::assert_no_overlap(*acc, b.x);
+    at::assert_no_overlap(*acc, b.g);
+    if (b.mask == 1) at::assert_no_overlap(*acc, b.o);
   }
   at::Tensor dx = acc ? *acc : out_like(b.x, L);
   at::Tensor dres = b.has_res ? out_like(b.x, L) : at::empty({0}, b.x.options());

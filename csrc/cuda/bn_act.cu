@@ -5,9 +5,9 @@
 //   ew_nchw_kernel<Op, V>   flat grid-stride elementwise pass (forward apply or
 //                           backward apply). Serves NCHW (channel = (i / HW) % C)
 //                           and, with HW = 1, channels_last tensors whose C is not
-//                           a multiple of the vector width. The (row offset,
-//                           channel) of a thread's position is tracked
-//                           incrementally: two 64-bit divisions per thread, none
+//                           a multiple of the vector width. The (image, channel,
+//                           row offset) of a thread's position is tracked
+//                           incrementally: a few 64-bit divisions per thread, none
 //                           per element; per-channel parameters are reloaded only
 //                           when the channel changes.
 //   ew_nhwc_kernel<Op, V>   channels_last elementwise pass, 2-D blocks: threads
@@ -30,16 +30,19 @@
 // reduction kernels (vectorised where xb and C*HW resp. HW allow). The accumulating
 // apply (bn_act_bwd_apply_acc: dx added into a tensor with x's strides, e.g. the same
 // prefix of the dense block's gradient buffer) reads and writes that tensor at x's
-// offsets; where x would be copied its entry point computes dx and adds it.
+// offsets; where x would be copied its entry point runs it on contiguous copies of x
+// and acc and copies the result back.
 //
 // Accumulation is in float (double for double input). Every index that can
 // exceed 2^31 is int64. Vector width V = 16 bytes / sizeof(scalar) when all base
 // pointers are aligned (and, for the channels_last and NCHW-reduction paths, C
-// resp. HW is a multiple of V); otherwise V = 1.
+// resp. HW is a multiple of V; for an NCHW prefix view, its image stride and, in the
+// flat kernel, C*HW too); otherwise V = 1.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -115,7 +118,7 @@ __device__ __forceinline__ A preact(A x, A r, A sc, A sh, A rsc, A rsh, bool has
 
 // ---------------------------------------------------------------------------
 // Elementwise ops. Op::load<V>(e, xe) loads the inputs of elements [e, e+V)
-// (x's at [xe, xe+V): xe == e except for a prefix view, see ew_nhwc_kernel);
+// (x's at [xe, xe+V): xe == e except for a prefix view, see both kernels);
 // Op::finish<V>(e, xe, regs, get) computes and stores them (at e; an accumulated dx of
 // ApplyOp<.., true> at xe), calling get(j) exactly once per element, in order
 // j = 0..V-1, for that element's channel params.
@@ -1321,16 +1324,20 @@ void bn_act_bwd_apply_acc_cuda(const at::Tensor& acc, const at::Tensor& grad_out
   check_chan(coef, x, 4, s.C, op, "coef");
   const bool use_out = relu && has(out);
   if (use_out) check_like_x(*out, x, s, op, "out");
+  at::assert_no_overlap(acc, x);
+  at::assert_no_overlap(acc, grad_out);
+  if (use_out) at::assert_no_overlap(acc, *out);
   c10::cuda::CUDAGuard guard(x.device());
   if (s.numel == 0) return;
   // One pass reading and writing acc at x's offsets wherever x is read in place (acc
-  // then too: same strides, checked for alignment with the inputs); otherwise dx is
-  // computed, then added.
+  // then too: same strides, checked for alignment with the inputs); otherwise the same
+  // pass on channels_last-contiguous copies of x and acc (always read in place), and acc
+  // takes the result: rounded once either way.
   const OptTensor g_opt(grad_out), acc_opt(acc);
   if (!x_in_place(x, s, {&g_opt, &out, &acc_opt})) {
-    const at::Tensor dx =
-        std::get<0>(bn_act_bwd_apply_cuda(grad_out, x, affine, coef, c10::nullopt, c10::nullopt, c10::nullopt, out, relu));
-    acc.add_(dx);
+    at::Tensor dense = acc.contiguous(at::MemoryFormat::ChannelsLast);
+    bn_act_bwd_apply_acc_cuda(dense, grad_out, x.contiguous(at::MemoryFormat::ChannelsLast), affine, coef, out, relu);
+    acc.copy_(dense);
     return;
   }
   const int dev = x.get_device();

@@ -11,7 +11,7 @@ Dense block (DESIGN.md §3, Pleiss et al.):
   saved; backward recomputes it. A channel prefix is a strided view of the buffer (in
   NCHW and in channels_last alike). The kernels read that view in place
   (``ops.PREFIX_VIEW_BACKENDS``, ``ops.reads_as_is``): the cpu and triton ones always, the
-  cuda ones in NCHW always and in channels_last with C a multiple of 16 bytes. Otherwise
+  cuda ones in NCHW (H*W > 1) and in channels_last with C a multiple of 16 bytes. Otherwise
   (the eager backend, say) each layer first gathers its prefix into one scratch buffer
   shared by all layers of the block (allocated once per forward and once per backward,
   sized for the widest prefix gathered): one extra read/write of the prefix per layer,

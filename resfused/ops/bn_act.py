@@ -128,7 +128,9 @@ def reads_as_is(backend: str, x: Tensor) -> bool:
 def _reads_view(name: str, x: Tensor) -> bool:
     """The backend's own condition on a prefix view: the cpu kernels take any; the triton
     ones an NCHW batch stride that is a whole number of channel planes; the cuda ones any
-    NCHW view, and a channels_last view whose C and row stride are multiples of 16 bytes
+    NCHW view with H*W > 1 (one with H*W == 1 is the same memory as a channels_last
+    view, and taken as one), and a channels_last view whose C and row stride are multiples
+    of 16 bytes
     (what their vectorised channels_last kernels read; for anything else, or when x,
     grad_out, residual or out is not 16-byte aligned, their entry point copies x itself)."""
     if name == "triton":
@@ -228,23 +230,46 @@ def _(grad_out, x, affine, coef, residual, res_affine, res_coef, out, relu, back
 
 def _bn_act_bwd_apply_acc_impl(acc: Tensor, grad_out: Tensor, x: Tensor, affine: Tensor, coef: Tensor,
                                out: Optional[Tensor], relu: bool, backend: str = "auto") -> None:
-    """``acc += dx`` in place: dx is ``bn_act_bwd_apply``'s input gradient (no residual).
-    One pass that reads acc and writes it back where acc has x's strides and the backend
-    reads x as it is (a layer's prefix of a dense block's gradient buffer, x being the
-    same prefix of the feature buffer); otherwise dx is computed, then added."""
+    """``acc += dx`` in place, rounded once into acc: dx is ``bn_act_bwd_apply``'s input
+    gradient (no residual). One pass that reads acc and writes it back where acc has x's
+    strides and the backend reads x as it is (a layer's prefix of a dense block's
+    gradient buffer, x being the same prefix of the feature buffer); otherwise the pass
+    runs on contiguous copies of x and acc, and acc takes the result."""
     if acc.shape != x.shape or acc.dtype != x.dtype or acc.device != x.device:
         raise ValueError(f"bn_act_bwd_apply_acc: acc must match x in shape, dtype and device; got "
                          f"{tuple(acc.shape)} {acc.dtype} on {acc.device} for x {tuple(x.shape)} {x.dtype} "
                          f"on {x.device}")
+    for name, t in (("x", x), ("grad_out", grad_out), ("out", out)):
+        if t is not None and _overlap(acc, t):
+            raise ValueError(f"bn_act_bwd_apply_acc: acc must not share memory with {name}")
     fmt = memory_format_of(x)
     name = resolve(backend, x)
     if name == "eager":
         eager.bn_act_bwd_apply_acc(acc, grad_out, x, affine, coef, out, relu)
-    elif acc.stride() == x.stride() and reads_as_is(name, x):
-        _backend_impl(name, "bn_act_bwd_apply_acc")(acc, _like_x(grad_out, fmt), x, _per_channel(affine),
-                                                    _per_channel(coef), _like_x(out, fmt), relu)
-    else:
-        acc.add_(_bn_act_bwd_apply_impl(grad_out, x, affine, coef, None, None, None, out, relu, backend)[0])
+        return
+    args = (_like_x(grad_out, fmt), x, _per_channel(affine), _per_channel(coef), _like_x(out, fmt), relu)
+    if acc.stride() == x.stride() and reads_as_is(name, x):
+        _backend_impl(name, "bn_act_bwd_apply_acc")(acc, *args)
+        return
+    dense = acc.contiguous(memory_format=fmt)  # acc itself when it is already
+    _backend_impl(name, "bn_act_bwd_apply_acc")(dense, args[0], x.contiguous(memory_format=fmt), *args[2:])
+    if dense is not acc:
+        acc.copy_(dense)
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors' memory spans (first to last element) intersect in one storage."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: Tensor) -> Tuple[int, int]:
+        start = t.data_ptr()
+        return start, start + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 bn_act_bwd_apply_acc_op = torch.library.custom_op("resfused::bn_act_bwd_apply_acc",

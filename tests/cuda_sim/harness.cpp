@@ -336,7 +336,8 @@ fwd_done:
   if (!has_res) {
     using Op = ApplyOp<T, A, true>;
     const int64_t V16 = 16 / (int64_t)sizeof(T);
-    Buf bacc = mk<T>(xalloc, pref ? xoff : (offmask & 1 ? 1 : 0));
+    // acc has x's strides; its base is misaligned on its own when offmask has bit 8
+    Buf bacc = mk<T>(xalloc, (pref ? xoff : (offmask & 1 ? 1 : 0)) + (offmask & 8 ? 1 : 0));
     T* acc = bacc.p<T>();
     const bool in_place = !pref_cl || (C % V16 == 0 && xs % V16 == 0 && al16(x) && al16(g) && (!pass_out || al16(o)) && al16(acc));
     if (in_place) {
@@ -424,7 +425,7 @@ int main(int argc, char** argv) {
     int n = ri(1, 6), c = ri(1, 3) == 1 ? ri(1, 9) : ri(1, 3) == 1 ? 8 * ri(1, 12) : ri(10, 130);
     int h = ri(1, 3) == 1 ? 1 : ri(1, 40), w = ri(1, 40);
     while ((long)n * c * h * w > 60000) { if (h > 1) h /= 2; else if (w > 1) w /= 2; else c = std::max(1, c / 2); }
-    int cl = ri(0, 1); size_t off = ri(0, 7); int flags = ri(0, 63); int64_t rb = ri(0, 1) ? ri(1, 6) : ri(7, 600);
+    int cl = ri(0, 1); size_t off = ri(0, 15); int flags = ri(0, 63); int64_t rb = ri(0, 1) ? ri(1, 6) : ri(7, 600);
     int64_t extra = -1, xo = 0;
     if (ri(0, 3) != 0) {  // prefix view (3 in 4; 1 in 3 of those NCHW)
       cl = ri(0, 2) != 0; extra = extras[ri(0, 10)];

@@ -96,3 +96,42 @@ def test_planted_kernel_bug_is_caught(tmp_path, plant):
     exe = build(tmp_path, body.replace(right, wrong))
     done = subprocess.run([exe, "40", "3", mode], capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "FAIL" in done.stdout + done.stderr
+
+
+#: The launch decisions tests/cuda_sim/harness.cpp copies from bn_act.cu's host side, as
+#: they are written there (whitespace aside). A change to one of them in bn_act.cu fails
+#: here until the harness's copy (and this list) follow.
+LAUNCH_DECISIONS = (
+    "if (!s.nchw && s.C % VN == 0 && all_aligned<T>(ptrs, VN))",
+    "const int64_t xgap = s.xb - s.C * s.HW;",
+    "const bool al = all_aligned<T>(ptrs, VV) && (xgap == 0 || (s.C * s.HW % VV == 0 && s.xb % VV == 0));",
+    "const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(nvec, kThreads), resident_blocks(kernel, kThreads, "
+    "dev)));",
+    "const int64_t gy = std::max<int64_t>(1, std::min({ceil_div(M, bdy), std::max<int64_t>(1, target / gx), "
+    "kMaxGridY}));",
+    "gx = ceil_div(Cv, 32);",
+    "bdx = static_cast<int>(ceil_div(Cv, gx));",
+    "bdy = kThreads / bdx;",
+    "int64_t S = std::max<int64_t>(1, ceil_div(target, C));",
+    "S = std::min({S, std::max<int64_t>(1, ceil_div(nvc, int64_t(kThreads) * 8)), kMaxGridY});",
+    "const int64_t by_fill = std::max<int64_t>(1, ceil_div(target, gx));",
+    "const int64_t by_work = std::max<int64_t>(1, ceil_div(M, int64_t(bdy) * 8));",
+    "const int V = (al && s.HW % VV == 0) ? VV : (aligned<T>(xp, VM) && s.HW % VM == 0) ? VM : 1;",
+    "const bool vec = al && s.C % VV == 0;",
+    "const int V = (s.HW % VV == 0 && s.xb % VV == 0 && all_aligned<T>({a.g, a.x, a.res, a.out, a.dz}, VV)) ? VV"
+    " : (s.HW % VM == 0 && s.xb % VM == 0 && all_aligned<T>({a.g, a.x, a.res, a.out, a.dz}, VM)) ? VM : 1;",
+    "const bool vec = s.C % VN == 0 && all_aligned<T>({a.g, a.x, a.res, a.out, a.dz}, VN);",
+    "s.C % V == 0 && s.xs % V == 0 &&",  # x_in_place (the harness's read_x)
+)
+
+
+def test_harness_copies_the_launch_decisions():
+    def flat(text: str) -> str:
+        return "".join(text.split())
+
+    src = open(os.path.join(ROOT, "csrc", "cuda", "bn_act.cu")).read()
+    host = flat(src[src.index("// ---- kernels end"):])
+    harness = flat(open(os.path.join(SIM, "harness.cpp")).read())
+    for rule in LAUNCH_DECISIONS:
+        assert flat(rule) in host, f"bn_act.cu no longer decides {rule!r}: update tests/cuda_sim/harness.cpp and this list"
+        assert flat(rule) in harness, f"tests/cuda_sim/harness.cpp does not copy {rule!r} from bn_act.cu"

@@ -34,3 +34,18 @@ def test_gpu_check_takes_the_arch_from_nvidia_smi(tmp_path):
         done = subprocess.run(["bash", "-c", snippet + 'printf "%s" "${TORCH_CUDA_ARCH_LIST:-}"'],
                               capture_output=True, text=True, env=env)
         assert done.returncode == 0 and done.stdout == want, (reported, done.stdout, done.stderr)
+
+
+def test_gpu_check_spends_its_gpu_steps_on_gpu_tests():
+    """The GPU check's test steps select by -k; the CUDA simulator's tests have "cuda" in
+    their names but are minutes of CPU work that CI runs: they must not be selected there."""
+    import re
+    import sys
+
+    src = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()
+    exprs = re.findall(r'^gpu_tests \S+ "([^"]+)"', src, flags=re.M)
+    assert exprs, "gpu_check.sh has no gpu_tests steps"
+    for expr in exprs:
+        done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                               "-k", expr, "tests/test_cuda_sim.py"], cwd=ROOT, capture_output=True, text=True)
+        assert "test_cuda_sim.py::" not in done.stdout, f"-k {expr!r} selects the simulator's tests"

@@ -268,7 +268,7 @@ class ResidualBlockFunction(torch.autograd.Function):
                 put(i, 0, dw)
                 if i == 0:
                     if need_x and d_inp is not None:
-                        dx = d_inp if dx is None else dx + d_inp
+                        dx = d_inp if dx is None else dx.add_(d_inp)  # dx is this backward's own
                     break
                 put(i - 1, 2, sums[1])
                 put(i - 1, 3, sums[0])
@@ -287,7 +287,9 @@ class ResidualBlockFunction(torch.autograd.Function):
             put(i, 1, db)
             if i == 0:
                 if need_x and d_inp is not None:
-                    dx = d_inp if dx is None else dx + d_inp
+                    # in place: dx (the downsample's input gradient, or the join's dz) is a
+                    # fresh tensor of this backward, so no second x-sized buffer is allocated
+                    dx = d_inp if dx is None else dx.add_(d_inp)
                 break
             bn = spec.bns[i - 1]
             # The relu mask is recomputed from y (z > 0, rounded as in forward) rather than

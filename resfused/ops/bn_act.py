@@ -130,9 +130,9 @@ def _reads_view(name: str, x: Tensor) -> bool:
     ones an NCHW batch stride that is a whole number of channel planes; the cuda ones any
     NCHW view with H*W > 1 (one with H*W == 1 is the same memory as a channels_last
     view, and taken as one), and a channels_last view whose C and row stride are multiples
-    of 16 bytes
-    (what their vectorised channels_last kernels read; for anything else, or when x,
-    grad_out, residual or out is not 16-byte aligned, their entry point copies x itself)."""
+    of 16 bytes (what their vectorised channels_last kernels read; for anything else, or
+    when x, grad_out, residual or out is not 16-byte aligned, their entry point copies x
+    itself)."""
     if name == "triton":
         from ..triton import bn_act as triton_bn_act
 

@@ -129,6 +129,31 @@ def test_running_stats_updated_once_and_no_grad_paths(case):
         assert fused.bn1.weight.grad is None
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("kind,stride", [("bottleneck", 2), ("basic", 2), ("bottleneck", 3)])
+def test_cpu_strided_downsample_backward_runs_on_its_grid(monkeypatch, kind, stride, layout):
+    """On the CPU a strided 1x1 downsample's backward is the stride-1 backward of
+    x[:, :, ::s, ::s] (oneDNN's strided one is slower), its input gradient added into that
+    grid of conv1's: no strided 1x1 reaches convolution_backward, and the gradients are
+    torchvision's (odd sizes: the grid's last row and column are the input's)."""
+    seen = []
+    real = torch.ops.aten.convolution_backward
+
+    def spy(grad, inp, w, *args):
+        seen.append((tuple(w.shape[-2:]), tuple(args[1]), tuple(inp.shape)))
+        return real(grad, inp, w, *args)
+
+    monkeypatch.setattr(torch.ops.aten, "convolution_backward", spy)
+    ref, fused = make_pair(kind, 6, 4, stride, "standard")
+    x = torch.randn(2, 6, 9, 7, dtype=torch.float64)
+    run_against_reference(fused.train(), ref.train(), x, layout, "cpu", "cpu")
+    grid = (2, 6, len(range(0, 9, stride)), len(range(0, 7, stride)))
+    assert ((1, 1), (1, 1), grid) in seen, seen
+    assert all(s == (1, 1) for k, s, _ in seen if k == (1, 1)), seen
+    for (name, p), (_, pr) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert_close(p.grad, pr.grad, 1e-4 * max(float(pr.grad.abs().max()), 1.0), 1e-4, what=f"grad {name}")
+
+
 def test_saved_bytes_below_torchvision():
     """Memory-efficient blocks keep x, the pre-BN conv outputs and per-channel stats only."""
     torch.manual_seed(0)

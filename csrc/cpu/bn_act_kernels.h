@@ -10,6 +10,14 @@
 // reductions keep one partial per slot and channel, in double, and combine them
 // in slot order, so every result is bitwise the same for any thread count.
 //
+// Locals: every loop reads only local variables. The vector stores (_mm256_storeu_ps
+// and kin) are declared may-alias, so after each one the compiler must reload any
+// value it reaches through a pointer or reference: a lambda's by-reference captures,
+// a BnArgs field, a std::vector's data pointer. Each slot's lambda therefore starts
+// from a copy of BnArgs and plain pointers; that made the channels_last loops 2-3x
+// faster on the target machine (they had reloaded the row bounds and base pointers
+// once per vector).
+//
 // Statistics: each piece of at most kPiece elements of one channel is reduced
 // in two passes (sum, then sums of deviations about the piece mean) in the
 // compute dtype while it is hot in L1, and pieces are merged in double with
@@ -30,10 +38,6 @@ template <typename T> struct AccT { using type = float; };
 template <> struct AccT<double> { using type = double; };
 
 constexpr int64_t kPiece = 2048;   // elements of one channel reduced in the compute dtype
-// channels_last rows per step of the channel loop. 1 keeps the access strictly
-// sequential; interleaving 4 rows (to share the per-channel loads) measured
-// 2-3x slower on the target machine (hardware prefetch), so it stays 1.
-constexpr int64_t kRowGroup = 1;
 
 template <typename scalar_t>
 struct IO {
@@ -208,17 +212,21 @@ struct K {
   }
 
   static void stats(const BnArgs& a) {
-    const scalar_t* x = static_cast<const scalar_t*>(a.x);
     const int64_t C = a.C, HW = a.HW, total = a.N * C * HW;
     const int64_t nslots = num_slots(total);
     // per slot and channel: count, mean, M2, plain sum (the mean when inf/NaN is involved)
     std::vector<double> part(static_cast<size_t>(nslots * 4 * C), 0.0);
-    if (!a.cl) {
-      run_slots(nslots, [&](int64_t k) {
-        double* Pn = part.data() + k * 4 * C;
-        double* Pm = Pn + C;
-        double* P2 = Pm + C;
-        double* Ps = P2 + C;
+    double* const part0 = part.data();
+    const scalar_t* const x0 = static_cast<const scalar_t*>(a.x);
+    const bool cl = a.cl;
+    const int64_t rows = a.N * HW;
+    run_slots(nslots, [=](int64_t k) {
+      const scalar_t* x = x0;  // locals only in the loops (see "Locals" at the top)
+      double* Pn = part0 + k * 4 * C;
+      double* Pm = Pn + C;
+      double* P2 = Pm + C;
+      double* Ps = P2 + C;
+      if (!cl) {
         int64_t e0, e1;
         slot_range(total, nslots, k, B, e0, e1);
         for_segments(e0, e1, HW, [&](int64_t row, int64_t e, int64_t len) {
@@ -231,76 +239,72 @@ struct K {
             Ps[c] += ps;
           }
         });
-      });
-    } else {
-      const int64_t rows = a.N * HW;
+        return;
+      }
       const int64_t Cv = C / B * B;
       // blocks of rows (~128 KiB of fp32, L2-resident for the second pass)
       const int64_t blk = std::max<int64_t>(8, std::min<int64_t>(256, 32768 / std::max<int64_t>(C, 1)));
-      run_slots(nslots, [&](int64_t k) {
-        double* Pn = part.data() + k * 4 * C;
-        double* Pm = Pn + C;
-        double* P2 = Pm + C;
-        double* Ps = P2 + C;
-        int64_t r0, r1;
-        slot_range(rows, nslots, k, 1, r0, r1);
-        std::vector<acc_t> s(C), m(C), d1(C), d2(C);
-        double nslot = 0;  // rows merged so far (the same for every channel)
-        for (int64_t rb = r0; rb < r1; rb += blk) {
-          const int64_t re = std::min(r1, rb + blk);
-          const acc_t cnt = static_cast<acc_t>(re - rb);
-          std::fill(s.begin(), s.end(), acc_t(0));
-          std::fill(d1.begin(), d1.end(), acc_t(0));
-          std::fill(d2.begin(), d2.end(), acc_t(0));
-          V v[NV];
-          for (int64_t r = rb; r < re; ++r) {
-            const scalar_t* xr = x + r * C;
-            int64_t c = 0;
-            for (; c < Cv; c += B) {
-              io::load(xr + c, v);
-              for (int j = 0; j < NV; ++j) (V::loadu(s.data() + c + j * L) + v[j]).store(s.data() + c + j * L);
-            }
-            for (; c < C; ++c) s[c] += io::ld(xr + c);
+      int64_t r0, r1;
+      slot_range(rows, nslots, k, 1, r0, r1);
+      std::vector<acc_t> buf(static_cast<size_t>(4 * C));
+      acc_t* const s = buf.data();
+      acc_t* const m = s + C;
+      acc_t* const d1 = m + C;
+      acc_t* const d2 = d1 + C;
+      double nslot = 0;  // rows merged so far (the same for every channel)
+      for (int64_t rb = r0; rb < r1; rb += blk) {
+        const int64_t re = std::min(r1, rb + blk);
+        const acc_t cnt = static_cast<acc_t>(re - rb);
+        std::fill(s, s + C, acc_t(0));
+        std::fill(d1, d1 + 2 * C, acc_t(0));
+        V v[NV];
+        for (int64_t r = rb; r < re; ++r) {
+          const scalar_t* xr = x + r * C;
+          int64_t c = 0;
+          for (; c < Cv; c += B) {
+            io::load(xr + c, v);
+            for (int j = 0; j < NV; ++j) (V::loadu(s + c + j * L) + v[j]).store(s + c + j * L);
           }
-          for (int64_t c = 0; c < C; ++c) {
-            m[c] = s[c] / cnt;
-            Ps[c] += static_cast<double>(s[c]);
-          }
-          for (int64_t r = rb; r < re; ++r) {
-            const scalar_t* xr = x + r * C;
-            int64_t c = 0;
-            for (; c < Cv; c += B) {
-              io::load(xr + c, v);
-              for (int j = 0; j < NV; ++j) {
-                const int64_t cc = c + j * L;
-                V d = v[j] - V::loadu(m.data() + cc);
-                (V::loadu(d1.data() + cc) + d).store(d1.data() + cc);
-                at::vec::fmadd(d, d, V::loadu(d2.data() + cc)).store(d2.data() + cc);
-              }
-            }
-            for (; c < C; ++c) {
-              const acc_t d = io::ld(xr + c) - m[c];
-              d1[c] += d;
-              d2[c] += d * d;
-            }
-          }
-          // Chan merge of this block into the slot, with the count-only factors hoisted.
-          const double nb = static_cast<double>(re - rb);
-          const double nn = nslot + nb;
-          const double fa = nb / nn, fb = nslot * nb / nn, inv_nb = 1.0 / nb;
-          for (int64_t c = 0; c < C; ++c) {
-            const double sd1 = d1[c];
-            const double mb = static_cast<double>(m[c]) + sd1 * inv_nb;
-            const double m2b = std::max(0.0, static_cast<double>(d2[c]) - sd1 * sd1 * inv_nb);
-            const double delta = mb - Pm[c];
-            Pm[c] += delta * fa;
-            P2[c] += m2b + delta * delta * fb;
-          }
-          nslot = nn;
+          for (; c < C; ++c) s[c] += io::ld(xr + c);
         }
-        for (int64_t c = 0; c < C; ++c) Pn[c] = nslot;
-      });
-    }
+        for (int64_t c = 0; c < C; ++c) {
+          m[c] = s[c] / cnt;
+          Ps[c] += static_cast<double>(s[c]);
+        }
+        for (int64_t r = rb; r < re; ++r) {
+          const scalar_t* xr = x + r * C;
+          int64_t c = 0;
+          for (; c < Cv; c += B) {
+            io::load(xr + c, v);
+            for (int j = 0; j < NV; ++j) {
+              const int64_t cc = c + j * L;
+              V d = v[j] - V::loadu(m + cc);
+              (V::loadu(d1 + cc) + d).store(d1 + cc);
+              at::vec::fmadd(d, d, V::loadu(d2 + cc)).store(d2 + cc);
+            }
+          }
+          for (; c < C; ++c) {
+            const acc_t d = io::ld(xr + c) - m[c];
+            d1[c] += d;
+            d2[c] += d * d;
+          }
+        }
+        // Chan merge of this block into the slot, with the count-only factors hoisted.
+        const double nb = static_cast<double>(re - rb);
+        const double nn = nslot + nb;
+        const double fa = nb / nn, fb = nslot * nb / nn, inv_nb = 1.0 / nb;
+        for (int64_t c = 0; c < C; ++c) {
+          const double sd1 = d1[c];
+          const double mb = static_cast<double>(m[c]) + sd1 * inv_nb;
+          const double m2b = std::max(0.0, static_cast<double>(d2[c]) - sd1 * sd1 * inv_nb);
+          const double delta = mb - Pm[c];
+          Pm[c] += delta * fa;
+          P2[c] += m2b + delta * delta * fb;
+        }
+        nslot = nn;
+      }
+      for (int64_t c = 0; c < C; ++c) Pn[c] = nslot;
+    });
     acc_t* mean_out = static_cast<acc_t*>(a.red);
     acc_t* var_out = static_cast<acc_t*>(a.red2);
     for (int64_t c = 0; c < C; ++c) {
@@ -344,21 +348,24 @@ struct K {
   }
 
   template <bool RES, bool RELU>
-  static void fwd(const BnArgs& a) {
-    const scalar_t* x = static_cast<const scalar_t*>(a.x);
-    const scalar_t* r = static_cast<const scalar_t*>(a.r);
-    scalar_t* o = static_cast<scalar_t*>(a.y);
-    const acc_t *ps = P(a, 0), *pb = P(a, 1), *prs = P(a, 2), *prb = P(a, 3);
-    const int64_t C = a.C, HW = a.HW, total = a.N * C * HW;
-    // x may be a channel-prefix view: batch stride a.xs (NCHW) or row stride a.xs (CL)
-    const int64_t xdn = a.xs ? a.xs - C * HW : 0, xdr = a.xs ? a.xs - C : 0;
-    const int64_t nslots = num_slots(total);
-    if (!a.cl) {
-      run_slots(nslots, [&](int64_t k) {
+  static void fwd(const BnArgs& args) {
+    const int64_t nslots = num_slots(args.N * args.C * args.HW);
+    run_slots(nslots, [&args, nslots](int64_t k) {
+      const BnArgs a = args;  // by value: see "Locals" at the top
+      const scalar_t* x = static_cast<const scalar_t*>(a.x);
+      const scalar_t* r = static_cast<const scalar_t*>(a.r);
+      scalar_t* o = static_cast<scalar_t*>(a.y);
+      const acc_t *ps = P(a, 0), *pb = P(a, 1), *prs = P(a, 2), *prb = P(a, 3);
+      const int64_t C = a.C, HW = a.HW, total = a.N * C * HW;
+      // x may be a channel-prefix view: batch stride a.xs (NCHW) or row stride a.xs (CL)
+      const int64_t xdn = a.xs ? a.xs - C * HW : 0, xdr = a.xs ? a.xs - C : 0;
+      if (!a.cl) {
         int64_t e0, e1;
         slot_range(total, nslots, k, B, e0, e1);
         for_segments(e0, e1, HW, [&](int64_t row, int64_t e, int64_t len) {
-          const scalar_t* xq = x + (row / C) * xdn;  // x may be a channel-prefix view
+          const scalar_t* xq = x + (row / C) * xdn + e;  // x may be a channel-prefix view
+          const scalar_t* rq = RES ? r + e : nullptr;
+          scalar_t* oq = o + e;
           const int64_t c = row % C;
           const acc_t s = ps[c], b = pb[c], rs = RES ? prs[c] : acc_t(0), rb = RES ? prb[c] : acc_t(0);
           V sv[NV], bv[NV], rsv[NV], rbv[NV];
@@ -367,44 +374,37 @@ struct K {
           }
           int64_t i = 0;
           for (; i + B <= len; i += B)
-            fwd_vec<RES, RELU>(xq + e + i, RES ? r + e + i : nullptr, o + e + i, sv, bv, rsv, rbv);
+            fwd_vec<RES, RELU>(xq + i, RES ? rq + i : nullptr, oq + i, sv, bv, rsv, rbv);
           for (; i < len; ++i)
-            fwd_one<RES, RELU>(xq + e + i, RES ? r + e + i : nullptr, o + e + i, s, b, rs, rb);
+            fwd_one<RES, RELU>(xq + i, RES ? rq + i : nullptr, oq + i, s, b, rs, rb);
         });
-      });
-    } else {
+        return;
+      }
       const int64_t rows = a.N * HW, Cv = C / B * B;
-      run_slots(nslots, [&](int64_t k) {
-        int64_t r0, r1;
-        slot_range(rows, nslots, k, 1, r0, r1);
-        for (int64_t rg = r0; rg < r1; rg += kRowGroup) {
-          const int64_t nr = std::min(kRowGroup, r1 - rg);
-          int64_t c = 0;
-          for (; c < Cv; c += B) {
-            V sv[NV], bv[NV], rsv[NV], rbv[NV];
-            for (int j = 0; j < NV; ++j) {
-              sv[j] = V::loadu(ps + c + j * L);
-              bv[j] = V::loadu(pb + c + j * L);
-              if constexpr (RES) {
-                rsv[j] = V::loadu(prs + c + j * L);
-                rbv[j] = V::loadu(prb + c + j * L);
-              }
-            }
-            for (int64_t q = 0; q < nr; ++q) {
-              const int64_t off = (rg + q) * C + c;
-              fwd_vec<RES, RELU>(x + off + (rg + q) * xdr, RES ? r + off : nullptr, o + off, sv, bv, rsv, rbv);
+      int64_t r0, r1;
+      slot_range(rows, nslots, k, 1, r0, r1);
+      for (int64_t row = r0; row < r1; ++row) {
+        const scalar_t* xr = x + row * (C + xdr);
+        const scalar_t* rr = RES ? r + row * C : nullptr;
+        scalar_t* orow = o + row * C;
+        int64_t c = 0;
+        for (; c < Cv; c += B) {
+          V sv[NV], bv[NV], rsv[NV], rbv[NV];
+          for (int j = 0; j < NV; ++j) {
+            sv[j] = V::loadu(ps + c + j * L);
+            bv[j] = V::loadu(pb + c + j * L);
+            if constexpr (RES) {
+              rsv[j] = V::loadu(prs + c + j * L);
+              rbv[j] = V::loadu(prb + c + j * L);
             }
           }
-          for (; c < C; ++c) {
-            for (int64_t q = 0; q < nr; ++q) {
-              const int64_t off = (rg + q) * C + c;
-              fwd_one<RES, RELU>(x + off + (rg + q) * xdr, RES ? r + off : nullptr, o + off, ps[c], pb[c], RES ? prs[c] : acc_t(0),
-                                 RES ? prb[c] : acc_t(0));
-            }
-          }
+          fwd_vec<RES, RELU>(xr + c, RES ? rr + c : nullptr, orow + c, sv, bv, rsv, rbv);
         }
-      });
-    }
+        for (; c < C; ++c)
+          fwd_one<RES, RELU>(xr + c, RES ? rr + c : nullptr, orow + c, ps[c], pb[c], RES ? prs[c] : acc_t(0),
+                             RES ? prb[c] : acc_t(0));
+      }
+    });
   }
 
   // ---------------------------------------------------------------- backward
@@ -495,112 +495,106 @@ struct K {
   template <int MASK, bool RES, bool RST, bool WDZ>
   static void bwd_reduce(const BnArgs& a) {
     constexpr bool NEED_R = RES || RST;
-    scalar_t* dzo = static_cast<scalar_t*>(a.y);
-    const scalar_t* g = static_cast<const scalar_t*>(a.g);
-    const scalar_t* x = static_cast<const scalar_t*>(a.x);
-    const scalar_t* r = static_cast<const scalar_t*>(a.r);
-    const scalar_t* oin = static_cast<const scalar_t*>(a.o_in);
-    const int64_t C = a.C, HW = a.HW, total = a.N * C * HW;
-    // x may be a channel-prefix view: batch stride a.xs (NCHW) or row stride a.xs (CL)
-    const int64_t xdn = a.xs ? a.xs - C * HW : 0, xdr = a.xs ? a.xs - C : 0;
+    const int64_t C = a.C, total = a.N * C * a.HW;
     const int64_t nslots = num_slots(total);
     std::vector<double> part(static_cast<size_t>(nslots * 3 * C), 0.0);
-    if (!a.cl) {
-      run_slots(nslots, [&](int64_t k) {
-        double* Q = part.data() + k * 3 * C;
+    double* const part0 = part.data();
+    run_slots(nslots, [&a, part0, nslots](int64_t k) {
+      const BnArgs al = a;  // by value: see "Locals" at the top
+      scalar_t* dzo = static_cast<scalar_t*>(al.y);
+      const scalar_t* g = static_cast<const scalar_t*>(al.g);
+      const scalar_t* x = static_cast<const scalar_t*>(al.x);
+      const scalar_t* r = static_cast<const scalar_t*>(al.r);
+      const scalar_t* oin = static_cast<const scalar_t*>(al.o_in);
+      const int64_t C = al.C, HW = al.HW, total = al.N * C * HW;
+      // x may be a channel-prefix view: batch stride xs (NCHW) or row stride xs (CL)
+      const int64_t xdn = al.xs ? al.xs - C * HW : 0, xdr = al.xs ? al.xs - C : 0;
+      double* Q = part0 + k * 3 * C;
+      ParV pv;
+      ParS ps;
+      if (!al.cl) {
         int64_t e0, e1;
         slot_range(total, nslots, k, B, e0, e1);
-        ParV pv;
-        ParS ps;
         int64_t cur = -1;
         for_segments(e0, e1, HW, [&](int64_t row, int64_t e, int64_t len) {
-          const scalar_t* xq = x + (row / C) * xdn;  // x may be a channel-prefix view
           const int64_t c = row % C;
           if (c != cur) {
-            par_bcast(a, c, pv, ps);
+            par_bcast(al, c, pv, ps);
             cur = c;
           }
+          // x may be a channel-prefix view
+          const scalar_t *gq = g + e, *xq = x + (row / C) * xdn + e, *rq = NEED_R ? r + e : nullptr;
+          const scalar_t* oq = MASK == 1 ? oin + e : nullptr;
+          scalar_t* dq = WDZ ? dzo + e : nullptr;
           for (int64_t q0 = 0; q0 < len; q0 += kPiece) {
             const int64_t n = std::min(kPiece, len - q0);
-            const int64_t base = e + q0;
             V a0[NV], a1[NV], a2[NV];
             for (int j = 0; j < NV; ++j) a0[j] = a1[j] = a2[j] = V(acc_t(0));
-            int64_t i = 0;
-            for (; i + B <= n; i += B) {
-              const int64_t o = base + i;
-              red_vec<MASK, RES, RST, WDZ>(g + o, xq + o, NEED_R ? r + o : nullptr, MASK == 1 ? oin + o : nullptr,
-                                           WDZ ? dzo + o : nullptr, pv, a0, a1, a2);
-            }
+            int64_t i = q0;
+            for (; i + B <= q0 + n; i += B)
+              red_vec<MASK, RES, RST, WDZ>(gq + i, xq + i, NEED_R ? rq + i : nullptr, MASK == 1 ? oq + i : nullptr,
+                                           WDZ ? dq + i : nullptr, pv, a0, a1, a2);
             double s0 = 0, s1 = 0, s2 = 0;
             for (int j = 0; j < NV; ++j) {
               s0 += hsum(a0[j]);
               s1 += hsum(a1[j]);
               if constexpr (RST) s2 += hsum(a2[j]);
             }
-            for (; i < n; ++i) {
-              const int64_t o = base + i;
-              red_one<MASK, RES, RST, WDZ>(g + o, xq + o, NEED_R ? r + o : nullptr, MASK == 1 ? oin + o : nullptr,
-                                           WDZ ? dzo + o : nullptr, ps, s0, s1, s2);
-            }
+            for (; i < q0 + n; ++i)
+              red_one<MASK, RES, RST, WDZ>(gq + i, xq + i, NEED_R ? rq + i : nullptr, MASK == 1 ? oq + i : nullptr,
+                                           WDZ ? dq + i : nullptr, ps, s0, s1, s2);
             Q[c] += s0;
             Q[C + c] += s1;
             Q[2 * C + c] += s2;
           }
         });
-      });
-    } else {
-      const int64_t rows = a.N * HW, Cv = C / B * B;
+        return;
+      }
+      const int64_t rows = al.N * HW, Cv = C / B * B;
       const int64_t flush = 256;  // rows accumulated in the compute dtype before going to double
-      run_slots(nslots, [&](int64_t k) {
-        double* Q = part.data() + k * 3 * C;
-        int64_t r0, r1;
-        slot_range(rows, nslots, k, 1, r0, r1);
-        std::vector<acc_t> acc(static_cast<size_t>(3 * C));
-        std::vector<double> tacc(static_cast<size_t>(3 * C));
-        ParV pv;
-        ParS ps;
-        for (int64_t rb = r0; rb < r1; rb += flush) {
-          const int64_t re = std::min(r1, rb + flush);
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          std::fill(tacc.begin(), tacc.end(), 0.0);
-          for (int64_t rg = rb; rg < re; rg += kRowGroup) {
-            const int64_t nr = std::min(kRowGroup, re - rg);
-            int64_t c = 0;
-            for (; c < Cv; c += B) {
-              constexpr unsigned kUsed = (MASK == 2 ? (0x3u | (NEED_R ? 0xCu : 0u)) : 0u) | 0x30u |
-                                         (RST ? 0x300u : 0u);
-              par_load_used<kUsed>(a, c, pv);
-              V a0[NV], a1[NV], a2[NV];
-              for (int j = 0; j < NV; ++j) {
-                a0[j] = V::loadu(acc.data() + c + j * L);
-                a1[j] = V::loadu(acc.data() + C + c + j * L);
-                if constexpr (RST) a2[j] = V::loadu(acc.data() + 2 * C + c + j * L);
-              }
-              for (int64_t q = 0; q < nr; ++q) {
-                const int64_t o = (rg + q) * C + c;
-                red_vec<MASK, RES, RST, WDZ>(g + o, x + o + (rg + q) * xdr, NEED_R ? r + o : nullptr,
-                                             MASK == 1 ? oin + o : nullptr, WDZ ? dzo + o : nullptr, pv, a0, a1, a2);
-              }
-              for (int j = 0; j < NV; ++j) {
-                a0[j].store(acc.data() + c + j * L);
-                a1[j].store(acc.data() + C + c + j * L);
-                if constexpr (RST) a2[j].store(acc.data() + 2 * C + c + j * L);
-              }
+      int64_t r0, r1;
+      slot_range(rows, nslots, k, 1, r0, r1);
+      std::vector<acc_t> acc_buf(static_cast<size_t>(3 * C));
+      std::vector<double> tacc_buf(static_cast<size_t>(3 * C));
+      acc_t* const acc = acc_buf.data();
+      double* const tacc = tacc_buf.data();
+      for (int64_t rb = r0; rb < r1; rb += flush) {
+        const int64_t re = std::min(r1, rb + flush);
+        std::fill(acc, acc + 3 * C, acc_t(0));
+        std::fill(tacc, tacc + 3 * C, 0.0);
+        for (int64_t row = rb; row < re; ++row) {
+          const int64_t o = row * C;
+          const scalar_t *gr = g + o, *xr = x + o + row * xdr, *rr = NEED_R ? r + o : nullptr;
+          const scalar_t* orr = MASK == 1 ? oin + o : nullptr;
+          scalar_t* dr = WDZ ? dzo + o : nullptr;
+          int64_t c = 0;
+          for (; c < Cv; c += B) {
+            constexpr unsigned kUsed = (MASK == 2 ? (0x3u | (NEED_R ? 0xCu : 0u)) : 0u) | 0x30u |
+                                       (RST ? 0x300u : 0u);
+            par_load_used<kUsed>(al, c, pv);
+            V a0[NV], a1[NV], a2[NV];
+            for (int j = 0; j < NV; ++j) {
+              a0[j] = V::loadu(acc + c + j * L);
+              a1[j] = V::loadu(acc + C + c + j * L);
+              if constexpr (RST) a2[j] = V::loadu(acc + 2 * C + c + j * L);
             }
-            for (; c < C; ++c) {
-              par_one(a, c, ps);
-              for (int64_t q = 0; q < nr; ++q) {
-                const int64_t o = (rg + q) * C + c;
-                red_one<MASK, RES, RST, WDZ>(g + o, x + o + (rg + q) * xdr, NEED_R ? r + o : nullptr,
-                                             MASK == 1 ? oin + o : nullptr, WDZ ? dzo + o : nullptr, ps, tacc[c],
-                                             tacc[C + c], tacc[2 * C + c]);
-              }
+            red_vec<MASK, RES, RST, WDZ>(gr + c, xr + c, NEED_R ? rr + c : nullptr, MASK == 1 ? orr + c : nullptr,
+                                         WDZ ? dr + c : nullptr, pv, a0, a1, a2);
+            for (int j = 0; j < NV; ++j) {
+              a0[j].store(acc + c + j * L);
+              a1[j].store(acc + C + c + j * L);
+              if constexpr (RST) a2[j].store(acc + 2 * C + c + j * L);
             }
           }
-          for (int64_t i = 0; i < 3 * C; ++i) Q[i] += static_cast<double>(acc[i]) + tacc[i];
+          for (; c < C; ++c) {
+            par_one(al, c, ps);
+            red_one<MASK, RES, RST, WDZ>(gr + c, xr + c, NEED_R ? rr + c : nullptr, MASK == 1 ? orr + c : nullptr,
+                                         WDZ ? dr + c : nullptr, ps, tacc[c], tacc[C + c], tacc[2 * C + c]);
+          }
         }
-      });
-    }
+        for (int64_t i = 0; i < 3 * C; ++i) Q[i] += static_cast<double>(acc[i]) + tacc[i];
+      }
+    });
     acc_t* out = static_cast<acc_t*>(a.red);
     for (int64_t c = 0; c < C; ++c) {
       double s0 = 0, s1 = 0, s2 = 0;
@@ -657,78 +651,72 @@ struct K {
   // ACC (a.acc, no residual): dx has x's strides and dx is added to what it holds.
   template <int MASK, int DRES, bool ACC = false>
   static void bwd_apply(const BnArgs& a) {
-    constexpr bool RES = DRES > 0;
-    static_assert(!(ACC && RES), "acc is without residual");
-    const scalar_t* g = static_cast<const scalar_t*>(a.g);
-    const scalar_t* x = static_cast<const scalar_t*>(a.x);
-    const scalar_t* r = static_cast<const scalar_t*>(a.r);
-    const scalar_t* oin = static_cast<const scalar_t*>(a.o_in);
-    scalar_t* dx = static_cast<scalar_t*>(a.y);
-    scalar_t* dr = static_cast<scalar_t*>(a.dres);
-    const int64_t C = a.C, HW = a.HW, total = a.N * C * HW;
-    // x may be a channel-prefix view: batch stride a.xs (NCHW) or row stride a.xs (CL)
-    const int64_t xdn = a.xs ? a.xs - C * HW : 0, xdr = a.xs ? a.xs - C : 0;
-    const int64_t nslots = num_slots(total);
-    if (!a.cl) {
-      run_slots(nslots, [&](int64_t k) {
+    const int64_t nslots = num_slots(a.N * a.C * a.HW);
+    run_slots(nslots, [&a, nslots](int64_t k) {
+      constexpr bool RES = DRES > 0;
+      static_assert(!(ACC && RES), "acc is without residual");
+      const BnArgs al = a;  // by value: see "Locals" at the top
+      const scalar_t* g = static_cast<const scalar_t*>(al.g);
+      const scalar_t* x = static_cast<const scalar_t*>(al.x);
+      const scalar_t* r = static_cast<const scalar_t*>(al.r);
+      const scalar_t* oin = static_cast<const scalar_t*>(al.o_in);
+      scalar_t* dx = static_cast<scalar_t*>(al.y);
+      scalar_t* dr = static_cast<scalar_t*>(al.dres);
+      const int64_t C = al.C, HW = al.HW, total = al.N * C * HW;
+      // x may be a channel-prefix view: batch stride xs (NCHW) or row stride xs (CL)
+      const int64_t xdn = al.xs ? al.xs - C * HW : 0, xdr = al.xs ? al.xs - C : 0;
+      ParV pv;
+      ParS ps;
+      if (!al.cl) {
         int64_t e0, e1;
         slot_range(total, nslots, k, B, e0, e1);
-        ParV pv;
-        ParS ps;
         int64_t cur = -1;
         for_segments(e0, e1, HW, [&](int64_t row, int64_t e, int64_t len) {
-          const scalar_t* xq = x + (row / C) * xdn;  // x may be a channel-prefix view
-          scalar_t* dxq = ACC ? dx + (row / C) * xdn : dx;  // so may an accumulated dx
           const int64_t c = row % C;
           if (c != cur) {
-            par_bcast(a, c, pv, ps);
+            par_bcast(al, c, pv, ps);
             cur = c;
           }
+          const int64_t xo = (row / C) * xdn + e;  // x may be a channel-prefix view, and so may an accumulated dx
+          const scalar_t *gq = g + e, *xq = x + xo, *rq = RES ? r + e : nullptr;
+          const scalar_t* oq = MASK == 1 ? oin + e : nullptr;
+          scalar_t* dxq = dx + (ACC ? xo : e);
+          scalar_t* drq = RES ? dr + e : nullptr;
           int64_t i = 0;
-          for (; i + B <= len; i += B) {
-            const int64_t o = e + i;
-            app_vec<MASK, DRES, ACC>(g + o, xq + o, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, dxq + o,
-                                     RES ? dr + o : nullptr, pv);
-          }
-          for (; i < len; ++i) {
-            const int64_t o = e + i;
-            app_one<MASK, DRES, ACC>(g + o, xq + o, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr, dxq + o,
-                                     RES ? dr + o : nullptr, ps);
-          }
+          for (; i + B <= len; i += B)
+            app_vec<MASK, DRES, ACC>(gq + i, xq + i, RES ? rq + i : nullptr, MASK == 1 ? oq + i : nullptr, dxq + i,
+                                     RES ? drq + i : nullptr, pv);
+          for (; i < len; ++i)
+            app_one<MASK, DRES, ACC>(gq + i, xq + i, RES ? rq + i : nullptr, MASK == 1 ? oq + i : nullptr, dxq + i,
+                                     RES ? drq + i : nullptr, ps);
         });
-      });
-    } else {
-      const int64_t rows = a.N * HW, Cv = C / B * B;
-      run_slots(nslots, [&](int64_t k) {
-        int64_t r0, r1;
-        slot_range(rows, nslots, k, 1, r0, r1);
-        ParV pv;
-        ParS ps;
-        for (int64_t rg = r0; rg < r1; rg += kRowGroup) {
-          const int64_t nr = std::min(kRowGroup, r1 - rg);
-          int64_t c = 0;
-          for (; c < Cv; c += B) {
-            constexpr bool kRLoad = (MASK == 2 && DRES > 0) || DRES == 2;
-            constexpr unsigned kUsed = (MASK == 2 ? (0x3u | (kRLoad ? 0xCu : 0u)) : 0u) | 0xF0u |
-                                       (DRES == 2 ? 0xF00u : 0u);
-            par_load_used<kUsed>(a, c, pv);
-            for (int64_t q = 0; q < nr; ++q) {
-              const int64_t o = (rg + q) * C + c, xo = o + (rg + q) * xdr;
-              app_vec<MASK, DRES, ACC>(g + o, x + xo, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr,
-                                       dx + (ACC ? xo : o), RES ? dr + o : nullptr, pv);
-            }
-          }
-          for (; c < C; ++c) {
-            par_one(a, c, ps);
-            for (int64_t q = 0; q < nr; ++q) {
-              const int64_t o = (rg + q) * C + c, xo = o + (rg + q) * xdr;
-              app_one<MASK, DRES, ACC>(g + o, x + xo, RES ? r + o : nullptr, MASK == 1 ? oin + o : nullptr,
-                                       dx + (ACC ? xo : o), RES ? dr + o : nullptr, ps);
-            }
-          }
+        return;
+      }
+      const int64_t rows = al.N * HW, Cv = C / B * B;
+      int64_t r0, r1;
+      slot_range(rows, nslots, k, 1, r0, r1);
+      for (int64_t row = r0; row < r1; ++row) {
+        const int64_t o = row * C, xo = o + row * xdr;
+        const scalar_t *gr = g + o, *xr = x + xo, *rr = RES ? r + o : nullptr;
+        const scalar_t* orr = MASK == 1 ? oin + o : nullptr;
+        scalar_t* dxr = dx + (ACC ? xo : o);
+        scalar_t* drr = RES ? dr + o : nullptr;
+        int64_t c = 0;
+        for (; c < Cv; c += B) {
+          constexpr bool kRLoad = (MASK == 2 && DRES > 0) || DRES == 2;
+          constexpr unsigned kUsed = (MASK == 2 ? (0x3u | (kRLoad ? 0xCu : 0u)) : 0u) | 0xF0u |
+                                     (DRES == 2 ? 0xF00u : 0u);
+          par_load_used<kUsed>(al, c, pv);
+          app_vec<MASK, DRES, ACC>(gr + c, xr + c, RES ? rr + c : nullptr, MASK == 1 ? orr + c : nullptr, dxr + c,
+                                   RES ? drr + c : nullptr, pv);
         }
-      });
-    }
+        for (; c < C; ++c) {
+          par_one(al, c, ps);
+          app_one<MASK, DRES, ACC>(gr + c, xr + c, RES ? rr + c : nullptr, MASK == 1 ? orr + c : nullptr, dxr + c,
+                                   RES ? drr + c : nullptr, ps);
+        }
+      }
+    });
   }
 };
 

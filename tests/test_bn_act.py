@@ -522,3 +522,65 @@ def test_apply_acc_bad_input_changes_nothing(case):
         with pytest.raises(ValueError, match=f"acc must not share memory with {what}"):
             ops.bn_act_bwd_apply_acc(acc, gg, xx, affine, coef, None, True, backend)
         assert torch.equal(buf, before)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "prefix"])
+@pytest.mark.parametrize("residual", [None, "plain", "bn"])
+def test_cpu_kernels_across_slot_piece_and_flush_boundaries(layout, residual):
+    """The cpu kernels on a tensor large enough for several work slots, several 2048-element
+    pieces per NCHW row and several 256-row flush blocks per channels_last slot, with a
+    channel count that leaves a scalar tail after the vector blocks (and x a channel-prefix
+    view of a wider buffer): forward, running statistics and every gradient match the
+    float64 oracle, and are bitwise the same on one thread as on two (slots depend on the
+    size only)."""
+    from resfused import use_backend
+
+    shape = (6, 13, 80, 70)  # 436800 elements: 2 slots; H*W = 5600: 3 pieces per row
+    if layout == "prefix":
+        x0 = make_input((6, 21, 80, 70), "nchw", torch.float32, "cpu")[:, :13]
+    else:
+        x0 = make_input(shape, layout, torch.float32, "cpu")
+    r0 = make_input(shape, "channels_last" if layout == "channels_last" else "nchw", torch.float32, "cpu") \
+        if residual else None
+    g = torch.randn(shape, dtype=torch.float64)
+    bn = make_bn(13, True, "cpu")
+    rbn = make_bn(13, True, "cpu") if residual == "bn" else None
+
+    def run(dtype):
+        x = x0.detach().to(dtype).requires_grad_()
+        r = None if r0 is None else r0.detach().to(dtype).requires_grad_()
+        rm, rv, w, b = [t.detach().clone().to(dtype) for t in bn]
+        w.requires_grad_()
+        b.requires_grad_()
+        extra = []
+        if rbn is not None:
+            rrm, rrv, rw, rb = [t.detach().clone().to(dtype) for t in rbn]
+            rw.requires_grad_()
+            out = RF.dual_batch_norm_act(x, r, (rm, rv, w, b), (rrm, rrv, rw, rb), True)
+            extra = [rrm, rrv]
+        else:
+            out = RF.batch_norm_act(x, rm, rv, w, b, True, 0.1, 1e-5, residual=r)
+        out.backward(g.to(dtype).contiguous(memory_format=torch.channels_last)
+                     if layout == "channels_last" else g.to(dtype))
+        grads = [] if r is None else [r.grad] + ([] if rbn is None else [rw.grad])
+        return [t.detach() for t in [out, x.grad, w.grad, b.grad, rm, rv] + extra + grads]
+
+    n = torch.get_num_threads()
+    try:
+        with use_backend("cpu"):
+            torch.set_num_threads(1)
+            one = run(torch.float32)
+            torch.set_num_threads(2)
+            two = run(torch.float32)
+    finally:
+        torch.set_num_threads(n)
+    with use_backend("eager"):
+        ref = run(torch.float64)
+    names = ["out", "grad x", "grad weight", "grad bias", "running_mean", "running_var"]
+    names += ["residual running_mean", "residual running_var"] if rbn is not None else []
+    names += ["grad residual"] + (["grad residual weight"] if rbn is not None else []) if residual else []
+    assert len(names) == len(one) == len(two) == len(ref)
+    for name, a, b, want in zip(names, one, two, ref):
+        assert torch.equal(a, b), f"{name}: one thread and two threads differ"
+        tol = 1e-5 if name == "out" or "running" in name else 1e-4
+        assert_close(a, want, tol * max(float(want.abs().max()), 1.0), tol, what=name)

@@ -10,7 +10,7 @@
 // reductions keep one partial per slot and channel, in double, and combine them
 // in slot order, so every result is bitwise the same for any thread count.
 //
-// Locals: every loop reads only local variables. The vector stores (_mm256_storeu_ps
+// Locals: the hot loops read only local variables. The vector stores (_mm256_storeu_ps
 // and kin) are declared may-alias, so after each one the compiler must reload any
 // value it reaches through a pointer or reference: a lambda's by-reference captures,
 // a BnArgs field, a std::vector's data pointer. Each slot's lambda therefore starts
@@ -217,11 +217,11 @@ struct K {
     // per slot and channel: count, mean, M2, plain sum (the mean when inf/NaN is involved)
     std::vector<double> part(static_cast<size_t>(nslots * 4 * C), 0.0);
     double* const part0 = part.data();
-    const scalar_t* const x0 = static_cast<const scalar_t*>(a.x);
-    const bool cl = a.cl;
-    const int64_t rows = a.N * HW;
-    run_slots(nslots, [=](int64_t k) {
-      const scalar_t* x = x0;  // locals only in the loops (see "Locals" at the top)
+    run_slots(nslots, [&a, part0, nslots](int64_t k) {
+      const BnArgs al = a;  // by value: see "Locals" at the top
+      const scalar_t* x = static_cast<const scalar_t*>(al.x);
+      const int64_t C = al.C, HW = al.HW, total = al.N * C * HW, rows = al.N * HW;
+      const bool cl = al.cl;
       double* Pn = part0 + k * 4 * C;
       double* Pm = Pn + C;
       double* P2 = Pm + C;

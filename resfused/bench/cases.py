@@ -234,6 +234,9 @@ def _cpu_full() -> List[Case]:
         + _model("densenet121", "saved", ("fp32",), _NCHW, 4)                       # TARGET
         + _model("resnet50", "train_step", ("fp32",), _NCHW, 8, **t_model)          # TARGET
         + _model("densenet121", "train_step", ("fp32",), _NCHW, 8, **t_model)       # TARGET
+        # channels_last: the faster layout for the CPU library convolutions (against eager_cl)
+        + _model("resnet50", "train_step", ("fp32",), _CL, 8, **t_model)
+        + _model("densenet121", "train_step", ("fp32",), _CL, 8, **t_model)
         + _model("resnet18", "train_step", ("fp32",), _NCHW, 8, **t_model)
         + _model("resnet50", "inference", ("fp32",), _NCHW, 8, **t_model)
         + _model("resnet18", "inference", ("fp32",), _NCHW, 8, **t_model)

@@ -129,6 +129,48 @@ def test_running_stats_updated_once_and_no_grad_paths(case):
         assert fused.bn1.weight.grad is None
 
 
+@pytest.mark.parametrize("bad", ["no_downsample", "no_downsample_stride2", "downsample_stride", "too_small"])
+def test_misbuilt_block_raises_before_anything_moves(bad):
+    """A block whose branches cannot be joined (built without the downsample it needs, or a
+    downsample of the wrong stride) or whose input is too small for its convolutions
+    raises a clear error naming the block before any running statistic moves."""
+    if bad == "no_downsample":
+        block, x = FusedBottleneck(16, 8), torch.randn(2, 16, 5, 5)
+    elif bad == "no_downsample_stride2":
+        block, x = FusedBasicBlock(8, 8, stride=2), torch.randn(2, 8, 5, 5)
+    elif bad == "downsample_stride":
+        block = FusedBottleneck(8, 4, stride=2, downsample=nn.Sequential(conv1x1(8, 16, 1), nn.BatchNorm2d(16)))
+        x = torch.randn(2, 8, 5, 5)
+    else:
+        block, x = FusedBasicBlock(4, 4), torch.randn(2, 4, 2, 2)
+        block.conv1.padding = (0, 0)
+    block.train()
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    text = "too small" if bad == "too_small" else "the identity branch gives shape .* needs a downsample"
+    with pytest.raises(ValueError, match=type(block).__name__ + r"\(in_channels=.*" + text):
+        block(x)
+    for k, v in block.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a call that raised"
+
+
+def test_block_function_takes_an_identity_or_a_fused_downsample_not_both(monkeypatch):
+    """ResidualBlockFunction refuses both an identity tensor and a fused downsample branch
+    (the join adds one of them; the other would get a wrong gradient), before any
+    running statistic moves."""
+    from resfused.autograd.block import ResidualBlockFunction
+
+    _, fused = make_pair("bottleneck", 8, 4, 2, "standard")
+    fused = fused.float().train()
+    real = ResidualBlockFunction.apply
+    monkeypatch.setattr(ResidualBlockFunction, "apply",
+                        lambda spec, x, identity, *t: real(spec, x, torch.zeros(2, 16, 3, 3), *t))
+    stats = {k: v.clone() for k, v in fused.state_dict().items() if "running" in k}
+    with pytest.raises(ValueError, match="either an identity tensor or a fused downsample"):
+        fused(torch.randn(2, 8, 5, 5))
+    for k, v in stats.items():
+        assert torch.equal(fused.state_dict()[k], v), f"{k} changed by a call that raised"
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("kind,stride", [("bottleneck", 2), ("basic", 2), ("bottleneck", 3)])
 def test_cpu_strided_downsample_backward_runs_on_its_grid(monkeypatch, kind, stride, layout):

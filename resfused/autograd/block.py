@@ -145,6 +145,35 @@ def _add_input_grads(dx: Optional[Tensor], d_inp: Tensor, grid: Optional[Tuple[i
     return d_inp
 
 
+def _conv_out_shape(shape: Sequence[int], w_shape: Sequence[int], c: ConvSpec) -> Tuple[int, ...]:
+    """The output shape of a conv with weight shape ``w_shape`` and geometry ``c`` on an
+    input of ``shape``."""
+    n, _, h, w = shape
+    kh, kw = w_shape[-2:]
+    (sh, sw), (ph, pw), (dh, dw) = c.stride, c.padding, c.dilation
+    return (n, w_shape[0], (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+
+def check_join_shapes(name: str, x_shape: Sequence[int], convs: Sequence[Tuple[Sequence[int], ConvSpec]],
+                      identity_shape: Optional[Sequence[int]],
+                      downsample: Optional[Tuple[Sequence[int], ConvSpec]] = None) -> None:
+    """Raises, before anything runs, when x is too small for the block's convolutions
+    (``convs``: (weight shape, geometry) in turn) or when the main branch would not give
+    the identity branch's shape: ``identity_shape``, else the fused ``downsample`` conv's
+    output, else x's (a block built without the downsample it needs)."""
+    shape: Tuple[int, ...] = tuple(x_shape)
+    for w_shape, c in convs:
+        shape = _conv_out_shape(shape, w_shape, c)
+        if shape[2] < 1 or shape[3] < 1:
+            raise ValueError(f"{name}: input of spatial size {tuple(x_shape[2:])} is too small for the block's "
+                             f"convolutions")
+    if identity_shape is None:
+        identity_shape = _conv_out_shape(x_shape, *downsample) if downsample is not None else x_shape
+    if tuple(identity_shape) != shape:
+        raise ValueError(f"{name}: the identity branch gives shape {tuple(identity_shape)} but the main branch "
+                         f"gives {shape}; the block needs a downsample that matches them")
+
+
 def _units(tensors: Sequence[Optional[Tensor]], n: int) -> List[Sequence[Optional[Tensor]]]:
     k = TENSORS_PER_UNIT
     return [tensors[i * k:(i + 1) * k] for i in range(n)]
@@ -157,9 +186,15 @@ class ResidualBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: BlockSpec, x: Tensor, identity: Optional[Tensor], *tensors):
+        if identity is not None and spec.downsample is not None:
+            raise ValueError("ResidualBlockFunction: give either an identity tensor or a fused downsample branch "
+                             "(spec.downsample), not both: the join adds one of them")
         backend = ops.resolve(spec.backend, x)
         n = len(spec.convs)
         units = _units(tensors, n + (1 if spec.downsample else 0))
+        check_join_shapes("residual block", tuple(x.shape), [(u[0].shape, c) for u, c in zip(units, spec.convs)],
+                          None if identity is None else identity.shape,
+                          (units[n][0].shape, spec.downsample[0]) if spec.downsample else None)
         fused = spec.conv != "library"
         h = x
         ys, affines, stats, acts = [], [], [], []
@@ -193,10 +228,6 @@ class ResidualBlockFunction(torch.autograd.Function):
             out = ops.bn_act_fwd(ys[-1], affines[-1], y_d, aff_d, True, backend)
         else:
             residual = x if identity is None else identity
-            if residual.shape != ys[-1].shape:
-                raise ValueError(f"residual block: the identity branch gives shape {tuple(residual.shape)} but the "
-                                 f"main branch gives {tuple(ys[-1].shape)}; the block needs a downsample that "
-                                 f"matches them")
             out = ops.bn_act_fwd(ys[-1], affines[-1], residual, None, True, backend)
 
         ctx.spec = spec

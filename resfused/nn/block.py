@@ -16,7 +16,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .. import conv_select
 from .._backend import unavailable_reason
-from ..autograd.block import TENSORS_PER_UNIT, BlockSpec, BNSpec, ConvSpec, ResidualBlockFunction
+from ..autograd.block import (TENSORS_PER_UNIT, BlockSpec, BNSpec, ConvSpec, ResidualBlockFunction,
+                              check_join_shapes)
 from ..distributed import resolve_group
 from ..ops.bn_act import _compiling, _trace_time_constant
 from .bn_act import (SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norm, batch_norm_args,
@@ -127,6 +128,9 @@ class _FusedBlockMixin(SyncBNMixin):
         identity = None
         if self.downsample is not None and fused_ds is None:
             identity = self.downsample(x)
+        check_join_shapes(self._block_name(), tuple(x.shape), [(c.weight.shape, _conv_spec(c)) for c, _ in units],
+                          identity.shape if identity is not None else None,
+                          (fused_ds[0].weight.shape, _conv_spec(fused_ds[0])) if fused_ds else None)
         groups = [self._sync_group(bn) if a[4] else None for a, bn in zip(args, bns)]
         saved = _snapshot(bns) if any(g is not None for g in groups) else []
         momenta = [advance_batch_norm(bn) if isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) else 0.0

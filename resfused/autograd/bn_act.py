@@ -23,6 +23,14 @@ def channel_count(x: Tensor) -> int:
     return x.numel() // x.shape[1] if x.shape[1] else 0
 
 
+def _plain(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.detach().to(dtype)``, skipping the calls that would change nothing (a
+    per-channel vector read a few times per BN per call: the calls are its cost)."""
+    if t.requires_grad:
+        t = t.detach()
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def bn_coefficients(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                     running_mean: Optional[Tensor], running_var: Optional[Tensor],
                     training: bool, momentum: float, eps: float, backend: str,
@@ -50,13 +58,13 @@ def bn_coefficients(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         if running_mean is not None and count > 0:
             with torch.no_grad():
                 unbiased = var * (count / max(count - 1, 1))
-                running_mean.copy_(momentum * mean + (1.0 - momentum) * running_mean.to(acc))
-                running_var.copy_(momentum * unbiased + (1.0 - momentum) * running_var.to(acc))
+                running_mean.copy_(momentum * mean + (1.0 - momentum) * _plain(running_mean, acc))
+                running_var.copy_(momentum * unbiased + (1.0 - momentum) * _plain(running_var, acc))
     else:
-        mean = running_mean.detach().to(acc)
-        invstd = 1.0 / torch.sqrt(running_var.detach().to(acc) + eps)
-    scale = invstd if weight is None else weight.detach().to(acc) * invstd
-    shift = -mean * scale if bias is None else bias.detach().to(acc) - mean * scale
+        mean = _plain(running_mean, acc)
+        invstd = 1.0 / torch.sqrt(_plain(running_var, acc) + eps)
+    scale = invstd if weight is None else _plain(weight, acc) * invstd
+    shift = -mean * scale if bias is None else _plain(bias, acc) - mean * scale
     return torch.stack([scale, shift]), torch.stack([mean, invstd])
 
 

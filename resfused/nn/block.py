@@ -90,15 +90,15 @@ class _FusedBlockMixin(SyncBNMixin):
     def _units(self) -> List[Tuple[nn.Module, nn.Module]]:
         raise NotImplementedError
 
-    def _block_name(self) -> str:
-        last_conv = self._units()[-1][0]
+    def _block_name(self, units: Optional[List[Tuple[nn.Module, nn.Module]]] = None) -> str:
+        last_conv = (units or self._units())[-1][0]
         return (f"{type(self).__name__}(in_channels={self.conv1.in_channels}, "
                 f"out_channels={last_conv.out_channels}, stride={self.stride})")
 
-    def _fusable(self) -> bool:
+    def _fusable(self, units: Optional[List[Tuple[nn.Module, nn.Module]]] = None) -> bool:
         if not isinstance(self.relu, nn.ReLU):
             return False
-        for conv, bn in self._units():
+        for conv, bn in units or self._units():
             if _conv_spec(conv) is None or not _bn_supported(bn):
                 return False
         ds = self.downsample
@@ -115,29 +115,30 @@ class _FusedBlockMixin(SyncBNMixin):
         return None
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._fusable():
-            return super().forward(x)  # type: ignore[misc]
-        check_module_input(self._block_name(), x, self.conv1.in_channels, self.conv1.weight)
         units = self._units()
+        if not self._fusable(units):
+            return super().forward(x)  # type: ignore[misc]
+        name = self._block_name(units)
+        check_module_input(name, x, self.conv1.in_channels, self.conv1.weight)
         fused_ds = self._fused_downsample()
         bns = [bn for _, bn in units] + ([fused_ds[1]] if fused_ds else [])
         convs = [conv for conv, _ in units] + ([fused_ds[0]] if fused_ds else [])
+        conv_specs = [_conv_spec(c) for c in convs]
+        n = len(units)
         args = [_bn_args(bn) for bn in bns]
-        why = check_conv_path(self._block_name(), x, convs, _autocast_dtype(x) or x.dtype)
+        why = check_conv_path(name, x, convs, _autocast_dtype(x) or x.dtype)
         # A custom downsample module runs eagerly; its output is the (plain) identity.
         identity = None
         if self.downsample is not None and fused_ds is None:
             identity = self.downsample(x)
-        check_join_shapes(self._block_name(), tuple(x.shape), [(c.weight.shape, _conv_spec(c)) for c, _ in units],
-                          identity.shape if identity is not None else None,
-                          (fused_ds[0].weight.shape, _conv_spec(fused_ds[0])) if fused_ds else None)
+        shapes = [(c.weight.shape, cs) for c, cs in zip(convs, conv_specs)]
+        check_join_shapes(name, tuple(x.shape), shapes[:n], identity.shape if identity is not None else None,
+                          shapes[n] if fused_ds else None)
         groups = [self._sync_group(bn) if a[4] else None for a, bn in zip(args, bns)]
         saved = _snapshot(bns) if any(g is not None for g in groups) else []
         momenta = [advance_batch_norm(bn) if isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) else 0.0
                    for bn in bns]
         bn_specs = [BNSpec(a[4], m, bn.eps, grp) for a, m, bn, grp in zip(args, momenta, bns, groups)]
-        conv_specs = [_conv_spec(c) for c in convs]
-        n = len(units)
         spec = BlockSpec(tuple(conv_specs[:n]), tuple(bn_specs[:n]),
                          (conv_specs[n], bn_specs[n]) if fused_ds else None, self.memory_efficient, "auto")
         cast = _autocast_dtype(x)
@@ -156,7 +157,7 @@ class _FusedBlockMixin(SyncBNMixin):
             key = conv_key("block", x, convs, train=[b.training for b in bn_specs], grad=torch.is_grad_enabled(),
                            tf32=spec.tf32)
             # no timing under synchronized BN (ranks could choose apart): the cache decides there
-            path = select_conv(self._block_name(), why, x, key, lambda: _tuning_runs(spec, x, identity, tensors),
+            path = select_conv(name, why, x, key, lambda: _tuning_runs(spec, x, identity, tensors),
                                may_time=all(g is None for g in groups))
             return ResidualBlockFunction.apply(spec._replace(conv=path), x, identity, *tensors)
 

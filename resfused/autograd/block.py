@@ -148,10 +148,8 @@ def _add_input_grads(dx: Optional[Tensor], d_inp: Tensor, grid: Optional[Tuple[i
 def _conv_out_shape(shape: Sequence[int], w_shape: Sequence[int], c: ConvSpec) -> Tuple[int, ...]:
     """The output shape of a conv with weight shape ``w_shape`` and geometry ``c`` on an
     input of ``shape``."""
-    n, _, h, w = shape
-    kh, kw = w_shape[-2:]
-    (sh, sw), (ph, pw), (dh, dw) = c.stride, c.padding, c.dilation
-    return (n, w_shape[0], (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+    return (shape[0], w_shape[0]) + tuple(conv_ops.out_size(shape[2 + i], w_shape[2 + i], c.stride[i], c.padding[i],
+                                                             c.dilation[i]) for i in range(2))
 
 
 def check_join_shapes(name: str, x_shape: Sequence[int], convs: Sequence[Tuple[Sequence[int], ConvSpec]],
@@ -302,12 +300,12 @@ class ResidualBlockFunction(torch.autograd.Function):
                 put(n, 0, dw_d)
                 dx = dx_d
             elif want_ds:
+                inp_d, conv_d = x, ds[0]
                 grid = _pointwise_grid(x, weights[n], ds[0])
                 if grid is not None:  # dx_d is the gradient of x[:, :, ::s, ::s] only
-                    conv_d = ds[0]._replace(stride=(1, 1))
-                    dx_grid = ds[0].stride
-                dx_d, dw_d, db_d = _conv_backward(dres, x if grid is None else grid, weights[n], conv_biases[n],
-                                                  ds[0] if grid is None else conv_d, need_x, need(n, 0), need(n, 1))
+                    inp_d, conv_d, dx_grid = grid, ds[0]._replace(stride=(1, 1)), ds[0].stride
+                dx_d, dw_d, db_d = _conv_backward(dres, inp_d, weights[n], conv_biases[n], conv_d, need_x, need(n, 0),
+                                                  need(n, 1))
                 put(n, 0, dw_d)
                 put(n, 1, db_d)
                 dx = dx_d

@@ -46,7 +46,8 @@ def _activation(x: Tensor, prologue: Optional[Tensor]) -> Tensor:
     return _round(torch.relu(x.float() * _chan(prologue[0]) + _chan(prologue[1])), x.dtype)
 
 
-def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+def out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    """A convolution's output size along one axis (kernel k, stride s, padding p, dilation d)."""
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
@@ -127,8 +128,8 @@ conv_bn_fwd_op = torch.library.custom_op("resfused::conv_bn_fwd", mutates_args=(
 def _(x, weight, stride, padding, dilation, prologue, bias, residual, relu, stats, allow_tf32, backend):
     n, _, h, w = x.shape
     cout, _, kh, kw = weight.shape
-    oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
-    ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    oh = out_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = out_size(w, kw, stride[1], padding[1], dilation[1])
     out = x.new_empty((n, cout, oh, ow)).contiguous(memory_format=torch.channels_last)
     c = cout if stats else 0
     return out, x.new_empty((c,), dtype=torch.float32), x.new_empty((c,), dtype=torch.float32)

@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..ops.conv import out_size
 from .bn_act import _cast_out
 
 # --------------------------------------------------------------------------------------
@@ -413,10 +414,6 @@ def _launch(kernel: str, grid, args, dtype: torch.dtype, config: str, mode: str,
     cx = variant_constexprs(kernel, dtype, config, mode, tf32)
     cfg = CONFIGS[kernel][width_key(dtype)][config]
     KERNELS[kernel].fn[grid](*args, **cx, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
-    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
 
 def _check_operand(name: str, t: Tensor, dtype: torch.dtype, device: torch.device) -> None:

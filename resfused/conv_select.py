@@ -18,6 +18,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import threading
 import warnings
 from typing import Callable, Dict, Iterator, Optional
@@ -110,6 +111,15 @@ def cached(key: str) -> Optional[str]:
         _load()
         entry = _memory.get(key)
     return None if entry is None else entry["choice"]
+
+
+def cached_any_size(key: str) -> Optional[str]:
+    """The choice most recently recorded for ``key`` at any input size: ``key`` has
+    ``|x*`` where a full key has the input's shape (``|x(N, C, H, W)``)."""
+    with _lock:
+        _load()
+        found = [v["choice"] for k, v in _memory.items() if re.sub(r"\|x\([^)]*\)", "|x*", k, count=1) == key]
+    return found[-1] if found else None
 
 
 def clear_cache(memory_only: bool = False) -> None:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchvision.models.densenet import _DenseBlock, _DenseLayer, _Transition
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .nn.bn_act import BatchNormAct2d
+from .nn.bn_act import BatchNormAct2d, _exporting
 from .nn.block import (FusedBasicBlock, FusedBottleneck, _autocast_dtype, _bn_args, _no_autocast, conv_key,
                        conv_tf32, select_conv, triton_conv_reason)
 from .nn.dense import FusedDenseBlock, FusedDenseLayer, FusedTransition
@@ -163,9 +163,11 @@ class FoldedBlock(nn.Module):
             h = torch.relu(conv(h))
         y = self.last(h)
         identity = x if self.down is None else self.down(x)
-        if _exporting():
-            # torch.export / ONNX: the same join in standard ops (same rounding: the scales
-            # are 1), so the exported graph needs no resfused op to run
+        if _exporting() or (torch.is_grad_enabled() and (x.requires_grad or
+                                                         any(p.requires_grad for p in self.parameters()))):
+            # torch.export / ONNX, or gradients wanted (the fused kernel has no backward):
+            # the same join in standard ops (same rounding: the scales are 1), so an
+            # exported graph needs no resfused op and autograd sees every step
             z = y + self.affine[1].to(y.dtype).view(1, -1, 1, 1)
             if self.res_affine is not None:
                 identity = identity + self.res_affine[1].to(y.dtype).view(1, -1, 1, 1)
@@ -187,8 +189,8 @@ class FoldedBlock(nn.Module):
         if not why and torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             why = ("gradients would be needed; the Triton path of a folded block is for inference (run it under "
                    "torch.no_grad() or torch.inference_mode())")
-        key = conv_key("folded", x, convs, dtype, tf32=conv_tf32(dtype))
-        return select_conv(type(self).__name__, why, x, key,
+        return select_conv(type(self).__name__, why, x,
+                           lambda any_size=False: conv_key("folded", x, convs, dtype, any_size, tf32=conv_tf32(dtype)),
                            lambda: {"library": lambda: self._forward_library(x),
                                     "triton": lambda: self._forward_triton(x)})
 
@@ -215,11 +217,6 @@ class FoldedBlock(nn.Module):
             return run(self.last, h, self.affine[1], residual=identity)
 
 
-def _exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool((is_exporting is not None and is_exporting()) or torch.onnx.is_in_onnx_export())
-
-
 def _acc(y: Tensor) -> torch.dtype:
     return torch.float64 if y.dtype == torch.float64 else torch.float32
 
@@ -227,7 +224,9 @@ def _acc(y: Tensor) -> torch.dtype:
 def fold(model: nn.Module) -> nn.Module:
     """A deployment copy of ``model`` in eval mode: every ResNet block (fused or torchvision's)
     becomes a ``FoldedBlock`` and a ResNet stem's ``bn1`` is folded into ``conv1``. Outputs
-    equal the unfolded model's in eval within fp32 tolerance. ``model`` is not changed."""
+    equal the unfolded model's in eval within fp32 tolerance. ``model`` is not changed.
+    A block that is not the standard kind (another activation or norm layer, a custom
+    downsample, a BN without running statistics) is kept unfolded, in eval mode."""
     folded = copy.deepcopy(model).eval()
     _fold_children(folded)
     if isinstance(folded, ResNet) and isinstance(folded.bn1, nn.BatchNorm2d):
@@ -236,10 +235,29 @@ def fold(model: nn.Module) -> nn.Module:
     return folded
 
 
+def _foldable(block: nn.Module) -> bool:
+    """A ResNet block folds when the fused block would run it (ReLU, zero-padded Conv2d,
+    BatchNorm2d/FrozenBatchNorm2d units) with running statistics in every BN and either no
+    downsample or the standard conv-BN one; any other block is kept as it is (in eval)."""
+    plain = type(block)
+    if plain in _FUSED:  # (fold works on a copy) the fused class's checks, on this block
+        block.__class__ = _FUSED[plain]
+    try:
+        units = block._units()
+        pair = block._fused_downsample() if block.downsample is not None else None
+        if not block._fusable(units) or (block.downsample is not None and pair is None):
+            return False
+        bns = [bn for _, bn in units] + ([pair[1]] if pair is not None else [])
+        return all(_bn_args(bn)[0] is not None for bn in bns)
+    finally:
+        block.__class__ = plain
+
+
 def _fold_children(module: nn.Module) -> None:
     for name, child in module.named_children():
         if type(child) in _FUSED or type(child) in _PLAIN:
-            setattr(module, name, FoldedBlock(child))
+            if _foldable(child):
+                setattr(module, name, FoldedBlock(child))
         else:
             _fold_children(child)
 

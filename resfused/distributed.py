@@ -58,11 +58,18 @@ def _check_same_channels(c: int, device: torch.device, group: Any, world: int) -
                            f"(channels per rank: {counts})")
 
 
+def _check_more_than_one(total: int) -> None:
+    if total == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got 1 value per channel over "
+                         "the whole process group")
+
+
 def sync_batch_stats(mean: Tensor, var: Tensor, count: int, group: Any) -> Tuple[Tensor, Tensor, int]:
     """Merge each rank's (count, mean, biased var) into the statistics of the whole batch.
     Returns (mean, var, total count), mean/var in the input's dtype."""
     world = _check_ready(group)
     if world == 1:
+        _check_more_than_one(count)
         return mean, var, count
     dist = _dist()
     c = mean.numel()
@@ -76,6 +83,7 @@ def sync_batch_stats(mean: Tensor, var: Tensor, count: int, group: Any) -> Tuple
     parts = torch.stack(every)  # [world, 1 + 2C]
     ns, means, m2s = parts[:, :1], parts[:, 1:1 + c], parts[:, 1 + c:]
     total = float(ns.sum())
+    _check_more_than_one(int(total))  # every rank sees the same total: all raise, none waits
     if total == 0:
         nan = torch.full_like(mean, float("nan"))
         return nan, nan.clone(), 0

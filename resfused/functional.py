@@ -27,8 +27,9 @@ def _check_activation(activation: str) -> bool:
 
 def check_bn_input(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                    weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
-                   prefix: str = "", name: str = "x") -> None:
-    """Every check of one BN's arguments, raised before anything runs."""
+                   prefix: str = "", name: str = "x", synced: bool = False) -> None:
+    """Every check of one BN's arguments, raised before anything runs. ``synced``: batch
+    statistics over a process group, whose merged count is checked once gathered."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{prefix}{name} must be a Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -53,7 +54,7 @@ def check_bn_input(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
         raise ValueError(f"{prefix}running_mean and running_var must both be given or both be None")
     if not training and running_mean is None:
         raise ValueError(f"{prefix}running_mean and running_var are required when training=False")
-    if training:
+    if training and not synced:
         size_prods = x.shape[0] * x.shape[2] * x.shape[3]
         if size_prods == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
@@ -84,7 +85,7 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     statistics over, as ``nn.SyncBatchNorm`` (training only; None: this process's batch).
     """
     relu = _check_activation(activation)
-    check_bn_input(x, running_mean, running_var, weight, bias, training)
+    check_bn_input(x, running_mean, running_var, weight, bias, training, synced=sync_group is not None)
     if residual is not None:
         check_residual(x, residual)
     return BatchNormActFunction.apply(x, weight, bias, running_mean, running_var,

@@ -129,12 +129,42 @@ def test_running_stats_updated_once_and_no_grad_paths(case):
         assert fused.bn1.weight.grad is None
 
 
-@pytest.mark.parametrize("bad", ["no_downsample", "no_downsample_stride2", "downsample_stride", "too_small"])
+@pytest.mark.parametrize("bad", ["no_downsample", "no_downsample_stride2", "downsample_stride", "too_small",
+                                 "empty_height", "one_value_inner", "one_value_downsample", "forced_backend"])
 def test_misbuilt_block_raises_before_anything_moves(bad):
     """A block whose branches cannot be joined (built without the downsample it needs, or a
-    downsample of the wrong stride) or whose input is too small for its convolutions
+    downsample of the wrong stride), whose input is too small for its convolutions (an
+    empty spatial size included), whose inner or downsample BN would see one value per
+    channel in training (torchvision's error), or forced onto a backend that cannot run
     raises a clear error naming the block before any running statistic moves."""
-    if bad == "no_downsample":
+    if bad == "forced_backend":
+        block = FusedBasicBlock(8, 8).train()
+        before = {k: v.clone() for k, v in block.state_dict().items()}
+        with pytest.raises(RuntimeError, match="backend 'cuda' was forced but cannot run"), \
+                resfused.use_backend("cuda"):  # (a CPU tensor, on any machine)
+            block(torch.randn(2, 8, 5, 5))
+        for k, v in block.state_dict().items():
+            assert torch.equal(v, before[k]), f"{k} changed by a call that raised"
+        return
+    if bad.startswith("one_value"):  # N=1 and a 2x2 input: conv2 (stride 2) gives 1x1 at bn2
+        ds = nn.Sequential(conv1x1(16, 16, 2), nn.BatchNorm2d(16))
+        block, x = FusedBottleneck(16, 4, stride=2, downsample=ds), torch.randn(1, 16, 2, 2)
+        if bad == "one_value_inner":
+            block.train()
+        else:  # only the downsample's BN normalises with batch statistics
+            block.eval()
+            block.downsample[1].train()
+        text = "expected more than 1 value per channel when training, got input size " + \
+            (r"\(1, 4, 1, 1\) at bn2" if bad == "one_value_inner" else r"\(1, 16, 1, 1\) at downsample.1")
+        before = {k: v.clone() for k, v in block.state_dict().items()}
+        with pytest.raises(ValueError, match=r"FusedBottleneck\(in_channels=16, .*" + text):
+            block(x)
+        for k, v in block.state_dict().items():
+            assert torch.equal(v, before[k]), f"{k} changed by a call that raised"
+        return
+    if bad == "empty_height":
+        block, x = FusedBottleneck(16, 4), torch.randn(2, 16, 0, 5)
+    elif bad == "no_downsample":
         block, x = FusedBottleneck(16, 8), torch.randn(2, 16, 5, 5)
     elif bad == "no_downsample_stride2":
         block, x = FusedBasicBlock(8, 8, stride=2), torch.randn(2, 8, 5, 5)
@@ -146,7 +176,8 @@ def test_misbuilt_block_raises_before_anything_moves(bad):
         block.conv1.padding = (0, 0)
     block.train()
     before = {k: v.clone() for k, v in block.state_dict().items()}
-    text = "too small" if bad == "too_small" else "the identity branch gives shape .* needs a downsample"
+    text = "too small" if bad in ("too_small", "empty_height") else \
+        "the identity branch gives shape .* needs a downsample"
     with pytest.raises(ValueError, match=type(block).__name__ + r"\(in_channels=.*" + text):
         block(x)
     for k, v in block.state_dict().items():

@@ -131,3 +131,22 @@ def test_cuda_prefix_view_rule_traces():
     assert ops.reads_as_is("cuda", torch.randn(2, 24, 3, 5)[:, :6])  # NCHW: any prefix
     compiled = torch.compile(rule, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(buf), buf * 2)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("name", ["resnet18", "densenet"])
+def test_batch_size_changes_recompile_with_dynamic_shapes(case, name):
+    """A new batch size makes torch.compile recompile with a symbolic batch dimension
+    (``dynamic=None``, the default), and ``dynamic=True`` traces symbolic sizes from the
+    start: both trace with no graph break (``fullgraph=True``) and give the uncompiled
+    outputs."""
+    backend, device = case
+    torch.manual_seed(0)
+    model = MODELS[name]().to(device).eval()
+    with resfused.use_backend(backend), torch.no_grad():
+        for dynamic in (None, True):
+            torch._dynamo.reset()
+            compiled = torch.compile(model, fullgraph=True, backend="eager", dynamic=dynamic)
+            for n in (2, 3, 5):
+                x = torch.randn(n, 3, 32, 32, device=device)
+                assert_close(compiled(x), model(x), 1e-5, 1e-5, f"batch {n}, dynamic={dynamic}")

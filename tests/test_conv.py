@@ -280,6 +280,14 @@ def test_opcheck_conv_ops():
                                                     stats, False, backend))
         opcheck(conv_ops.BY_NAME["conv_bn_wgrad"], (g, x, list(w.shape), list(st), list(pad), list(dil), aff, False,
                                                     backend))
+    # float64 (the eager conv path; the Triton one takes fp32 and narrower): fp32 sums too
+    d = torch.float64
+    x, w = torch.randn(2, 4, 6, 5, dtype=d), torch.randn(6, 4, 3, 3, dtype=d)
+    g = torch.randn(2, 6, 3, 3, dtype=d)
+    aff = torch.stack([torch.rand(4, dtype=d) + 0.5, torch.randn(4, dtype=d)])
+    stats = torch.stack([torch.randn(4, dtype=d), torch.rand(4, dtype=d) + 0.5])
+    opcheck(conv_ops.BY_NAME["conv_bn_dgrad"], (g, w, list(x.shape), [2, 1], [1, 0], [1, 1], x, aff, stats, False,
+                                                "eager"))
 
 
 # ---- fused blocks on the Triton convolutions ------------------------------------------------
@@ -575,7 +583,9 @@ def test_auto_times_each_block_shape_once_and_keeps_the_model_unchanged(cache_di
 
 @pytest.mark.parametrize("choice", ["triton", "library"])
 def test_compiled_auto_uses_the_cached_choice(cache_dir, weigh_here, monkeypatch, choice):
-    """While torch.compile traces, "auto" times nothing: it takes the cached choice."""
+    """While torch.compile traces, "auto" times nothing: it takes the cached choice, the
+    one recorded for the block at any input size (the batch size turns symbolic when a
+    new one makes torch.compile recompile with dynamic shapes)."""
     dev = TRITON_DEVICES[0]
     m = _randomize_bn(resfused.FusedBottleneck(16, 4)).to(dev)
     x = torch.randn(2, 16, 5, 5, device=dev).contiguous(memory_format=torch.channels_last)
@@ -592,10 +602,14 @@ def test_compiled_auto_uses_the_cached_choice(cache_dir, weigh_here, monkeypatch
     monkeypatch.setattr(ab, "_fused_conv", lambda *a, **k: seen.append(1) or real(*a, **k))
     torch._dynamo.reset()
     with resfused.use_conv("auto"):
-        out = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+        out = compiled(x)
+        traced = len(seen)
+        out3 = compiled(torch.randn(3, 16, 5, 5, device=dev).contiguous(memory_format=torch.channels_last))
     assert not calls
-    assert bool(seen) == (choice == "triton")
-    assert out.shape == x.shape
+    assert bool(traced) == (choice == "triton") and (len(seen) > traced) == (choice == "triton")
+    assert out.shape == x.shape and out3.shape == (3, 16, 5, 5)
+    assert conv_select.cached_any_size(key.replace("|x(2, 16, 5, 5)", "|x*")) == choice
 
 
 def test_auto_timing_leaves_random_streams_and_checkpointing_alone(cache_dir, weigh_here):

@@ -152,3 +152,56 @@ def test_wrong_process_group_and_uninitialized_are_clear_errors():
     fused(torch.randn(2, 3, 32, 32))
     assert resfused.revert(fused).state_dict().keys() == model.state_dict().keys()
     assert all(type(m) in (nn.BatchNorm2d,) for m in fused.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def _single_value_model():
+    """A block, a dense block and a BatchNormAct2d, all synchronized (float64)."""
+    from torchvision.models.densenet import _DenseBlock
+
+    torch.manual_seed(0)
+    model = resfused.convert(nn.Sequential(BasicBlock(4, 4), _DenseBlock(1, 4, 2, 2, 0.0)), sync_bn=True)
+    model.append(resfused.BatchNormAct2d(6, sync_bn=True))
+    return model.double()
+
+
+def _single_value_worker(rank, init_file, sizes, result_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model = _single_value_model()
+        before = copy.deepcopy(model.state_dict())
+        torch.manual_seed(1)
+        x = torch.randn(sum(sizes), 4, 1, 1, dtype=torch.float64)[sum(sizes[:rank]):sum(sizes[:rank + 1])]
+        try:
+            out, message = model(x).detach(), ""
+        except ValueError as exc:
+            out, message = None, str(exc)
+        unchanged = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        torch.save({"out": out, "message": message, "unchanged": unchanged, "state": model.state_dict()},
+                   os.path.join(result_dir, f"single-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sizes", [(1, 1), (1, 0)])
+def test_one_value_per_channel_per_rank(sizes, tmp_path):
+    """As nn.SyncBatchNorm: one value per channel on a rank (batch 1 at a 1x1 stage) is
+    fine when the process group holds more than one, and normalises over the whole batch;
+    one value over the whole group raises on every rank (no rank left waiting) and
+    changes nothing."""
+    _spawn(_single_value_worker, sizes, str(tmp_path))
+    got = [torch.load(tmp_path / f"single-{rank}.pt") for rank in range(WORLD)]
+    if sum(sizes) == 1:
+        for rank, g in enumerate(got):
+            assert "Expected more than 1 value per channel" in g["message"], g["message"]
+            assert g["unchanged"], f"rank {rank}: state changed by a call that raised"
+        return
+    ref = _single_value_model()
+    for m in ref.modules():  # one process with the whole batch: nothing to synchronize
+        m.__dict__.pop("sync_bn", None)
+    torch.manual_seed(1)
+    expected = ref(torch.randn(sum(sizes), 4, 1, 1, dtype=torch.float64)).detach()
+    for rank, g in enumerate(got):
+        mine = expected[sum(sizes[:rank]):sum(sizes[:rank + 1])]
+        assert_close(g["out"], mine, *rel_tol(mine, 1e-9), f"rank {rank} output")
+        for k, v in ref.state_dict().items():
+            assert_close(g["state"][k].double(), v.double(), *rel_tol(v.double(), 1e-9), f"rank {rank} {k}")

@@ -22,6 +22,7 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..distributed import sync_active, sync_batch_stats, sync_grad_sums
 from ..ops import bn_act as ops
@@ -152,24 +153,44 @@ def _conv_out_shape(shape: Sequence[int], w_shape: Sequence[int], c: ConvSpec) -
                                                              c.dilation[i]) for i in range(2))
 
 
-def check_join_shapes(name: str, x_shape: Sequence[int], convs: Sequence[Tuple[Sequence[int], ConvSpec]],
-                      identity_shape: Optional[Sequence[int]],
-                      downsample: Optional[Tuple[Sequence[int], ConvSpec]] = None) -> None:
-    """Raises, before anything runs, when x is too small for the block's convolutions
-    (``convs``: (weight shape, geometry) in turn) or when the main branch would not give
-    the identity branch's shape: ``identity_shape``, else the fused ``downsample`` conv's
-    output, else x's (a block built without the downsample it needs)."""
+def conv_chain_shapes(name: str, x_shape: Sequence[int], convs: Sequence[Tuple[Sequence[int], ConvSpec]],
+                      what: str = "the block's convolutions") -> List[Tuple[int, ...]]:
+    """The output shape of each of ``convs`` ((weight shape, geometry), applied in turn) on
+    an input of ``x_shape``; raises, before anything runs, when the input is too small for
+    them (an empty spatial size included), as the library conv would after statistics moved."""
+    shapes: List[Tuple[int, ...]] = []
     shape: Tuple[int, ...] = tuple(x_shape)
     for w_shape, c in convs:
         shape = _conv_out_shape(shape, w_shape, c)
         if shape[2] < 1 or shape[3] < 1:
-            raise ValueError(f"{name}: input of spatial size {tuple(x_shape[2:])} is too small for the block's "
-                             f"convolutions")
+            raise ValueError(f"{name}: input of spatial size {tuple(x_shape[2:])} is too small for {what}")
+        shapes.append(shape)
+    return shapes
+
+
+def check_join_shapes(name: str, x_shape: Sequence[int], convs: Sequence[Tuple[Sequence[int], ConvSpec]],
+                      identity_shape: Optional[Sequence[int]],
+                      downsample: Optional[Tuple[Sequence[int], ConvSpec]] = None,
+                      batch_stats: Sequence[bool] = ()) -> None:
+    """Raises, before anything runs, when x is too small for the block's convolutions
+    (``convs``: (weight shape, geometry) in turn), when the main branch would not give
+    the identity branch's shape: ``identity_shape``, else the fused ``downsample`` conv's
+    output, else x's (a block built without the downsample it needs), or when a BN that
+    normalises with batch statistics (``batch_stats``: one flag per conv, the downsample's
+    last) would see one value per channel (``nn.BatchNorm2d``'s own error)."""
+    shapes = conv_chain_shapes(name, x_shape, convs)
     if identity_shape is None:
         identity_shape = _conv_out_shape(x_shape, *downsample) if downsample is not None else x_shape
-    if tuple(identity_shape) != shape:
+    if tuple(identity_shape) != shapes[-1]:
         raise ValueError(f"{name}: the identity branch gives shape {tuple(identity_shape)} but the main branch "
-                         f"gives {shape}; the block needs a downsample that matches them")
+                         f"gives {shapes[-1]}; the block needs a downsample that matches them")
+    bn_inputs = [(f"bn{i + 1}", s) for i, s in enumerate(shapes)]
+    if downsample is not None:
+        bn_inputs.append(("downsample.1", tuple(identity_shape)))
+    for (bn, shape), training in zip(bn_inputs, batch_stats):
+        if training and shape[0] * shape[2] * shape[3] == 1:
+            raise ValueError(f"{name}: expected more than 1 value per channel when training, got input size "
+                             f"{shape} at {bn}")
 
 
 def _units(tensors: Sequence[Optional[Tensor]], n: int) -> List[Sequence[Optional[Tensor]]]:
@@ -192,7 +213,9 @@ class ResidualBlockFunction(torch.autograd.Function):
         units = _units(tensors, n + (1 if spec.downsample else 0))
         check_join_shapes("residual block", tuple(x.shape), [(u[0].shape, c) for u, c in zip(units, spec.convs)],
                           None if identity is None else identity.shape,
-                          (units[n][0].shape, spec.downsample[0]) if spec.downsample else None)
+                          (units[n][0].shape, spec.downsample[0]) if spec.downsample else None,
+                          [bn.training and bn.group is None
+                           for bn in spec.bns + ((spec.downsample[1],) if spec.downsample else ())])
         fused = spec.conv != "library"
         h = x
         ys, affines, stats, acts = [], [], [], []
@@ -242,6 +265,7 @@ class ResidualBlockFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         spec: BlockSpec = ctx.spec
         backend = ctx.backend
@@ -293,7 +317,9 @@ class ResidualBlockFunction(torch.autograd.Function):
         dx_grid = None  # (sh, sw) when dx holds only the gradient of x[:, :, ::sh, ::sw]
         if ds is not None:
             put(n, 2, sums[2])
-            put(n, 3, sums[0])
+            # both BNs' bias gradient is Σdy: a tensor of its own for each parameter's .grad,
+            # or an in-place op on one (accumulation, clipping, unscaling) would hit both
+            put(n, 3, sums[0].clone() if need(last, 3) else sums[0])
             if want_ds and fused:
                 dx_d, _, dw_d = _fused_conv_backward(spec.conv, spec.tf32, dres, x, weights[n], ds[0], None, need_x,
                                                      need(n, 0))

@@ -12,6 +12,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..distributed import sync_active, sync_batch_stats, sync_grad_sums
 from ..ops import bn_act as ops
@@ -177,6 +178,7 @@ class BatchNormActFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         training, res_training, res_bn, relu, backend = ctx.settings
         x, residual, out, affine, stats, res_affine, res_stats = ctx.saved_tensors
@@ -196,6 +198,6 @@ class BatchNormActFunction(torch.autograd.Function):
         dw = sums[1].to(w_dtype) if needs[1] else None
         db = sums[0].to(b_dtype) if needs[2] else None
         drw = sums[2].to(rw_dtype) if needs[6] else None
-        drb = sums[0].to(rb_dtype) if needs[7] else None
+        drb = (sums[0].clone() if needs[2] else sums[0]).to(rb_dtype) if needs[7] else None  # not db's tensor
         return (dx, dw, db, None, None, dres, drw, drb, None, None,
                 None, None, None, None, None, None, None, None, None, None)

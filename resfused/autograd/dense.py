@@ -42,13 +42,14 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..distributed import sync_batch_stats
 from ..ops import bn_act as ops
 from ..ops import conv as conv_ops
 from ..ops.eager import acc_dtype
 from .block import (BNSpec, ConvSpec, _bn_input_grad, _conv, _conv_backward, _fused_conv,
-                    _fused_conv_backward)
+                    _fused_conv_backward, conv_chain_shapes)
 from .bn_act import bn_act_backward, bn_coefficients
 
 # norm1 weight, bias, running mean, running var, conv1 weight, bias,
@@ -242,6 +243,7 @@ class DenseBlockFunction(torch.autograd.Function):
         return fwd.buf
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         spec: DenseBlockSpec = ctx.spec
         backend = ctx.backend
@@ -380,6 +382,30 @@ class TransitionSpec(NamedTuple):
     tf32: bool = False
 
 
+def _pool_out_size(size: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
+    """An average pool's output size along one axis, as ``F.avg_pool2d`` works it out."""
+    out = (size + 2 * p - k + ((s - 1) if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:  # the last window must start inside the input
+        out -= 1
+    return out
+
+
+def check_transition_shapes(name: str, x_shape: Sequence[int], w_shape: Sequence[int], conv: ConvSpec,
+                            pool: PoolSpec) -> None:
+    """Raises, before anything runs, when x is too small for the transition's conv and
+    average pool, or the pool's padding is more than half its kernel (``F.avg_pool2d``'s
+    own errors, which it would raise after the statistics moved)."""
+    shape = conv_chain_shapes(name, x_shape, [(w_shape, conv)], "the transition's convolution")[0]
+    for i in range(2):
+        k, s, p = pool.kernel_size[i], pool.stride[i], pool.padding[i]
+        if p > k // 2:
+            raise ValueError(f"{name}: the average pool's padding {tuple(pool.padding)} must be at most half its "
+                             f"kernel size {tuple(pool.kernel_size)}")
+        if _pool_out_size(shape[2 + i], k, s, p, pool.ceil_mode) < 1:
+            raise ValueError(f"{name}: input of spatial size {tuple(x_shape[2:])} is too small for the transition's "
+                             f"average pool (kernel {tuple(pool.kernel_size)}, stride {tuple(pool.stride)})")
+
+
 def _pool(y: Tensor, p: PoolSpec) -> Tensor:
     return F.avg_pool2d(y, p.kernel_size, p.stride, p.padding, p.ceil_mode, p.count_include_pad, p.divisor_override)
 
@@ -419,6 +445,7 @@ class TransitionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         spec: TransitionSpec = ctx.spec
         x, affine, stats, cw, cb = ctx.saved_tensors

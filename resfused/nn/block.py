@@ -19,9 +19,10 @@ from .._backend import unavailable_reason
 from ..autograd.block import (TENSORS_PER_UNIT, BlockSpec, BNSpec, ConvSpec, ResidualBlockFunction,
                               check_join_shapes)
 from ..distributed import resolve_group
+from ..ops import bn_act as ops
 from ..ops.bn_act import _compiling, _trace_time_constant
 from .bn_act import (SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norm, batch_norm_args,
-                     reject_onnx_export)
+                     runs_unfused)
 
 try:  # torchvision's frozen BN (detection backbones): an eval-only affine BN with buffers
     from torchvision.ops.misc import FrozenBatchNorm2d
@@ -53,7 +54,6 @@ def check_module_input(name: str, x: Tensor, expected_c: int, weight: Tensor, ba
     autocast), and, when ``batch_stats``, more than one value per channel."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a Tensor input, got {type(x).__name__}")
-    reject_onnx_export(name)
     if x.dim() != 4:
         raise ValueError(f"{name}: expected 4-D input [N, {expected_c}, H, W], got {x.dim()}-D input of shape "
                          f"{tuple(x.shape)}")
@@ -84,6 +84,9 @@ class _FusedBlockMixin(SyncBNMixin):
         """An ``nn.SyncBatchNorm`` inside the block (``nn.SyncBatchNorm.convert_sync_batchnorm``)
         is synchronized over its own group; any other BN as the block says."""
         if isinstance(bn, nn.SyncBatchNorm):
+            dist = torch.distributed
+            if not (dist.is_available() and dist.is_initialized()):
+                return None  # local statistics, as nn.SyncBatchNorm itself computes outside a process group
             return resolve_group(bn.process_group)
         return self._group(True)
 
@@ -116,7 +119,7 @@ class _FusedBlockMixin(SyncBNMixin):
 
     def forward(self, x: Tensor) -> Tensor:
         units = self._units()
-        if not self._fusable(units):
+        if not self._fusable(units) or runs_unfused(self, x):
             return super().forward(x)  # type: ignore[misc]
         name = self._block_name(units)
         check_module_input(name, x, self.conv1.in_channels, self.conv1.weight)
@@ -132,16 +135,18 @@ class _FusedBlockMixin(SyncBNMixin):
         if self.downsample is not None and fused_ds is None:
             identity = self.downsample(x)
         shapes = [(c.weight.shape, cs) for c, cs in zip(convs, conv_specs)]
-        check_join_shapes(name, tuple(x.shape), shapes[:n], identity.shape if identity is not None else None,
-                          shapes[n] if fused_ds else None)
         groups = [self._sync_group(bn) if a[4] else None for a, bn in zip(args, bns)]
+        # (a synchronized BN checks the merged count of values per channel, once gathered)
+        check_join_shapes(name, tuple(x.shape), shapes[:n], identity.shape if identity is not None else None,
+                          shapes[n] if fused_ds else None, [a[4] and g is None for a, g in zip(args, groups)])
+        cast = _autocast_dtype(x)
+        ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))  # a forced backend that cannot run
         saved = _snapshot(bns) if any(g is not None for g in groups) else []
         momenta = [advance_batch_norm(bn) if isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) else 0.0
                    for bn in bns]
         bn_specs = [BNSpec(a[4], m, bn.eps, grp) for a, m, bn, grp in zip(args, momenta, bns, groups)]
         spec = BlockSpec(tuple(conv_specs[:n]), tuple(bn_specs[:n]),
                          (conv_specs[n], bn_specs[n]) if fused_ds else None, self.memory_efficient, "auto")
-        cast = _autocast_dtype(x)
         tensors: List[Optional[Tensor]] = []
         for conv, (rm, rv, w, b, _) in zip(convs, args):
             cw, cb = conv.weight, conv.bias
@@ -154,8 +159,9 @@ class _FusedBlockMixin(SyncBNMixin):
             identity = None if identity is None else identity.to(cast)
         with _no_autocast(x), _restore_on_error(saved):
             spec = spec._replace(tf32=conv_tf32(x.dtype))
-            key = conv_key("block", x, convs, train=[b.training for b in bn_specs], grad=torch.is_grad_enabled(),
-                           tf32=spec.tf32)
+            key = lambda any_size=False: conv_key("block", x, convs, any_size=any_size,  # noqa: E731
+                                                  train=[b.training for b in bn_specs],
+                                                  grad=torch.is_grad_enabled(), tf32=spec.tf32)
             # no timing under synchronized BN (ranks could choose apart): the cache decides there
             path = select_conv(name, why, x, key, lambda: _tuning_runs(spec, x, identity, tensors),
                                may_time=all(g is None for g in groups))
@@ -167,6 +173,8 @@ TRITON_CONV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _forced_conv = _trace_time_constant(conv_select.forced_conv)
 _cached_conv = _trace_time_constant(lambda device, key: conv_select.cached(f"{conv_select.versions_key(device)}|{key}"))
+_cached_conv_any_size = _trace_time_constant(
+    lambda device, key: conv_select.cached_any_size(f"{conv_select.versions_key(device)}|{key}"))
 _triton_unavailable = _trace_time_constant(unavailable_reason)
 
 
@@ -206,13 +214,14 @@ def conv_tf32(dtype: torch.dtype) -> bool:
 
 
 def conv_key(kind: str, x: Tensor, convs: Sequence[nn.Conv2d], dtype: Optional[torch.dtype] = None,
-             **flags) -> str:
+             any_size: bool = False, **flags) -> str:
     """The conv-choice cache key of a module call (without the device and versions, which
-    ``select_conv`` adds): kind, the dtype the convs run in (x's by default), x's shape, the
-    convs' weights and geometry, then ``flags``."""
+    ``select_conv`` adds): kind, the dtype the convs run in (x's by default), x's shape
+    (``x*`` with ``any_size``), the convs' weights and geometry, then ``flags``."""
     geometry = [(tuple(c.stride), tuple(c.padding), tuple(c.dilation)) for c in convs]
     dt = str(x.dtype if dtype is None else dtype).replace("torch.", "")
-    return (f"{kind}|{dt}|x{tuple(x.shape)}|w{[tuple(c.weight.shape) for c in convs]}|conv{geometry}"
+    size = "x*" if any_size else f"x{tuple(x.shape)}"
+    return (f"{kind}|{dt}|{size}|w{[tuple(c.weight.shape) for c in convs]}|conv{geometry}"
             + "".join(f"|{k}{v}" for k, v in flags.items()))
 
 
@@ -226,9 +235,12 @@ def _forced_message(name: str, why: str) -> str:
     return f"{name}: use_conv('triton') was forced but the Triton convolutions cannot run it: {why}"
 
 
-def select_conv(name: str, why: str, x: Tensor, key: str, runs, may_time: bool = True) -> str:
+def select_conv(name: str, why: str, x: Tensor, key: Callable[..., str], runs, may_time: bool = True) -> str:
     """"library" or "triton" for one call (``resfused.use_conv``): forced, or on CUDA the
-    cached / timed faster of ``runs`` (zero-argument callables per path) for ``key``."""
+    cached / timed faster of ``runs`` (zero-argument callables per path) for ``key()``
+    (``conv_key``'s arguments bound). Under torch.compile, whose input sizes may be
+    symbolic (a dynamic batch size), the cache's choice for the block at any input size
+    (``key(any_size=True)``)."""
     forced = _forced_conv()
     if forced == "library":
         return "library"
@@ -238,9 +250,11 @@ def select_conv(name: str, why: str, x: Tensor, key: str, runs, may_time: bool =
         return "triton"
     if why or not _weighs_triton(x.device):
         return "library"
-    if _compiling() or not may_time:
-        return _cached_conv(x.device, key) or "library"
-    return conv_select.choose(f"{conv_select.versions_key(x.device)}|{key}", x.device, runs())
+    if _compiling():
+        return _cached_conv_any_size(x.device, key(any_size=True)) or "library"
+    if not may_time:
+        return _cached_conv(x.device, key()) or "library"
+    return conv_select.choose(f"{conv_select.versions_key(x.device)}|{key()}", x.device, runs())
 
 
 def timing_runs(x: Tensor, tensors: Sequence[Optional[Tensor]], is_stat: Callable[[int], bool], grad: bool,
@@ -280,6 +294,8 @@ def _autocast_takes_device() -> bool:
 def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     """The dtype autocast would run these convs in, or None when autocast is off."""
     dev = x.device.type
+    if dev == "meta":  # no autocast state of its own
+        return None
     if _autocast_takes_device():
         if not torch.is_autocast_enabled(dev):
             return None

@@ -9,14 +9,8 @@ from torch import Tensor, nn
 
 from .. import functional as RF
 from ..distributed import resolve_group
-
-
-def _in_onnx_export() -> bool:
-    return torch.onnx.is_in_onnx_export()
-
-
-if hasattr(torch.compiler, "assume_constant_result"):  # asked for real while torch.export traces strictly
-    _in_onnx_export = torch.compiler.assume_constant_result(_in_onnx_export)
+from ..ops.bn_act import _compiling
+from ..ops.bn_act import resolve as resolve_backend
 
 
 class SyncBNMixin:
@@ -51,13 +45,56 @@ def _restore_on_error(saved: List[Tuple[Tensor, Tensor]]):
         raise
 
 
-def reject_onnx_export(name: str) -> None:
-    """Fused modules run autograd Functions over resfused ops, which ONNX has no
-    translation for: say what to export instead (torch.export works unfolded)."""
-    if _in_onnx_export():
-        raise RuntimeError(f"{name}: a fused resfused module cannot be exported to ONNX as it is; export "
-                           f"resfused.fold(model) (an eval-mode ResNet, BN folded into the convs) or "
-                           f"resfused.revert(model) (any model, back to torchvision's modules)")
+def _exporting() -> bool:
+    """Under torch.export or an ONNX export."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool((is_exporting is not None and is_exporting()) or torch.onnx.is_in_onnx_export())
+
+
+if hasattr(torch.compiler, "assume_constant_result"):  # asked for real while torch.export traces strictly
+    _exporting = torch.compiler.assume_constant_result(_exporting)
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                      "_global_backward_pre_hooks")
+
+
+def _functorch_active() -> bool:
+    """Inside a torch.func transform (grad, vjp, jacrev, vmap...), which the fused
+    autograd Functions do not support (they save what backward needs in forward)."""
+    if _compiling():
+        return False
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active is not None and active())
+
+
+def runs_unfused(module: nn.Module, x) -> bool:
+    """Whether a fused module must run torchvision's own forward, calling its submodules
+    one by one, for this call: under FX symbolic tracing (``x`` a Proxy:
+    ``create_feature_extractor``, ``symbolic_trace``) and ``torch.jit.trace``, which record
+    the submodules' ops; under torch.export and ONNX export (a portable program of
+    standard ops, which autograd can also differentiate: ``fold`` gives the folded
+    deployment graph); inside torch.func transforms; on the meta device (shape
+    inference); and whenever a hook would otherwise not fire — one registered on any
+    submodule (forward, pre-forward or backward: feature taps, ``torch.nn.utils.prune``'s
+    mask, applied by a pre-forward hook on the conv) or a global module hook. The fused
+    path reads the submodules' parameters directly and calls none of them."""
+    xs = x if isinstance(x, (list, tuple)) else (x,)
+    if torch.jit.is_tracing() or any(isinstance(t, torch.fx.Proxy) for t in xs) or _functorch_active():
+        return True
+    if _exporting():
+        return True
+    if any(isinstance(t, Tensor) and t.device.type == "meta" for t in xs):
+        # (a module elsewhere gets the fused path's clear device-mismatch error)
+        return all(p.device.type == "meta" for p in module.parameters())
+    glob = nn.modules.module
+    if any(getattr(glob, d, None) for d in _GLOBAL_HOOK_DICTS) and next(module.children(), None) is not None:
+        return True
+    for m in module.modules():
+        if m is not module and any(getattr(m, d, None) for d in _HOOK_DICTS):
+            return True
+    return False
 
 
 class BatchNormAct2d(SyncBNMixin, nn.BatchNorm2d):
@@ -84,17 +121,21 @@ class BatchNormAct2d(SyncBNMixin, nn.BatchNorm2d):
         return f"{super().extra_repr()}, activation={self.activation}"
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        reject_onnx_export(type(self).__name__)
+        if runs_unfused(self, x):  # traced: nn.BatchNorm2d's own forward, then the add and activation
+            out = super().forward(x)
+            out = out if residual is None else out + residual
+            return torch.relu(out) if self.activation == "relu" else out
         self._check_input_dim(x)
         if x.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}) expected input with {self.num_features} "
                              f"channels, got input of shape {tuple(x.shape)}")
         running_mean, running_var, weight, bias, bn_training = batch_norm_args(self)
         # Validate everything before num_batches_tracked moves: a call that raises changes nothing.
-        RF.check_bn_input(x, running_mean, running_var, weight, bias, bn_training)
+        group = self._group(bn_training)
+        RF.check_bn_input(x, running_mean, running_var, weight, bias, bn_training, synced=group is not None)
         if residual is not None:
             RF.check_residual(x, residual)
-        group = self._group(bn_training)
+        resolve_backend("auto", x)  # a forced backend that cannot run raises here, before the counter moves
         saved = _snapshot([self]) if group is not None else []
         momentum = advance_batch_norm(self)
         with _restore_on_error(saved):

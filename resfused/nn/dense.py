@@ -17,14 +17,16 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.densenet import _DenseBlock, _DenseLayer, _Transition
 
-from ..autograd.block import BNSpec
+from ..autograd.block import BNSpec, conv_chain_shapes
 from ..autograd.dense import (TENSORS_PER_LAYER, DenseBlockFunction, DenseBlockSpec, DenseLayerSpec, PoolSpec,
-                              TransitionFunction, TransitionSpec, dense_block_forward, transition_forward)
+                              TransitionFunction, TransitionSpec, check_transition_shapes, dense_block_forward,
+                              transition_forward)
 from ..functional import check_bn_input
 from ..ops import bn_act as ops
 from .block import (_autocast_dtype, _conv_spec, _no_autocast, check_conv_path, check_module_input, conv_key,
                     conv_tf32, select_conv, timing_runs)
-from .bn_act import SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norm, batch_norm_args
+from .bn_act import (SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norm, batch_norm_args,
+                     runs_unfused)
 
 
 def _keeps_size(conv: nn.Conv2d) -> bool:
@@ -53,12 +55,22 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: Sync
     bns = [bn for layer in layers for bn in (layer.norm1, layer.norm2)]
     args = [batch_norm_args(bn) for bn in bns]
     group = owner._group(any(a[4] for a in args))
-    check_module_input(name, x, layers[0].norm1.num_features, layers[0].conv1.weight, any(a[4] for a in args))
+    check_module_input(name, x, layers[0].norm1.num_features, layers[0].conv1.weight,
+                       any(a[4] for a in args) and group is None)  # (synchronized: the merged count)
+    cast = _autocast_dtype(x)
+    for j, layer in enumerate(layers):
+        for conv in (layer.conv1, layer.conv2):
+            w = conv.weight
+            if w.device != x.device:
+                raise RuntimeError(f"{name}: input is on {x.device} but denselayer{j + 1}'s weights are on {w.device}")
+            if cast is None and w.dtype != x.dtype:
+                raise TypeError(f"{name}: input dtype {x.dtype} does not match denselayer{j + 1}'s weights' dtype "
+                                f"{w.dtype}")
+            conv_chain_shapes(name, tuple(x.shape), [(w.shape, _conv_spec(conv))], "the layers' convolutions")
     for bn, (rm, rv, w, b, training) in zip(bns, args):
         for t in (rm, rv, w, b):
             if t is not None and t.device != x.device:
                 raise RuntimeError(f"{name}: input is on {x.device} but a BatchNorm's tensors are on {t.device}")
-    cast = _autocast_dtype(x)
     ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))  # backend and dtype
     convs = [c for layer in layers for c in (layer.conv1, layer.conv2)]
     why = check_conv_path(name, x, convs, cast or x.dtype)
@@ -85,7 +97,9 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: Sync
         x = x.to(cast)
     with _no_autocast(x), _restore_on_error(saved):
         spec = spec._replace(tf32=conv_tf32(x.dtype))
-        key = conv_key("dense", x, convs, train=[a[4] for a in args], grad=_grad_wanted(x, tensors), tf32=spec.tf32)
+        key = lambda any_size=False: conv_key("dense", x, convs, any_size=any_size,  # noqa: E731
+                                              train=[a[4] for a in args], grad=_grad_wanted(x, tensors),
+                                              tf32=spec.tf32)
         spec = spec._replace(conv=select_conv(name, why, x, key, lambda: _dense_tuning_runs(spec, x, tensors),
                                               may_time=group is None))
         if _grad_wanted(x, tensors):
@@ -112,7 +126,7 @@ class FusedDenseLayer(SyncBNMixin, _DenseLayer):
                 f"growth_rate={self.conv2.out_channels})")
 
     def forward(self, input: Union[Tensor, List[Tensor]]) -> Tensor:  # noqa: A002 (torchvision's name)
-        if not _layer_fusable(self):
+        if not _layer_fusable(self) or runs_unfused(self, input):
             return super().forward(input)
         if not isinstance(input, Tensor):
             inputs = list(input)
@@ -120,7 +134,8 @@ class FusedDenseLayer(SyncBNMixin, _DenseLayer):
                 raise TypeError(f"{self._layer_name()}: expected a Tensor or a list of Tensors")
             input = torch.cat(inputs, 1) if len(inputs) != 1 else inputs[0]
         out = _run_dense_layers(self._layer_name(), [self], input, self)
-        return out[:, input.shape[1]:]
+        # the new features alone, in a tensor of their own (contiguous, as torchvision's)
+        return out[:, input.shape[1]:].contiguous(memory_format=ops.memory_format_of(out))
 
 
 class FusedDenseBlock(SyncBNMixin, _DenseBlock):
@@ -147,7 +162,7 @@ class FusedDenseBlock(SyncBNMixin, _DenseBlock):
         return True
 
     def forward(self, init_features: Tensor) -> Tensor:
-        if not self._fusable():
+        if not self._fusable() or runs_unfused(self, init_features):
             return super().forward(init_features)
         return _run_dense_layers(f"{self._block_name()}.denselayer1", list(self.values()), init_features, self)
 
@@ -169,18 +184,16 @@ class FusedTransition(SyncBNMixin, _Transition):
                 f"num_output_features={self.conv.out_channels})")
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._fusable():
+        if not self._fusable() or runs_unfused(self, x):
             return super().forward(x)
         name = self._name()
         rm, rv, w, b, training = batch_norm_args(self.norm)
-        check_module_input(name, x, self.norm.num_features, self.conv.weight, training)
-        check_bn_input(x, rm, rv, w, b, training, prefix=f"{name}: ", name="input")
+        group = self._group(training)
+        check_module_input(name, x, self.norm.num_features, self.conv.weight, training and group is None)
+        check_bn_input(x, rm, rv, w, b, training, prefix=f"{name}: ", name="input", synced=group is not None)
         cast = _autocast_dtype(x)
         ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))
         why = check_conv_path(name, x, [self.conv], cast or x.dtype)
-        group = self._group(training)
-        saved = _snapshot([self.norm]) if group is not None else []
-        momentum = advance_batch_norm(self.norm)
         pool = self.pool
 
         def pair(v) -> Tuple[int, int]:
@@ -189,6 +202,9 @@ class FusedTransition(SyncBNMixin, _Transition):
         stride = pool.stride if pool.stride is not None else pool.kernel_size
         pspec = PoolSpec(pair(pool.kernel_size), pair(stride), pair(pool.padding), bool(pool.ceil_mode),
                          bool(pool.count_include_pad), pool.divisor_override)
+        check_transition_shapes(name, tuple(x.shape), tuple(self.conv.weight.shape), _conv_spec(self.conv), pspec)
+        saved = _snapshot([self.norm]) if group is not None else []
+        momentum = advance_batch_norm(self.norm)
         spec = TransitionSpec(BNSpec(training, momentum, self.norm.eps, group), _conv_spec(self.conv), pspec, "auto")
         cw, cb = self.conv.weight, self.conv.bias
         if cast is not None:
@@ -199,7 +215,8 @@ class FusedTransition(SyncBNMixin, _Transition):
         with _no_autocast(x), _restore_on_error(saved):
             grad = _grad_wanted(x, tensors)
             spec = spec._replace(tf32=conv_tf32(x.dtype))
-            key = conv_key("transition", x, [self.conv], train=training, grad=grad, tf32=spec.tf32)
+            key = lambda any_size=False: conv_key("transition", x, [self.conv], any_size=any_size,  # noqa: E731
+                                                  train=training, grad=grad, tf32=spec.tf32)
             spec = spec._replace(conv_path=select_conv(name, why, x, key,
                                                        lambda: _transition_tuning_runs(spec, x, tensors, grad),
                                                        may_time=group is None))

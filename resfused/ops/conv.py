@@ -85,7 +85,7 @@ def _eager_dgrad(grad_out, weight, input_shape, stride, padding, dilation, bn_in
     dz = torch.where(z > 0, dx, torch.zeros_like(dx))
     xhat = (bn_input.float() - _chan(bn_stats[0])) * _chan(bn_stats[1])
     dzf = dz.float()
-    return dz, torch.stack([dzf.sum((0, 2, 3)), (dzf * xhat).sum((0, 2, 3))])
+    return dz, torch.stack([dzf.sum((0, 2, 3)), (dzf * xhat).sum((0, 2, 3))]).float()  # (fp64 stats: fp32 too)
 
 
 def _eager_wgrad(grad_out, x, weight_shape, stride, padding, dilation, prologue):

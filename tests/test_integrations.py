@@ -1,0 +1,244 @@
+"""The fused modules under the tools users run on torchvision models: hooks on inner
+modules (feature taps, pruning), FX tracing (``create_feature_extractor``),
+``torch.jit.trace``, the meta device, ``torch.func`` transforms, double backward, gradient
+accumulation with separate ``.grad`` tensors, ``nn.SyncBatchNorm`` outside a process
+group, and ``fold`` of blocks it cannot fold or with gradients wanted. Each gives
+torchvision's numbers or a clear error."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.utils.prune as prune
+import torchvision
+from torch import nn
+from torchvision.models.densenet import DenseNet, _DenseBlock, _DenseLayer
+from torchvision.models.feature_extraction import create_feature_extractor
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+import resfused
+from resfused.convert import FoldedBlock
+from utils import assert_close, randomise_bns
+
+
+def _pair(name: str):
+    torch.manual_seed(0)
+    if name == "resnet":
+        tv = torchvision.models.resnet18(num_classes=5)
+        taps = ["layer1.0.bn2", "layer2.0.downsample.1", "layer3.1.conv1"]
+    else:
+        tv = DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=5)
+        taps = ["features.denseblock1.denselayer2.conv2", "features.denseblock1.denselayer1",
+                "features.transition1.norm"]
+    randomise_bns(tv)
+    return tv, resfused.convert(copy.deepcopy(tv)), taps
+
+
+def _fused_node_count(out: torch.Tensor) -> int:
+    """How many fused autograd nodes the graph behind ``out`` holds."""
+    seen, stack, count = set(), [out.grad_fn], 0
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        count += type(fn).__name__.startswith(("ResidualBlockFunction", "DenseBlockFunction", "TransitionFunction"))
+        stack.extend(f for f, _ in fn.next_functions)
+    return count
+
+
+@pytest.mark.parametrize("name", ["resnet", "densenet"])
+@pytest.mark.parametrize("training", [False, True])
+def test_hooks_on_inner_modules_fire_with_torchvision_values(name, training):
+    """A forward hook on a module inside a fused block (a feature tap) fires with
+    torchvision's value: the block runs torchvision's forward while such a hook is there,
+    and the fused path again once it is removed."""
+    tv, fu, taps = _pair(name)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)  # (training: batch statistics of 2x1x1 in layer4)
+    got = {}
+    for model, tag in ((tv, "tv"), (fu, "fu")):
+        model.double().train(training)
+        modules = dict(model.named_modules())
+        handles = [modules[t].register_forward_hook(lambda m, i, o, t=t, tag=tag: got.__setitem__((tag, t), o))
+                   for t in taps]
+        got[(tag, "out")] = model(x)
+        for h in handles:
+            h.remove()
+    for t in taps + ["out"]:
+        assert (("fu", t)) in got, f"hook on {t} did not fire"
+        assert_close(got[("fu", t)], got[("tv", t)], 1e-9, 1e-9, t)
+    # the blocks holding a tap ran torchvision's forward, the others stayed fused; and all
+    # are fused again once the hooks are gone
+    # (denselayer1, hooked itself, is called by torchvision's block forward: a fused layer)
+    assert _fused_node_count(got[("fu", "out")]) == {"resnet": 5, "densenet": 2}[name]
+    assert _fused_node_count(fu(x)) == {"resnet": 8, "densenet": 3}[name]
+
+
+def test_pruned_conv_inside_a_block_trains_as_torchvision():
+    """``torch.nn.utils.prune`` applies its mask in a pre-forward hook on the conv: the
+    pruned weight is what the block uses, step after step, as in torchvision."""
+    tv, fu, _ = _pair("resnet")
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    for model in (tv, fu):
+        model.double()
+        prune.l1_unstructured(model.layer1[0].conv1, "weight", amount=0.5)
+        prune.l1_unstructured(model.layer2[0].downsample[0], "weight", amount=0.3)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (tv, fu)]
+    for _ in range(2):
+        outs = []
+        for model, opt in zip((tv, fu), opts):
+            opt.zero_grad()
+            out = model(x)
+            out.square().mean().backward()
+            opt.step()
+            outs.append(out)
+        assert_close(outs[1], outs[0], 1e-9, 1e-9, "pruned model output")
+    assert_close(fu.layer1[0].conv1.weight_orig, tv.layer1[0].conv1.weight_orig, 1e-9, 1e-9, "pruned weight")
+
+
+@pytest.mark.parametrize("name", ["resnet", "densenet"])
+@pytest.mark.parametrize("how", ["create_feature_extractor", "symbolic_trace", "jit.trace"])
+def test_tracers_record_torchvision_ops(name, how):
+    """FX (``create_feature_extractor``, ``symbolic_trace``) and ``torch.jit.trace`` record
+    the fused models as torchvision's ops, with torchvision's outputs."""
+    tv, fu, taps = _pair(name)
+    tv.eval()
+    fu.eval()
+    x = torch.randn(2, 3, 32, 32)
+    outs = []
+    for model in (tv, fu):
+        if how == "create_feature_extractor":
+            outs.append(create_feature_extractor(model, {taps[0]: "tap"})(x)["tap"])
+        elif how == "symbolic_trace":
+            outs.append(torch.fx.symbolic_trace(model)(x))
+        else:
+            outs.append(torch.jit.trace(model, x, check_trace=False)(x))
+    assert_close(outs[1], outs[0], 1e-5, 1e-5, how)
+
+
+@pytest.mark.parametrize("name", ["resnet", "densenet"])
+def test_meta_device_gives_torchvision_shapes(name):
+    tv, fu, _ = _pair(name)
+    x = torch.randn(2, 3, 32, 32, device="meta")
+    assert fu.to("meta")(x).shape == tv.to("meta")(x).shape == (2, 5)
+
+
+@pytest.mark.parametrize("name", ["resnet", "densenet"])
+def test_torch_func_grad_matches_torchvision(name):
+    tv, fu, _ = _pair(name)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    grads = []
+    for model in (tv, fu):
+        model.double().eval()
+        params = dict(model.named_parameters())
+        grads.append(torch.func.grad(lambda p, xx: torch.func.functional_call(model, p, (xx,)).square().sum())(
+            params, x))
+    for k in grads[0]:
+        assert_close(grads[1][k], grads[0][k], 1e-9, 1e-9, k)
+
+
+def _modules_for_double_backward():
+    torch.manual_seed(0)
+    ds = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8))
+    return {"bottleneck": (Bottleneck(4, 2, stride=2, downsample=ds), 4),
+            "dense_block": (_DenseBlock(2, 4, 2, 3, 0.0, False), 4),
+            "transition": (torchvision.models.densenet._Transition(4, 2), 4),
+            "batch_norm_act": (None, 4)}
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "dense_block", "transition", "batch_norm_act"])
+def test_double_backward_raises_instead_of_a_wrong_gradient(kind):
+    """A second derivative through a fused node (a gradient penalty) raises autograd's
+    once-differentiable error: the fused backward is not itself differentiable, and a
+    silently disconnected graph would give zeros."""
+    module, c = _modules_for_double_backward()[kind]
+    fused = resfused.nn.BatchNormAct2d(c) if module is None else resfused.convert(module)
+    fused.double()
+    x = torch.randn(2, c, 6, 6, dtype=torch.float64, requires_grad=True)
+    g, = torch.autograd.grad(fused(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
+        g.square().sum().backward()
+
+
+def test_bias_gradients_are_separate_tensors():
+    """The join's two BNs (bn3 and the downsample's) both get Σdy as their bias gradient:
+    each parameter's ``.grad`` is its own tensor, so accumulation over two backward calls,
+    clipping and GradScaler unscaling act on each once, as in torchvision; likewise the
+    two bias gradients of ``dual_batch_norm_act``."""
+    torch.manual_seed(0)
+    ds = nn.Sequential(nn.Conv2d(16, 64, 1, stride=2, bias=False), nn.BatchNorm2d(64))
+    tv = Bottleneck(16, 16, stride=2, downsample=ds)
+    fu = resfused.convert(copy.deepcopy(tv))
+    x = torch.randn(2, 16, 8, 8)
+    for model in (tv, fu):
+        model(x).sum().backward()
+        model(x).square().sum().backward()  # accumulated into the same .grad
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    assert fu.bn3.bias.grad.data_ptr() != fu.downsample[1].bias.grad.data_ptr()
+    for (k, p), (_, q) in zip(tv.named_parameters(), fu.named_parameters()):
+        assert_close(q.grad, p.grad, 1e-6, 1e-4, k)
+
+    w, b, rw, rb = (torch.randn(8, requires_grad=True) for _ in range(4))
+    y, r = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+    resfused.functional.dual_batch_norm_act(y, r, (None, None, w, b), (None, None, rw, rb), training=True) \
+        .sum().backward()
+    assert b.grad.data_ptr() != rb.grad.data_ptr()
+    b.grad.mul_(2)
+    assert_close(rb.grad, b.grad / 2, 0, 0, "the residual BN's bias gradient after doubling the other")
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_sync_batchnorm_inside_a_block_outside_a_process_group(kind):
+    """``nn.SyncBatchNorm.convert_sync_batchnorm`` then ``convert`` in a single process
+    without torch.distributed initialised: local statistics, as nn.SyncBatchNorm itself."""
+    torch.manual_seed(0)
+    block = BasicBlock(8, 8) if kind == "basic" else Bottleneck(8, 2)
+    tv = nn.SyncBatchNorm.convert_sync_batchnorm(block)
+    fu = resfused.convert(copy.deepcopy(tv))
+    x = torch.randn(2, 8, 6, 6)
+    assert_close(fu(x), tv(x), 1e-5, 1e-5, "output")
+    assert_close(fu.bn1.running_var, tv.bn1.running_var, 1e-6, 1e-6, "running_var")
+
+
+def test_fold_keeps_blocks_it_cannot_fold_and_gives_gradients():
+    """``fold`` folds only standard blocks: one with another activation or norm layer is
+    kept as it is and the model still equals its eval output; a folded model called with
+    gradients wanted gives eval's gradients (the join then runs in standard ops)."""
+    torch.manual_seed(0)
+    relu6 = randomise_bns(resfused.models.resnet18(num_classes=5))
+    for m in relu6.modules():
+        if isinstance(m, resfused.FusedBasicBlock):
+            m.relu = nn.ReLU6(inplace=True)
+    group_norm = torchvision.models.resnet18(num_classes=5, norm_layer=lambda c: nn.GroupNorm(4, c))
+    x = torch.randn(2, 3, 32, 32) * 4
+    for model in (relu6, group_norm):
+        model.eval()
+        folded = resfused.fold(model)
+        assert not any(isinstance(m, FoldedBlock) for m in folded.modules())
+        with torch.no_grad():
+            assert_close(folded(x), model(x), 1e-4, 1e-4, "kept blocks")
+
+    model = randomise_bns(torchvision.models.resnet18(num_classes=5)).eval()
+    folded = resfused.fold(model)
+    assert sum(isinstance(m, FoldedBlock) for m in folded.modules()) == 8
+    grads = []
+    for m in (model, folded):
+        xx = x.clone().requires_grad_()
+        m(xx)[:, 0].sum().backward()
+        grads.append((xx.grad, m.fc.weight.grad))
+    assert_close(grads[1][0], grads[0][0], 1e-4 * grads[0][0].abs().max().item(), 1e-4, "input gradient")
+    assert_close(grads[1][1], grads[0][1], 1e-4 * grads[0][1].abs().max().item(), 1e-4, "fc gradient")
+
+
+def test_standalone_dense_layer_returns_its_own_contiguous_features():
+    torch.manual_seed(0)
+    tv = _DenseLayer(4, 3, 2, 0.0, False)
+    fu = resfused.convert(copy.deepcopy(tv))
+    x = torch.randn(2, 4, 8, 8)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xf = x.contiguous(memory_format=fmt)
+        out = fu.to(memory_format=fmt)(xf)
+        assert out.is_contiguous(memory_format=fmt)
+        assert out.untyped_storage().nbytes() == out.numel() * out.element_size()
+        assert_close(out, tv(xf), 1e-5, 1e-5, "new features")

@@ -55,7 +55,6 @@ if hasattr(torch.compiler, "assume_constant_result"):  # asked for real while to
     _exporting = torch.compiler.assume_constant_result(_exporting)
 
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                       "_global_backward_pre_hooks")
 
@@ -91,8 +90,14 @@ def runs_unfused(module: nn.Module, x) -> bool:
     glob = nn.modules.module
     if any(getattr(glob, d, None) for d in _GLOBAL_HOOK_DICTS) and next(module.children(), None) is not None:
         return True
-    for m in module.modules():
-        if m is not module and any(getattr(m, d, None) for d in _HOOK_DICTS):
+    return _hooked_below(module)
+
+
+def _hooked_below(module: nn.Module) -> bool:
+    """Whether a hook sits on any module below ``module`` (its own hooks do not count)."""
+    for m in module._modules.values():
+        if m is not None and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                              or getattr(m, "_backward_pre_hooks", None) or _hooked_below(m)):
             return True
     return False
 

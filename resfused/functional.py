@@ -50,6 +50,12 @@ def check_bn_input(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
                              f"got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{prefix}{arg} must be floating point, got {t.dtype}")
+        if t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+            # F.batch_norm's rule: the input's dtype, or float32 for a float16/bfloat16 input
+            raise TypeError(f"{prefix}{arg} dtype {t.dtype} does not match {name} dtype {x.dtype} (BN parameters "
+                            f"and running statistics take {name}'s dtype, or float32 when {name} is float16 or "
+                            f"bfloat16)")
+    check_not_inference(prefix.rstrip(": ") or "batch_norm_act", x, weight, bias)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{prefix}running_mean and running_var must both be given or both be None")
     if not training and running_mean is None:
@@ -60,9 +66,33 @@ def check_bn_input(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
 
 
-def check_residual(x: Tensor, residual: Tensor) -> None:
+def check_not_inference(name: str, x: Tensor, *params: Optional[Tensor]) -> None:
+    """An inference tensor cannot be saved for backward: raised before anything moves when
+    gradients would be recorded (a parameter requires grad, grad mode on)."""
+    if x.is_inference() and torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
+        raise RuntimeError(f"{name}: the input is an inference tensor (made under torch.inference_mode()), which "
+                           f"cannot be saved for backward; call the module under torch.inference_mode() or "
+                           f"torch.no_grad(), or give it a tensor made outside inference mode (x.clone())")
+
+
+def _check_number(name: str, value, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+
+
+def _check_bn_tuple(name: str, value) -> Sequence[Optional[Tensor]]:
+    if not isinstance(value, (tuple, list)) or len(value) != 4:
+        raise TypeError(f"{name} must be (running_mean, running_var, weight, bias), each a Tensor or None; got "
+                        f"{type(value).__name__}" + (f" of length {len(value)}" if isinstance(value, (tuple, list))
+                                                     else ""))
+    return value
+
+
+def check_residual(x: Tensor, residual: Tensor, optional: bool = True) -> None:
     if not isinstance(residual, Tensor):
-        raise TypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
+        raise TypeError(f"residual must be a Tensor{' or None' if optional else ''}, got {type(residual).__name__}")
     if residual.device != x.device:
         raise RuntimeError(f"residual is on {residual.device} but x is on {x.device}; move both to the same device")
     if residual.dtype != x.dtype:
@@ -85,6 +115,8 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     statistics over, as ``nn.SyncBatchNorm`` (training only; None: this process's batch).
     """
     relu = _check_activation(activation)
+    _check_number("momentum", momentum)
+    _check_number("eps", eps, positive=True)
     check_bn_input(x, running_mean, running_var, weight, bias, training, synced=sync_group is not None)
     if residual is not None:
         check_residual(x, residual)
@@ -105,12 +137,16 @@ def dual_batch_norm_act(x: Tensor, residual: Tensor, bn_x: Sequence[Optional[Ten
     of each BN; ``residual_momentum``/``residual_eps`` default to ``momentum``/``eps``.
     """
     relu = _check_activation(activation)
-    rm, rv, w, b = bn_x
-    rrm, rrv, rw, rb = bn_residual
-    check_bn_input(x, rm, rv, w, b, training, prefix="bn_x: ")
-    check_residual(x, residual)
-    check_bn_input(residual, rrm, rrv, rw, rb, training, prefix="bn_residual: ", name="residual")
+    rm, rv, w, b = _check_bn_tuple("bn_x", bn_x)
+    rrm, rrv, rw, rb = _check_bn_tuple("bn_residual", bn_residual)
     rmom = momentum if residual_momentum is None else residual_momentum
     reps = eps if residual_eps is None else residual_eps
+    for arg, value in (("momentum", momentum), ("eps", eps), ("residual_momentum", rmom), ("residual_eps", reps)):
+        _check_number(arg, value, positive=arg.endswith("eps"))
+    check_bn_input(x, rm, rv, w, b, training, prefix="bn_x: ")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    check_residual(x, residual, optional=False)
+    check_bn_input(residual, rrm, rrv, rw, rb, training, prefix="bn_residual: ", name="residual")
     return BatchNormActFunction.apply(x, w, b, rm, rv, residual, rw, rb, rrm, rrv,
                                       training, momentum, eps, True, training, rmom, reps, relu, backend)

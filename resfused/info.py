@@ -45,7 +45,7 @@ def collect() -> dict:
             entry["available"][name] = True if not reason else reason
         try:
             entry["selected"] = select_backend(dev)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:  # (an unknown RESFUSED_BACKEND: ValueError)
             entry["selected"] = f"error: {exc}"
         info["backends"][dev.type] = entry
     from . import conv_select

@@ -41,7 +41,16 @@ BAD_MODULE_CALLS = {
     "integer dtype": (lambda m, d: m(torch.randint(0, 5, (2, 4, 3, 3), device=d)), TypeError, "floating-point"),
     "one value per channel": (lambda m, d: m(torch.randn(1, 4, 1, 1, device=d)), ValueError,
                               "Expected more than 1 value per channel when training"),
+    "parameters of another dtype": (lambda m, d: m.double()(torch.randn(2, 4, 3, 3, device=d)), TypeError,
+                                    "running_mean dtype torch.float64 does not match x dtype torch.float32"),
+    "inference tensor with grad": (lambda m, d: m(_inference_tensor(d)), RuntimeError,
+                                   "the input is an inference tensor"),
 }
+
+
+def _inference_tensor(device):
+    with torch.inference_mode():
+        return torch.randn(2, 4, 3, 3, device=device)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -95,6 +104,33 @@ def test_dual_form_names_the_branch():
     with pytest.raises(ValueError, match="bn_residual: running_mean must have one value per channel"):
         RF.dual_batch_norm_act(x, r, good, bad, training=True)
     assert all(torch.equal(a, b) for a, b in zip(good, before)), "bn_x running stats changed by a call that raised"
+
+
+@pytest.mark.parametrize("bad", ["momentum None", "eps string", "eps zero", "residual_eps string", "bn_x length",
+                                 "residual None"])
+def test_dual_form_names_bad_settings_before_anything_moves(bad):
+    x, r = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    a = [torch.zeros(4), torch.ones(4), None, None]
+    b = [torch.zeros(4), torch.ones(4), None, None]
+    kwargs = {"momentum None": {"momentum": None}, "eps string": {"eps": "1e-5"}, "eps zero": {"eps": 0.0},
+              "residual_eps string": {"residual_eps": "1e-5"}, "bn_x length": {}, "residual None": {}}[bad]
+    exc, text = {"momentum None": (TypeError, "momentum must be a number, got None"),
+                 "eps string": (TypeError, "eps must be a number"), "eps zero": (ValueError, "eps must be positive"),
+                 "residual_eps string": (TypeError, "residual_eps must be a number"),
+                 "bn_x length": (TypeError, r"bn_x must be \(running_mean, running_var, weight, bias\).* length 3"),
+                 "residual None": (TypeError, "residual must be a Tensor, got NoneType")}[bad]
+    with pytest.raises(exc, match=text):
+        RF.dual_batch_norm_act(x, None if bad == "residual None" else r, a[:3] if bad == "bn_x length" else a, b,
+                               training=True, **kwargs)
+    assert torch.equal(a[0], torch.zeros(4)) and torch.equal(b[1], torch.ones(4)), "running stats moved"
+
+
+def test_info_reports_an_unknown_forced_backend(monkeypatch, capsys):
+    from resfused import info
+
+    monkeypatch.setenv("RESFUSED_BACKEND", "bogus")
+    data = info.collect()
+    assert "error" in str(data["backends"]["cpu"]["selected"]) and "bogus" in str(data["backends"]["cpu"]["selected"])
 
 
 def test_unknown_activation_and_eval_without_running_stats():

@@ -98,6 +98,44 @@ def test_unreadable_compare_file_exits_2(capsys, tmp_path):
     assert code == 2 and "not JSON" in err
 
 
+@pytest.mark.parametrize("content, text", [
+    ('{"results": [1, 2]}', "result 0 has no 'case' and 'provider'"),
+    ('{"results": [], "context": "x"}', "'context' is not an object"),
+    ('{"results": [{"case": "c", "provider": "p", "ms": 1.0, "speedup": "fast"}]}', "speedup is 'fast'"),
+])
+def test_compare_file_of_another_schema_exits_2_before_the_run(content, text, capsys, tmp_path):
+    (tmp_path / "other.json").write_text(content)
+    out = tmp_path / "out"
+    code, err = _exit_code(TINY + ["--compare", str(tmp_path / "other.json"), "--out", str(out)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and text in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, text", [
+    (["--max-time", "nan"], "--max-time: must be a positive number"),
+    (["--max-time", "inf"], "--max-time: must be a positive number"),
+    (["--provider", ""], "--provider: expected at least one of"),
+    (["--case", "join", "--provider", "tv_memeff"], "tv_memeff applies to none of the selected cases"),
+    (["--name", "taken"], "taken.csv is a directory"),
+])
+def test_other_bad_values_exit_2_before_the_run(argv, text, capsys, tmp_path):
+    (tmp_path / "taken.csv").mkdir()
+    code, err = _exit_code(TINY[:4] + argv + ["--out", str(tmp_path)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and text in err, err
+    assert sorted(os.listdir(tmp_path)) == ["taken.csv"]
+
+
+def test_records_get_the_umask_mode(tmp_path):
+    from resfused.bench import report
+
+    old = os.umask(0o022)
+    try:
+        report.atomic_write(str(tmp_path / "r.json"), "{}")
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "r.json").st_mode & 0o777) == 0o644
+
+
 def test_command_line_exit_code_and_one_line():
     res = subprocess.run([sys.executable, "-m", "resfused.bench", "--level", "nope"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import glob
+import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from typing import List, Optional, Sequence
 
@@ -181,13 +183,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # ---- every check before any work
     levels = _split(parser, args.level, "--level", LEVELS)
     dtypes = _split(parser, args.dtype, "--dtype", tuple(DTYPES)) if args.dtype else None
-    explicit = _split(parser, args.provider, "--provider", PROVIDERS) if args.provider else []
+    explicit = _split(parser, args.provider, "--provider", PROVIDERS) if args.provider is not None else []
     names = _split(parser, args.case, "--case", WORKLOADS) if args.case else None
     modes = _split(parser, args.mode, "--mode", MODES) if args.mode else None
     if args.quick and args.preset not in (None, "quick"):
         parser.error(f"argument --quick: conflicts with --preset {args.preset}")
     preset = "quick" if args.quick else (args.preset or "full")
-    if args.max_time is not None and args.max_time <= 0:
+    if args.max_time is not None and not (args.max_time > 0 and math.isfinite(args.max_time)):
         parser.error(f"argument --max-time: must be a positive number of seconds, got {args.max_time:g}")
     if args.batch is not None and args.batch < 1:
         parser.error(f"argument --batch: must be a positive integer, got {args.batch}")
@@ -223,13 +225,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ValueError as exc:
             parser.error(f"argument --compare: {exc}")
     out_dir = os.path.abspath(args.out or _default_out())
+    stem = os.path.join(out_dir, args.name or f"latest-{device.type}-{preset}")
     try:
         os.makedirs(out_dir, exist_ok=True)
-        if not os.access(out_dir, os.W_OK):
-            raise OSError("not writable")
+        probe = tempfile.NamedTemporaryFile(prefix=".probe-", dir=out_dir)  # a real write: os.access trusts root
+        probe.close()
     except OSError as exc:
-        parser.error(f"argument --out: cannot write to {out_dir} ({exc})")
-    stem = os.path.join(out_dir, args.name or f"latest-{device.type}-{preset}")
+        parser.error(f"argument --out: cannot write to {out_dir} ({exc.strerror or exc})")
+    for suffix in ("", "-incomplete"):
+        for ext in (".json", ".csv", ".md"):
+            if os.path.isdir(stem + suffix + ext):
+                parser.error(f"argument --name: {stem + suffix + ext} is a directory; choose another --name or --out")
     avail = available_bytes(device)
     if avail is not None:
         for case in cases:
@@ -238,6 +244,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 parser.error(f"case {case.label} needs at least {need / 2**30:.1f} GiB but {device} has "
                              f"{avail / 2**30:.1f} GiB available; choose a smaller --batch, --quick or fewer cases")
     plan = [(case,) + tuple(case_providers(case, providers, device, preset, explicit)) for case in cases]
+    unused = [p for p in explicit if not any(p in run or p in skipped for _, run, skipped in plan)]
+    if unused:
+        parser.error(f"argument --provider: {', '.join(unused)} applies to none of the selected cases "
+                     f"({', '.join(c.label for c in cases[:4])}{', ...' if len(cases) > 4 else ''})")
     if args.list:
         for case, run, skipped in plan:
             print(f"{case.label}: {', '.join(run)}" + (f" (skipped: {', '.join(skipped)})" if skipped else ""))

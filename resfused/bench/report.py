@@ -182,6 +182,12 @@ LEVEL_TITLES = {
 # ---------------------------------------------------------------------------------------------
 # files
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, text: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -189,6 +195,7 @@ def atomic_write(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # (mkstemp makes 0600) the mode a plain open() would give
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -295,6 +302,7 @@ def plot(record: dict, stem: str) -> Tuple[List[str], Optional[str]]:
         os.close(fd)
         try:
             fig.savefig(tmp, dpi=110)
+            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
         finally:
             plt.close(fig)
@@ -318,6 +326,17 @@ def load_record(path: str) -> dict:
         raise ValueError(f"{path} is not JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(record, dict) or not isinstance(record.get("results"), list):
         raise ValueError(f"{path} is not a resfused benchmark record (no 'results' list)")
+    if not isinstance(record.get("context", {}), dict):
+        raise ValueError(f"{path} is not a resfused benchmark record ('context' is not an object)")
+    for i, row in enumerate(record["results"]):
+        if not isinstance(row, dict) or not isinstance(row.get("case"), str) or not isinstance(row.get("provider"),
+                                                                                               str):
+            raise ValueError(f"{path} is not a resfused benchmark record (result {i} has no 'case' and 'provider')")
+        for key in ("ms", "saved_MiB", "max_batch", "speedup"):
+            v = row.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ValueError(f"{path} is not a resfused benchmark record (result {i}: {key} is {v!r}, not a "
+                                 f"number)")
     return record
 
 

@@ -19,6 +19,7 @@ from .._backend import unavailable_reason
 from ..autograd.block import (TENSORS_PER_UNIT, BlockSpec, BNSpec, ConvSpec, ResidualBlockFunction,
                               check_join_shapes)
 from ..distributed import resolve_group
+from ..functional import check_not_inference
 from ..ops import bn_act as ops
 from ..ops.bn_act import _compiling, _trace_time_constant
 from .bn_act import (SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norm, batch_norm_args,
@@ -61,6 +62,7 @@ def check_module_input(name: str, x: Tensor, expected_c: int, weight: Tensor, ba
         raise ValueError(f"{name}: expected input of shape [N, {expected_c}, H, W], got {tuple(x.shape)}")
     if x.device != weight.device:
         raise RuntimeError(f"{name}: input is on {x.device} but the weights are on {weight.device}")
+    check_not_inference(name, x, weight)
     if _autocast_dtype(x) is None and x.dtype != weight.dtype:
         raise TypeError(f"{name}: input dtype {x.dtype} does not match the weights' dtype {weight.dtype}")
     if batch_stats and x.shape[0] * x.shape[2] * x.shape[3] == 1:

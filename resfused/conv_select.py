@@ -114,12 +114,13 @@ def cached(key: str) -> Optional[str]:
 
 
 def cached_any_size(key: str) -> Optional[str]:
-    """The choice most recently recorded for ``key`` at any input size: ``key`` has
-    ``|x*`` where a full key has the input's shape (``|x(N, C, H, W)``)."""
+    """The choice recorded for ``key`` at every input size seen, when they agree (None when
+    none is recorded or they differ): ``key`` has ``|x*`` where a full key has the
+    input's shape (``|x(N, C, H, W)``)."""
     with _lock:
         _load()
-        found = [v["choice"] for k, v in _memory.items() if re.sub(r"\|x\([^)]*\)", "|x*", k, count=1) == key]
-    return found[-1] if found else None
+        found = {v["choice"] for k, v in _memory.items() if re.sub(r"\|x\([^)]*\)", "|x*", k, count=1) == key}
+    return found.pop() if len(found) == 1 else None
 
 
 def clear_cache(memory_only: bool = False) -> None:

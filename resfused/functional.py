@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .autograd.bn_act import BatchNormActFunction
+from .ops.bn_act import _compiling
 
 ACTIVATIONS = ("relu", "identity")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -69,6 +70,8 @@ def check_bn_input(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
 def check_not_inference(name: str, x: Tensor, *params: Optional[Tensor]) -> None:
     """An inference tensor cannot be saved for backward: raised before anything moves when
     gradients would be recorded (a parameter requires grad, grad mode on)."""
+    if _compiling():  # (torch.compile cannot trace is_inference(); its graphs never see inference tensors)
+        return
     if x.is_inference() and torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
         raise RuntimeError(f"{name}: the input is an inference tensor (made under torch.inference_mode()), which "
                            f"cannot be saved for backward; call the module under torch.inference_mode() or "

@@ -130,13 +130,34 @@ def test_running_stats_updated_once_and_no_grad_paths(case):
 
 
 @pytest.mark.parametrize("bad", ["no_downsample", "no_downsample_stride2", "downsample_stride", "too_small",
-                                 "empty_height", "one_value_inner", "one_value_downsample", "forced_backend"])
+                                 "empty_height", "one_value_inner", "one_value_downsample", "forced_backend",
+                                 "conv_dtype", "bn_dtype", "custom_downsample_stride"])
 def test_misbuilt_block_raises_before_anything_moves(bad):
     """A block whose branches cannot be joined (built without the downsample it needs, or a
     downsample of the wrong stride), whose input is too small for its convolutions (an
     empty spatial size included), whose inner or downsample BN would see one value per
     channel in training (torchvision's error), or forced onto a backend that cannot run
     raises a clear error naming the block before any running statistic moves."""
+    if bad in ("conv_dtype", "bn_dtype"):
+        block = FusedBottleneck(16, 4).train()
+        (block.conv2 if bad == "conv_dtype" else block.bn2).double()
+        before = {k: v.clone() for k, v in block.state_dict().items()}
+        text = "conv2's weight dtype torch.float64" if bad == "conv_dtype" else \
+            "bn2's tensors are torch.float64 but the block runs in torch.float32"
+        with pytest.raises(TypeError, match=r"FusedBottleneck\(in_channels=16, .*" + text):
+            block(torch.randn(2, 16, 5, 5))
+        for k, v in block.state_dict().items():
+            assert torch.equal(v, before[k]), f"{k} changed by a call that raised"
+        return
+    if bad == "custom_downsample_stride":  # (runs eagerly before the join's check: its BN is put back)
+        ds = nn.Sequential(conv1x1(8, 16, 1), nn.BatchNorm2d(16), nn.Identity())
+        block = FusedBottleneck(8, 4, stride=2, downsample=ds).train()
+        before = {k: v.clone() for k, v in block.state_dict().items()}
+        with pytest.raises(ValueError, match="the identity branch gives shape"):
+            block(torch.randn(2, 8, 5, 5))
+        for k, v in block.state_dict().items():
+            assert torch.equal(v, before[k]), f"{k} changed by a call that raised"
+        return
     if bad == "forced_backend":
         block = FusedBasicBlock(8, 8).train()
         before = {k: v.clone() for k, v in block.state_dict().items()}

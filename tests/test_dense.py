@@ -310,7 +310,7 @@ def test_densenet121_saved_bytes_below_torchvision():
 @pytest.mark.parametrize("which,bad", [(which, bad) for which in ("block", "layer", "transition")
                                        for bad in ("channels", "ndim", "device", "dtype", "single_value",
                                                    "empty_height", "empty_width")]
-                         + [("block", "layer_dtype"), ("transition", "pool_too_small")])
+                         + [("block", "layer_dtype"), ("block", "norm_dtype"), ("transition", "pool_too_small")])
 def test_rejects_bad_input_and_changes_nothing(which, bad):
     if which == "block":
         _, module = make_block_pair(num_layers=2, c0=8)
@@ -324,21 +324,26 @@ def test_rejects_bad_input_and_changes_nothing(which, bad):
     module.train()
     if bad == "layer_dtype":
         module.denselayer2.conv1.double()
+    if bad == "norm_dtype":
+        module.denselayer2.norm1.double()
     before = {k: v.clone() for k, v in module.state_dict().items()}
     x = {"channels": torch.randn(2, 6, 5, 5), "ndim": torch.randn(8, 5, 5),
          "device": torch.randn(2, 8, 5, 5, device="meta"), "dtype": torch.randn(2, 8, 5, 5, dtype=torch.float64),
          "single_value": torch.randn(1, 8, 1, 1), "empty_height": torch.randn(2, 8, 0, 5),
          "empty_width": torch.randn(2, 8, 5, 0), "layer_dtype": torch.randn(2, 8, 5, 5),
+         "norm_dtype": torch.randn(2, 8, 5, 5),
          "pool_too_small": torch.randn(2, 8, 1, 4)}[bad]
     exc = {"channels": ValueError, "ndim": ValueError, "device": RuntimeError, "dtype": TypeError,
            "single_value": ValueError, "empty_height": ValueError, "empty_width": ValueError,
-           "layer_dtype": TypeError, "pool_too_small": ValueError}[bad]
+           "layer_dtype": TypeError, "norm_dtype": TypeError, "pool_too_small": ValueError}[bad]
     text = {"channels": r": expected input of shape \[N, 8, H, W\]", "ndim": r": expected 4-D input \[N, 8, H, W\]",
             "device": ": input is on meta", "dtype": ": input dtype torch.float64",
             "single_value": ": expected more than 1 value per channel",
             "empty_height": r": input of spatial size \(0, 5\) is too small",
             "empty_width": r": input of spatial size \(5, 0\) is too small",
-            "layer_dtype": r": input dtype torch.float32 does not match denselayer2's weights' dtype torch.float64",
+            "layer_dtype": r": input dtype torch.float32 does not match denselayer2.conv1's weight dtype "
+                           r"torch.float64",
+            "norm_dtype": r": denselayer2.norm1's tensors are torch.float64 but the block runs in torch.float32",
             "pool_too_small": r": input of spatial size \(1, 4\) is too small for the transition's average pool"}[bad]
     with pytest.raises(exc, match=name + text):
         module(x)

@@ -48,6 +48,11 @@ def test_unfolded_model_exports_as_torchvision_ops(which, training):
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     ep = torch.export.export(model, (x,))
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    if not hasattr(torch.compiler, "is_exporting"):  # torch < 2.7 cannot tell an export: the fused ops
+        assert any("resfused" in t for t in targets), targets
+        if not training:
+            assert_close(ep.module()(x), model(x), 1e-9, 1e-9, "exported output")
+        return
     assert not any("resfused" in t for t in targets), targets
     buf = io.BytesIO()
     torch.export.save(ep, buf)

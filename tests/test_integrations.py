@@ -117,6 +117,33 @@ def test_tracers_record_torchvision_ops(name, how):
     assert_close(outs[1], outs[0], 1e-5, 1e-5, how)
 
 
+def test_batch_norm_act_traces_with_fx():
+    """BatchNormAct2d (the stem BN of a synchronized convert) is no FX leaf: it traces as
+    F.batch_norm + add + ReLU."""
+    torch.manual_seed(0)
+    model = resfused.convert(randomise_bns(torchvision.models.resnet18(num_classes=5)), sync_bn=True).eval()
+    assert isinstance(model.bn1, resfused.nn.BatchNormAct2d)
+    x = torch.randn(2, 3, 32, 32)
+    got = create_feature_extractor(model, {"layer1": "l1"})(x)["l1"]
+    assert_close(got, model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x))))), 1e-5, 1e-5, "layer1")
+    bn = randomise_bns(nn.Sequential(resfused.nn.BatchNormAct2d(4))).eval()
+    y = torch.randn(2, 4, 3, 3)
+    assert_close(torch.fx.symbolic_trace(bn)(y), bn(y), 1e-6, 1e-6, "traced BatchNormAct2d")
+
+
+def test_synchronized_blocks_keep_the_fused_path_with_hooks():
+    """A hook inside a block whose BNs are synchronized: torchvision's forward would
+    normalise with local statistics, so in training the fused path stays (in eval, with
+    running statistics, the hook gets torchvision's forward)."""
+    from resfused.nn.bn_act import runs_unfused
+
+    block = resfused.convert(BasicBlock(8, 8), sync_bn=True).train()
+    block.bn1.register_forward_hook(lambda m, i, o: None)
+    x = torch.randn(2, 8, 5, 5)
+    assert not runs_unfused(block, x)
+    assert runs_unfused(block.eval(), x)
+
+
 @pytest.mark.parametrize("name", ["resnet", "densenet"])
 def test_meta_device_gives_torchvision_shapes(name):
     tv, fu, _ = _pair(name)
@@ -235,9 +262,8 @@ def test_standalone_dense_layer_returns_its_own_contiguous_features():
     torch.manual_seed(0)
     tv = _DenseLayer(4, 3, 2, 0.0, False)
     fu = resfused.convert(copy.deepcopy(tv))
-    x = torch.randn(2, 4, 8, 8)
-    for fmt in (torch.contiguous_format, torch.channels_last):
-        xf = x.contiguous(memory_format=fmt)
+    for n, fmt in ((2, torch.contiguous_format), (2, torch.channels_last), (1, torch.contiguous_format)):
+        xf = torch.randn(n, 4, 8, 8).contiguous(memory_format=fmt)
         out = fu.to(memory_format=fmt)(xf)
         assert out.is_contiguous(memory_format=fmt)
         assert out.untyped_storage().nbytes() == out.numel() * out.element_size()

@@ -70,6 +70,31 @@ def check_module_input(name: str, x: Tensor, expected_c: int, weight: Tensor, ba
                          f"{tuple(x.shape)}")
 
 
+def check_units(name: str, x: Tensor, convs: Sequence[Tuple[str, nn.Module]],
+                bns: Sequence[Tuple[str, Sequence[Optional[Tensor]]]], cast: Optional[torch.dtype]) -> None:
+    """Every conv weight on x's device and in x's dtype (any dtype under autocast), and
+    every BN tensor on x's device in the dtype the convs run in (``cast`` or x's), or
+    float32 when that is float16/bfloat16 (``F.batch_norm``'s rule): raised before
+    anything runs, where the library call would fail (or mix dtypes) after statistics moved.
+    ``convs``/``bns``: (name in the module, module / its BN tensors)."""
+    run = cast or x.dtype
+    for label, conv in convs:
+        w = conv.weight
+        if w.device != x.device:
+            raise RuntimeError(f"{name}: input is on {x.device} but {label}'s weight is on {w.device}")
+        if cast is None and w.dtype != x.dtype:
+            raise TypeError(f"{name}: input dtype {x.dtype} does not match {label}'s weight dtype {w.dtype}")
+    for label, tensors in bns:
+        for t in tensors:
+            if t is None:
+                continue
+            if t.device != x.device:
+                raise RuntimeError(f"{name}: input is on {x.device} but {label}'s tensors are on {t.device}")
+            if t.dtype != run and not (t.dtype == torch.float32 and run in (torch.float16, torch.bfloat16)):
+                raise TypeError(f"{name}: {label}'s tensors are {t.dtype} but the block runs in {run} (a BN takes "
+                                f"the input's dtype, or float32 for a float16/bfloat16 input)")
+
+
 class _FusedBlockMixin(SyncBNMixin):
     """The fused forward shared by both block kinds (torchvision's constructor plus
     ``memory_efficient``, ``sync_bn`` and ``process_group``). Subclasses list their units."""
@@ -131,18 +156,26 @@ class _FusedBlockMixin(SyncBNMixin):
         conv_specs = [_conv_spec(c) for c in convs]
         n = len(units)
         args = [_bn_args(bn) for bn in bns]
-        why = check_conv_path(name, x, convs, _autocast_dtype(x) or x.dtype)
-        # A custom downsample module runs eagerly; its output is the (plain) identity.
+        cast = _autocast_dtype(x)
+        labels = [f"conv{i + 1}" for i in range(n)] + (["downsample.0"] if fused_ds else [])
+        check_units(name, x, list(zip(labels, convs)),
+                    [(lab.replace("conv", "bn").replace(".0", ".1"), a[:4]) for lab, a in zip(labels, args)], cast)
+        why = check_conv_path(name, x, convs, cast or x.dtype)
+        ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))  # a forced backend that cannot run
+        groups = [self._sync_group(bn) if a[4] else None for a, bn in zip(args, bns)]
+        shapes = [(c.weight.shape, cs) for c, cs in zip(convs, conv_specs)]
+        # A custom downsample module runs eagerly (its output is the plain identity), before
+        # the join's shape check: its BNs are put back if that check fails.
         identity = None
         if self.downsample is not None and fused_ds is None:
+            ds_saved = _snapshot([m for m in self.downsample.modules() if isinstance(m, nn.BatchNorm2d)])
             identity = self.downsample(x)
-        shapes = [(c.weight.shape, cs) for c, cs in zip(convs, conv_specs)]
-        groups = [self._sync_group(bn) if a[4] else None for a, bn in zip(args, bns)]
-        # (a synchronized BN checks the merged count of values per channel, once gathered)
-        check_join_shapes(name, tuple(x.shape), shapes[:n], identity.shape if identity is not None else None,
-                          shapes[n] if fused_ds else None, [a[4] and g is None for a, g in zip(args, groups)])
-        cast = _autocast_dtype(x)
-        ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))  # a forced backend that cannot run
+        else:
+            ds_saved = []
+        with _restore_on_error(ds_saved):
+            # (a synchronized BN checks the merged count of values per channel, once gathered)
+            check_join_shapes(name, tuple(x.shape), shapes[:n], identity.shape if identity is not None else None,
+                              shapes[n] if fused_ds else None, [a[4] and g is None for a, g in zip(args, groups)])
         saved = _snapshot(bns) if any(g is not None for g in groups) else []
         momenta = [advance_batch_norm(bn) if isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) else 0.0
                    for bn in bns]
@@ -241,8 +274,8 @@ def select_conv(name: str, why: str, x: Tensor, key: Callable[..., str], runs, m
     """"library" or "triton" for one call (``resfused.use_conv``): forced, or on CUDA the
     cached / timed faster of ``runs`` (zero-argument callables per path) for ``key()``
     (``conv_key``'s arguments bound). Under torch.compile, whose input sizes may be
-    symbolic (a dynamic batch size), the cache's choice for the block at any input size
-    (``key(any_size=True)``)."""
+    symbolic (a dynamic batch size), the cache's choice for the block when every input
+    size seen agrees (``key(any_size=True)``), else the library's."""
     forced = _forced_conv()
     if forced == "library":
         return "library"

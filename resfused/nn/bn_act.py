@@ -87,6 +87,10 @@ def runs_unfused(module: nn.Module, x) -> bool:
     if any(isinstance(t, Tensor) and t.device.type == "meta" for t in xs):
         # (a module elsewhere gets the fused path's clear device-mismatch error)
         return all(p.device.type == "meta" for p in module.parameters())
+    if getattr(module, "sync_bn", False) and module.training:
+        # torchvision's forward would normalise its plain BNs with local statistics: the
+        # fused path keeps them synchronized (hooks on inner modules then do not fire)
+        return False
     glob = nn.modules.module
     if any(getattr(glob, d, None) for d in _GLOBAL_HOOK_DICTS) and next(module.children(), None) is not None:
         return True
@@ -127,7 +131,11 @@ class BatchNormAct2d(SyncBNMixin, nn.BatchNorm2d):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if runs_unfused(self, x):  # traced: nn.BatchNorm2d's own forward, then the add and activation
-            out = super().forward(x)
+            if isinstance(x, torch.fx.Proxy):  # (FX: no shape check, no counter moved while tracing)
+                rm, rv, w, b, bn_training = batch_norm_args(self)
+                out = torch.nn.functional.batch_norm(x, rm, rv, w, b, bn_training, self.momentum or 0.0, self.eps)
+            else:
+                out = super().forward(x)
             out = out if residual is None else out + residual
             return torch.relu(out) if self.activation == "relu" else out
         self._check_input_dim(x)

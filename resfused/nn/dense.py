@@ -23,8 +23,8 @@ from ..autograd.dense import (TENSORS_PER_LAYER, DenseBlockFunction, DenseBlockS
                               transition_forward)
 from ..functional import check_bn_input
 from ..ops import bn_act as ops
-from .block import (_autocast_dtype, _conv_spec, _no_autocast, check_conv_path, check_module_input, conv_key,
-                    conv_tf32, select_conv, timing_runs)
+from .block import (_autocast_dtype, _conv_spec, _no_autocast, check_conv_path, check_module_input, check_units,
+                    conv_key, conv_tf32, select_conv, timing_runs)
 from .bn_act import (SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norm, batch_norm_args,
                      runs_unfused)
 
@@ -58,19 +58,13 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: Sync
     check_module_input(name, x, layers[0].norm1.num_features, layers[0].conv1.weight,
                        any(a[4] for a in args) and group is None)  # (synchronized: the merged count)
     cast = _autocast_dtype(x)
-    for j, layer in enumerate(layers):
+    check_units(name, x, [(f"denselayer{j + 1}.{c}", getattr(layer, c)) for j, layer in enumerate(layers)
+                          for c in ("conv1", "conv2")],
+                [(f"denselayer{j // 2 + 1}.norm{j % 2 + 1}", a[:4]) for j, a in enumerate(args)], cast)
+    for layer in layers:
         for conv in (layer.conv1, layer.conv2):
-            w = conv.weight
-            if w.device != x.device:
-                raise RuntimeError(f"{name}: input is on {x.device} but denselayer{j + 1}'s weights are on {w.device}")
-            if cast is None and w.dtype != x.dtype:
-                raise TypeError(f"{name}: input dtype {x.dtype} does not match denselayer{j + 1}'s weights' dtype "
-                                f"{w.dtype}")
-            conv_chain_shapes(name, tuple(x.shape), [(w.shape, _conv_spec(conv))], "the layers' convolutions")
-    for bn, (rm, rv, w, b, training) in zip(bns, args):
-        for t in (rm, rv, w, b):
-            if t is not None and t.device != x.device:
-                raise RuntimeError(f"{name}: input is on {x.device} but a BatchNorm's tensors are on {t.device}")
+            conv_chain_shapes(name, tuple(x.shape), [(conv.weight.shape, _conv_spec(conv))],
+                              "the layers' convolutions")
     ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))  # backend and dtype
     convs = [c for layer in layers for c in (layer.conv1, layer.conv2)]
     why = check_conv_path(name, x, convs, cast or x.dtype)
@@ -135,7 +129,7 @@ class FusedDenseLayer(SyncBNMixin, _DenseLayer):
             input = torch.cat(inputs, 1) if len(inputs) != 1 else inputs[0]
         out = _run_dense_layers(self._layer_name(), [self], input, self)
         # the new features alone, in a tensor of their own (contiguous, as torchvision's)
-        return out[:, input.shape[1]:].contiguous(memory_format=ops.memory_format_of(out))
+        return out[:, input.shape[1]:].clone(memory_format=ops.memory_format_of(out))
 
 
 class FusedDenseBlock(SyncBNMixin, _DenseBlock):

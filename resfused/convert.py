@@ -163,8 +163,7 @@ class FoldedBlock(nn.Module):
             h = torch.relu(conv(h))
         y = self.last(h)
         identity = x if self.down is None else self.down(x)
-        if _exporting() or (torch.is_grad_enabled() and (x.requires_grad or
-                                                         any(p.requires_grad for p in self.parameters()))):
+        if _exporting() or self._grad_wanted(x):
             # torch.export / ONNX, or gradients wanted (the fused kernel has no backward):
             # the same join in standard ops (same rounding: the scales are 1), so an
             # exported graph needs no resfused op and autograd sees every step
@@ -176,6 +175,9 @@ class FoldedBlock(nn.Module):
                               None if self.res_affine is None else self.res_affine.to(_acc(y)), True)
 
 
+    def _grad_wanted(self, x: Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
     def _convs(self):
         return list(self.inner) + [self.last] + ([self.down] if self.down is not None else [])
 
@@ -186,7 +188,7 @@ class FoldedBlock(nn.Module):
         if not why and any(type(c) is not nn.Conv2d or c.padding_mode != "zeros" or isinstance(c.padding, str)
                            for c in convs):
             why = "a convolution with non-zero padding mode runs in the library"
-        if not why and torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+        if not why and self._grad_wanted(x):
             why = ("gradients would be needed; the Triton path of a folded block is for inference (run it under "
                    "torch.no_grad() or torch.inference_mode())")
         return select_conv(type(self).__name__, why, x,

@@ -26,6 +26,12 @@ def _check_activation(activation: str) -> bool:
     return activation == "relu"
 
 
+def bn_dtype_allowed(dtype: torch.dtype, x_dtype: torch.dtype) -> bool:
+    """F.batch_norm's rule for BN parameters and running statistics: the input's dtype,
+    or float32 for a float16/bfloat16 input."""
+    return dtype == x_dtype or (dtype == torch.float32 and x_dtype in (torch.float16, torch.bfloat16))
+
+
 def check_bn_input(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                    weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
                    prefix: str = "", name: str = "x", synced: bool = False) -> None:
@@ -51,8 +57,7 @@ def check_bn_input(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
                              f"got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{prefix}{arg} must be floating point, got {t.dtype}")
-        if t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
-            # F.batch_norm's rule: the input's dtype, or float32 for a float16/bfloat16 input
+        if not bn_dtype_allowed(t.dtype, x.dtype):
             raise TypeError(f"{prefix}{arg} dtype {t.dtype} does not match {name} dtype {x.dtype} (BN parameters "
                             f"and running statistics take {name}'s dtype, or float32 when {name} is float16 or "
                             f"bfloat16)")
@@ -147,8 +152,6 @@ def dual_batch_norm_act(x: Tensor, residual: Tensor, bn_x: Sequence[Optional[Ten
     for arg, value in (("momentum", momentum), ("eps", eps), ("residual_momentum", rmom), ("residual_eps", reps)):
         _check_number(arg, value, positive=arg.endswith("eps"))
     check_bn_input(x, rm, rv, w, b, training, prefix="bn_x: ")
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
     check_residual(x, residual, optional=False)
     check_bn_input(residual, rrm, rrv, rw, rb, training, prefix="bn_residual: ", name="residual")
     return BatchNormActFunction.apply(x, w, b, rm, rv, residual, rw, rb, rrm, rrv,

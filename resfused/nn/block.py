@@ -19,7 +19,7 @@ from .._backend import unavailable_reason
 from ..autograd.block import (TENSORS_PER_UNIT, BlockSpec, BNSpec, ConvSpec, ResidualBlockFunction,
                               check_join_shapes)
 from ..distributed import resolve_group
-from ..functional import check_not_inference
+from ..functional import bn_dtype_allowed, check_not_inference
 from ..ops import bn_act as ops
 from ..ops.bn_act import _compiling, _trace_time_constant
 from .bn_act import (SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norm, batch_norm_args,
@@ -90,7 +90,7 @@ def check_units(name: str, x: Tensor, convs: Sequence[Tuple[str, nn.Module]],
                 continue
             if t.device != x.device:
                 raise RuntimeError(f"{name}: input is on {x.device} but {label}'s tensors are on {t.device}")
-            if t.dtype != run and not (t.dtype == torch.float32 and run in (torch.float16, torch.bfloat16)):
+            if not bn_dtype_allowed(t.dtype, run):
                 raise TypeError(f"{name}: {label}'s tensors are {t.dtype} but the block runs in {run} (a BN takes "
                                 f"the input's dtype, or float32 for a float16/bfloat16 input)")
 
@@ -157,9 +157,10 @@ class _FusedBlockMixin(SyncBNMixin):
         n = len(units)
         args = [_bn_args(bn) for bn in bns]
         cast = _autocast_dtype(x)
-        labels = [f"conv{i + 1}" for i in range(n)] + (["downsample.0"] if fused_ds else [])
-        check_units(name, x, list(zip(labels, convs)),
-                    [(lab.replace("conv", "bn").replace(".0", ".1"), a[:4]) for lab, a in zip(labels, args)], cast)
+        ds_labels = [("downsample.0", "downsample.1")] if fused_ds else []
+        labels = [(f"conv{i + 1}", f"bn{i + 1}") for i in range(n)] + ds_labels
+        check_units(name, x, [(c, conv) for (c, _), conv in zip(labels, convs)],
+                    [(b, a[:4]) for (_, b), a in zip(labels, args)], cast)
         why = check_conv_path(name, x, convs, cast or x.dtype)
         ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))  # a forced backend that cannot run
         groups = [self._sync_group(bn) if a[4] else None for a, bn in zip(args, bns)]

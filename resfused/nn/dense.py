@@ -58,15 +58,12 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: Sync
     check_module_input(name, x, layers[0].norm1.num_features, layers[0].conv1.weight,
                        any(a[4] for a in args) and group is None)  # (synchronized: the merged count)
     cast = _autocast_dtype(x)
-    check_units(name, x, [(f"denselayer{j + 1}.{c}", getattr(layer, c)) for j, layer in enumerate(layers)
-                          for c in ("conv1", "conv2")],
-                [(f"denselayer{j // 2 + 1}.norm{j % 2 + 1}", a[:4]) for j, a in enumerate(args)], cast)
-    for layer in layers:
-        for conv in (layer.conv1, layer.conv2):
-            conv_chain_shapes(name, tuple(x.shape), [(conv.weight.shape, _conv_spec(conv))],
-                              "the layers' convolutions")
-    ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))  # backend and dtype
     convs = [c for layer in layers for c in (layer.conv1, layer.conv2)]
+    check_units(name, x, [(f"denselayer{j // 2 + 1}.conv{j % 2 + 1}", c) for j, c in enumerate(convs)],
+                [(f"denselayer{j // 2 + 1}.norm{j % 2 + 1}", a[:4]) for j, a in enumerate(args)], cast)
+    for conv in convs:  # (each keeps the spatial size)
+        conv_chain_shapes(name, tuple(x.shape), [(conv.weight.shape, _conv_spec(conv))], "the layers' convolutions")
+    ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))  # backend and dtype
     why = check_conv_path(name, x, convs, cast or x.dtype)
     saved = _snapshot(bns) if group is not None else []
     momenta = [advance_batch_norm(bn) for bn in bns]  # only after every check has passed

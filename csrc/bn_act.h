@@ -39,6 +39,16 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cpu(
 // strides (x may be a channel-prefix view, and acc the same prefix of a like tensor).
 void bn_act_bwd_apply_acc_cpu(const at::Tensor& acc, const at::Tensor& grad_out, const at::Tensor& x,
                               const at::Tensor& affine, const at::Tensor& coef, const OptTensor& out, bool relu);
+// (affine [2, C] = (scale, shift), stats [2, C] = (mean, invstd)) of one BN from its mean and
+// variance, all per-channel tensors contiguous [C] in the accumulation dtype; with
+// running_mean/running_var, first updates them in place:
+//   running_mean = momentum * mean + (1 - momentum) * running_mean
+//   running_var  = momentum * (var * unbias) + (1 - momentum) * running_var
+// (one pass over C instead of a dozen [C]-sized ops: on a GPU, one launch).
+std::tuple<at::Tensor, at::Tensor> bn_coef_cpu(const at::Tensor& mean, const at::Tensor& var, const OptTensor& weight,
+                                               const OptTensor& bias, const OptTensor& running_mean,
+                                               const OptTensor& running_var, double momentum, double eps,
+                                               double unbias);
 
 #ifdef RESFUSED_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x);
@@ -54,6 +64,10 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cuda(
     const OptTensor& out, bool relu);
 void bn_act_bwd_apply_acc_cuda(const at::Tensor& acc, const at::Tensor& grad_out, const at::Tensor& x,
                                const at::Tensor& affine, const at::Tensor& coef, const OptTensor& out, bool relu);
+std::tuple<at::Tensor, at::Tensor> bn_coef_cuda(const at::Tensor& mean, const at::Tensor& var, const OptTensor& weight,
+                                                const OptTensor& bias, const OptTensor& running_mean,
+                                                const OptTensor& running_var, double momentum, double eps,
+                                                double unbias);
 #endif
 
 }  // namespace resfused

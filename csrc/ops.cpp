@@ -18,6 +18,9 @@ TORCH_LIBRARY(resfused_C, m) {
   m.def(
       "bn_act_bwd_apply_acc(Tensor(a!) acc, Tensor grad_out, Tensor x, Tensor affine, Tensor coef, "
       "Tensor? out, bool relu) -> ()");
+  m.def(
+      "bn_coef(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float momentum, float eps, float unbias) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(resfused_C, CPU, m) {
@@ -26,6 +29,7 @@ TORCH_LIBRARY_IMPL(resfused_C, CPU, m) {
   m.impl("bn_act_bwd_reduce", &resfused::bn_act_bwd_reduce_cpu);
   m.impl("bn_act_bwd_apply", &resfused::bn_act_bwd_apply_cpu);
   m.impl("bn_act_bwd_apply_acc", &resfused::bn_act_bwd_apply_acc_cpu);
+  m.impl("bn_coef", &resfused::bn_coef_cpu);
 }
 
 #ifdef RESFUSED_WITH_CUDA
@@ -35,6 +39,7 @@ TORCH_LIBRARY_IMPL(resfused_C, CUDA, m) {
   m.impl("bn_act_bwd_reduce", &resfused::bn_act_bwd_reduce_cuda);
   m.impl("bn_act_bwd_apply", &resfused::bn_act_bwd_apply_cuda);
   m.impl("bn_act_bwd_apply_acc", &resfused::bn_act_bwd_apply_acc_cuda);
+  m.impl("bn_coef", &resfused::bn_coef_cuda);
 }
 #endif
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from resfused import functional as RF
+from resfused.ops import bn_act as RF_ops
 from utils import (TOLERANCES, assert_close, assert_low_precision, backend_cases, case_id, interpreted)
 
 CASES = backend_cases()
@@ -584,3 +585,78 @@ def test_cpu_kernels_across_slot_piece_and_flush_boundaries(layout, residual):
         assert torch.equal(a, b), f"{name}: one thread and two threads differ"
         tol = 1e-5 if name == "out" or "running" in name else 1e-4
         assert_close(a, want, tol * max(float(want.abs().max()), 1.0), tol, what=name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("shape", [(4, 8, 1, 1), (2, 1, 3, 3)], ids=["Nx8x1x1", "Nx1x3x3"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_outputs_keep_x_strides_when_both_layouts_apply(case, shape, layout, residual):
+    """At 1x1 spatial (ResNet's last stage on small images) or one channel, a tensor is
+    contiguous in both layouts and only its strides say which it is. Outputs and gradients
+    keep x's strides: with NCHW strides there, cuDNN computes a channels_last layer's
+    weight gradient in NCHW and autograd copies it into the weight's layout every step."""
+    backend, device = case
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+    def make():  # (.contiguous(memory_format=...) would keep a tensor that is contiguous both ways as it is)
+        return torch.empty(shape, device=device, memory_format=fmt).copy_(torch.randn(shape, device=device))
+
+    x = make().requires_grad_()
+    r = make().requires_grad_() if residual else None
+    w = torch.rand(shape[1], device=device, requires_grad=True)
+    b = torch.randn(shape[1], device=device, requires_grad=True)
+    rm, rv = torch.zeros(shape[1], device=device), torch.ones(shape[1], device=device)
+    seen = {}
+    x.register_hook(lambda g: seen.__setitem__("grad x", g.stride()))
+    if residual:
+        r.register_hook(lambda g: seen.__setitem__("grad residual", g.stride()))
+    out = RF.batch_norm_act(x, rm, rv, w, b, True, 0.1, 1e-5, residual=r, backend=backend)
+    assert out.stride() == x.stride(), f"output strides {out.stride()} != x's {x.stride()}"
+    out.backward(make())
+    for what, stride in seen.items():
+        assert stride == x.stride(), f"{what} strides {stride} != x's {x.stride()}"
+    assert len(seen) == 1 + residual
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("weight,bias,update", list(itertools.product([False, True], repeat=3)))
+@pytest.mark.parametrize("c", [1, 7, 300])
+def test_bn_coef_matches_oracle(case, dtype, weight, bias, update, c):
+    """The per-channel step (scale, shift, invstd, running-statistics update) against
+    float64, in one launch on every backend."""
+    backend, device = case
+    g = torch.Generator().manual_seed(c)
+
+    def vec(lo=-1.0, hi=1.0):
+        return (torch.rand(c, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(device)
+
+    mean, var, w, b, rm, rv = vec(), vec(0.1, 2.0), vec(), vec(), vec(), vec(0.5, 2.0)
+    args = [t.to(dtype) for t in (mean, var)] + [w.to(dtype) if weight else None, b.to(dtype) if bias else None]
+    run_rm, run_rv = (rm.to(dtype, copy=True), rv.to(dtype, copy=True)) if update else (None, None)
+    affine, stats = RF_ops.bn_coef(*args, run_rm, run_rv, 0.1, 1e-5, 1.25, backend)
+    inv = 1 / torch.sqrt(var + 1e-5)
+    scale = w * inv if weight else inv
+    shift = (b if bias else 0) - mean * scale
+    tol = TOLERANCES[dtype]["fwd"]
+    assert affine.dtype == stats.dtype == dtype and affine.shape == stats.shape == (2, c)
+    assert_close(affine, torch.stack([scale, shift]), *tol, what="affine")
+    assert_close(stats, torch.stack([mean, inv]), *tol, what="stats")
+    if update:
+        assert_close(run_rm, 0.1 * mean + 0.9 * rm, *tol, what="running_mean")
+        assert_close(run_rv, 0.1 * var * 1.25 + 0.9 * rv, *tol, what="running_var")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_bn_coef_updates_running_stats_of_another_dtype(case):
+    """bf16 running statistics (allowed beside a bf16 input) are updated in float32 and
+    rounded once, as eager's composition does."""
+    backend, device = case
+    mean, var = torch.randn(5, device=device), torch.rand(5, device=device) + 0.5
+    rm, rv = torch.randn(5, device=device).bfloat16(), (torch.rand(5, device=device) + 0.5).bfloat16()
+    want_rm = (0.1 * mean + 0.9 * rm.float()).bfloat16()
+    want_rv = (0.1 * (var * 2.0) + 0.9 * rv.float()).bfloat16()
+    RF_ops.bn_coef(mean, var, None, None, rm, rv, 0.1, 1e-5, 2.0, backend)
+    assert rm.dtype == rv.dtype == torch.bfloat16
+    assert torch.equal(rm, want_rm) and torch.equal(rv, want_rv)

@@ -30,6 +30,11 @@ def samples(device, layout, residual_bn):
         "bn_act_bwd_apply": (g, x, affine, coef, r, ra, rc, out, True),
         # (the residual_bn variant: the relu mask from out instead of recomputed)
         "bn_act_bwd_apply_acc": (torch.randn_like(x), g, x, affine, coef, out if residual_bn else None, True),
+        # (residual_bn: training, with weight, bias and the running-statistics update;
+        # else eval: running statistics as mean/var, no weight)
+        "bn_coef": (stats[0], stats[1], None if not residual_bn else torch.rand(3, device=device), affine[1],
+                    torch.randn(3, device=device) if residual_bn else None,
+                    torch.rand(3, device=device) + 0.5 if residual_bn else None, 0.1, 1e-5, 1.5),
     }
 
 

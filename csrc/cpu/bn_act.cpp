@@ -5,15 +5,18 @@
 // bodies (bn_act_kernels.h). bn_act_avx2.cpp holds an AVX2+FMA copy of the same
 // bodies; it is chosen at run time when the CPU supports it.
 #include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -139,7 +142,10 @@ at::Tensor chan(const at::Tensor& t, const at::Tensor& x, int64_t rows, const ch
   return t.to(acc_type(x.scalar_type())).contiguous();
 }
 
+// A dense x gives its exact strides (a tensor contiguous both ways, [N, C, 1, 1], keeps the
+// layout only its strides tell); a prefix view its layout.
 at::Tensor out_like(const at::Tensor& x, const Layout& L) {
+  if (!L.xs) return at::empty_like(x);
   return at::empty(x.sizes(), x.options().memory_format(L.fmt));
 }
 
@@ -345,6 +351,54 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cpu(const at::Tensor& grad_o
 void bn_act_bwd_apply_acc_cpu(const at::Tensor& acc, const at::Tensor& grad_out, const at::Tensor& x,
                               const at::Tensor& affine, const at::Tensor& coef, const OptTensor& out, bool relu) {
   cpu::bwd_apply(grad_out, x, affine, coef, c10::nullopt, c10::nullopt, c10::nullopt, out, relu, &acc);
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_coef_cpu(const at::Tensor& mean, const at::Tensor& var, const OptTensor& weight,
+                                               const OptTensor& bias, const OptTensor& running_mean,
+                                               const OptTensor& running_var, double momentum, double eps,
+                                               double unbias) {
+  const int64_t C = mean.numel();
+  const bool update = cpu::given(running_mean);
+  TORCH_CHECK(update == cpu::given(running_var), "resfused cpu bn_coef: running_mean and running_var go together");
+  for (const OptTensor* t : {&weight, &bias, &running_mean, &running_var}) {
+    if (cpu::given(*t)) {
+      TORCH_CHECK((*t)->scalar_type() == mean.scalar_type() && (*t)->numel() == C && (*t)->is_contiguous() &&
+                      (*t)->device().is_cpu(),
+                  "resfused cpu bn_coef: per-channel tensors must be contiguous [C] CPU tensors of mean's dtype");
+    }
+  }
+  TORCH_CHECK(var.scalar_type() == mean.scalar_type() && var.numel() == C && mean.is_contiguous() &&
+                  var.is_contiguous(),
+              "resfused cpu bn_coef: mean and var must be contiguous [C] tensors of one dtype");
+  at::Tensor affine = at::empty({2, C}, mean.options());
+  at::Tensor stats = at::empty({2, C}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_coef_cpu", [&] {
+    using A = scalar_t;
+    const A* m = mean.const_data_ptr<A>();
+    const A* v = var.const_data_ptr<A>();
+    const A* w = cpu::given(weight) ? weight->const_data_ptr<A>() : nullptr;
+    const A* b = cpu::given(bias) ? bias->const_data_ptr<A>() : nullptr;
+    A* rm = update ? running_mean->mutable_data_ptr<A>() : nullptr;
+    A* rv = update ? running_var->mutable_data_ptr<A>() : nullptr;
+    A* aff = affine.mutable_data_ptr<A>();
+    A* st = stats.mutable_data_ptr<A>();
+    const A mom = static_cast<A>(momentum), keep = static_cast<A>(1.0 - momentum);
+    const A e = static_cast<A>(eps), ub = static_cast<A>(unbias);
+    for (int64_t c = 0; c < C; ++c) {
+      const A mc = m[c], vc = v[c];
+      if (update) {
+        rm[c] = mom * mc + keep * rm[c];
+        rv[c] = mom * (vc * ub) + keep * rv[c];
+      }
+      const A invstd = A(1) / std::sqrt(vc + e);
+      const A scale = w ? w[c] * invstd : invstd;
+      aff[c] = scale;
+      aff[C + c] = b ? b[c] - mc * scale : -(mc * scale);
+      st[c] = mc;
+      st[C + c] = invstd;
+    }
+  });
+  return std::make_tuple(affine, stats);
 }
 
 }  // namespace resfused

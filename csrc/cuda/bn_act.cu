@@ -828,6 +828,29 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// BN coefficients from a channel's mean and variance (one thread per channel), updating
+// the running statistics first when given: the per-channel step between the statistics
+// pass and the apply pass in one launch (resfused/ops/eager.py: bn_coef).
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    bn_coef_kernel(const A* __restrict__ mean, const A* __restrict__ var, const A* __restrict__ w,
+                   const A* __restrict__ b, A* __restrict__ rm, A* __restrict__ rv, A* __restrict__ affine,
+                   A* __restrict__ stats, int64_t C, A momentum, A keep, A eps, A unbias) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const A m = mean[c], v = var[c];
+  if (rm != nullptr) {
+    rm[c] = momentum * m + keep * rm[c];
+    rv[c] = momentum * (v * unbias) + keep * rv[c];
+  }
+  const A invstd = A(1) / sqrt(v + eps);
+  const A scale = w != nullptr ? w[c] * invstd : invstd;
+  affine[c] = scale;
+  affine[C + c] = b != nullptr ? b[c] - m * scale : -(m * scale);
+  stats[c] = m;
+  stats[C + c] = invstd;
+}
+
 // ---- kernels end
 
 // ---------------------------------------------------------------------------
@@ -1362,6 +1385,43 @@ void bn_act_bwd_apply_acc_cuda(const at::Tensor& acc, const at::Tensor& grad_out
     aop.xs = s.xs;
     launch_ew<scalar_t>(aop, s, {aop.g, aop.x, aop.out, aop.dx}, dev, stream);
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_coef_cuda(const at::Tensor& mean, const at::Tensor& var, const OptTensor& weight,
+                                                const OptTensor& bias, const OptTensor& running_mean,
+                                                const OptTensor& running_var, double momentum, double eps,
+                                                double unbias) {
+  const char* op = "resfused bn_coef (cuda)";
+  const int64_t C = mean.numel();
+  const bool update = has(running_mean);
+  TORCH_CHECK(update == has(running_var), op, ": running_mean and running_var go together");
+  TORCH_CHECK(mean.is_cuda() && (mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble), op,
+              ": mean must be a float32 or float64 CUDA tensor");
+  for (const at::Tensor* t : {&var, has(weight) ? &*weight : nullptr, has(bias) ? &*bias : nullptr,
+                              update ? &*running_mean : nullptr, update ? &*running_var : nullptr}) {
+    if (t != nullptr) {
+      TORCH_CHECK(t->device() == mean.device() && t->scalar_type() == mean.scalar_type() && t->numel() == C &&
+                      t->is_contiguous(),
+                  op, ": per-channel tensors must be contiguous [C] tensors of mean's dtype and device");
+    }
+  }
+  TORCH_CHECK(mean.is_contiguous(), op, ": mean must be contiguous");
+  c10::cuda::CUDAGuard guard(mean.device());
+  at::Tensor affine = at::empty({2, C}, mean.options());
+  at::Tensor stats = at::empty({2, C}, mean.options());
+  if (C == 0) return {affine, stats};
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(mean.get_device()).stream();
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_coef_cuda", [&] {
+    using A = scalar_t;
+    bn_coef_kernel<A><<<static_cast<unsigned>(ceil_div(C, kThreads)), kThreads, 0, stream>>>(
+        mean.const_data_ptr<A>(), var.const_data_ptr<A>(), has(weight) ? weight->const_data_ptr<A>() : nullptr,
+        has(bias) ? bias->const_data_ptr<A>() : nullptr, update ? running_mean->mutable_data_ptr<A>() : nullptr,
+        update ? running_var->mutable_data_ptr<A>() : nullptr, affine.mutable_data_ptr<A>(),
+        stats.mutable_data_ptr<A>(), C, static_cast<A>(momentum), static_cast<A>(1.0 - momentum),
+        static_cast<A>(eps), static_cast<A>(unbias));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {affine, stats};
 }
 
 }  // namespace resfused

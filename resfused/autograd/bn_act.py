@@ -47,38 +47,35 @@ def bn_coefficients(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     per channel)."""
     acc = acc_dtype(x.dtype)
     count = channel_count(x)
-    if training:
-        if batch_stats is not None:
-            mean, var = batch_stats
-            count = count if batch_count is None else batch_count
-        else:
-            mean, var = ops.bn_stats(x, backend)
-            if sync_active(group, training):
-                mean, var, count = sync_batch_stats(mean, var, count, group)
-        invstd = 1.0 / torch.sqrt(var + eps)
-        if running_mean is not None and count > 0:
-            with torch.no_grad():
-                unbiased = var * (count / max(count - 1, 1))
-                running_mean.copy_(momentum * mean + (1.0 - momentum) * _plain(running_mean, acc))
-                running_var.copy_(momentum * unbiased + (1.0 - momentum) * _plain(running_var, acc))
+    w = None if weight is None else _plain(weight, acc)
+    b = None if bias is None else _plain(bias, acc)
+    if not training:
+        return ops.bn_coef(_plain(running_mean, acc), _plain(running_var, acc), w, b, None, None, 0.0, eps, 1.0,
+                           backend)
+    if batch_stats is not None:
+        mean, var = batch_stats
+        count = count if batch_count is None else batch_count
     else:
-        mean = _plain(running_mean, acc)
-        invstd = 1.0 / torch.sqrt(_plain(running_var, acc) + eps)
-    scale = invstd if weight is None else _plain(weight, acc) * invstd
-    shift = -mean * scale if bias is None else _plain(bias, acc) - mean * scale
-    return torch.stack([scale, shift]), torch.stack([mean, invstd])
+        mean, var = ops.bn_stats(x, backend)
+        if sync_active(group, training):
+            mean, var, count = sync_batch_stats(mean, var, count, group)
+    update = running_mean is not None and count > 0
+    with torch.no_grad():
+        return ops.bn_coef(mean, var, w, b, running_mean if update else None, running_var if update else None,
+                           momentum, eps, count / max(count - 1, 1), backend)
 
 
 def _grad_coefficients(stats: Tensor, affine: Tensor, sum_dz: Tensor, sum_dz_xhat: Tensor,
                        training: bool, count: int) -> Tensor:
     """``coef = (mean, k, mdz, p)`` such that ``dx = (dz - mdz - (x - mean)*p) * k``."""
-    mean, invstd = stats[0], stats[1]
-    scale = affine[0]
+    mean, scale = stats[0], affine[0]
     if not training:  # running statistics are constants: dx = dz * scale
         zero = torch.zeros_like(mean)
         return torch.stack([mean, scale, zero, zero])
-    m = float(max(count, 1))
-    return torch.stack([mean, scale, sum_dz / m, invstd * sum_dz_xhat / m])
+    coef = torch.stack([mean, scale, sum_dz, sum_dz_xhat])
+    coef[3].mul_(stats[1])
+    coef[2:].div_(float(max(count, 1)))
+    return coef
 
 
 def bn_act_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], affine: Tensor, stats: Tensor,

@@ -6,7 +6,10 @@ Four ops make up a fused BatchNorm(+add)+activation, forward and backward
 pass), ``bn_act_bwd_reduce`` (one reduction pass) and ``bn_act_bwd_apply`` (one
 apply pass). Their contract is written, executable, in ``resfused/ops/eager.py``.
 A fifth, ``bn_act_bwd_apply_acc``, is the apply pass adding its input gradient into a
-tensor in place (a dense block's gradient buffer) instead of writing a new one.
+tensor in place (a dense block's gradient buffer) instead of writing a new one. A sixth,
+``bn_coef``, is the per-channel step between the statistics and apply passes (scale,
+shift, invstd, and the running-statistics update) in one launch: as a dozen [C]-sized
+tensor ops it was most of the host time a BN spent on a GPU.
 
 Each op takes a ``backend`` argument (``"auto"`` or a backend name); the autograd
 layer resolves it once per forward and hands the same name to backward. Before
@@ -23,7 +26,7 @@ from torch import Tensor
 from .. import _backend
 from . import eager
 
-OPS = ("bn_stats", "bn_act_fwd", "bn_act_bwd_reduce", "bn_act_bwd_apply", "bn_act_bwd_apply_acc")
+OPS = ("bn_stats", "bn_act_fwd", "bn_act_bwd_reduce", "bn_act_bwd_apply", "bn_act_bwd_apply_acc", "bn_coef")
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
@@ -281,6 +284,41 @@ def _(acc, grad_out, x, affine, coef, out, relu, backend="auto"):
     return None
 
 
+def _bn_coef_impl(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                  running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float, eps: float,
+                  unbias: float, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """(affine, stats) of one BN from its per-channel mean and (biased) variance, in
+    mean's dtype (the accumulation dtype); with running statistics (training), first
+    updates them in place (``eager.bn_coef``: ``unbias`` scales the variance that goes into
+    running_var). Running statistics of another dtype are updated through a copy in
+    mean's dtype."""
+    name = resolve(backend, mean)
+    acc = mean.dtype
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("bn_coef: running_mean and running_var go together")
+    args = [_per_channel(mean), _per_channel(var.to(acc))] + [None if t is None else _per_channel(t.to(acc))
+                                                             for t in (weight, bias)]
+    impl = _backend_impl(name, "bn_coef")
+    running = (running_mean, running_var)
+    if running_mean is None or all(t.dtype == acc and t.is_contiguous() for t in running):
+        return impl(*args, running_mean, running_var, momentum, eps, unbias)
+    work = [t.to(acc, copy=True).contiguous() for t in running]
+    affine, stats = impl(*args, *work, momentum, eps, unbias)
+    for t, w in zip(running, work):
+        t.copy_(w)
+    return affine, stats
+
+
+bn_coef_op = torch.library.custom_op("resfused::bn_coef",
+                                     mutates_args=("running_mean", "running_var"))(_bn_coef_impl)
+
+
+@bn_coef_op.register_fake
+def _(mean, var, weight, bias, running_mean, running_var, momentum, eps, unbias, backend="auto"):
+    c = mean.shape[0]
+    return mean.new_empty((2, c)), mean.new_empty((2, c))
+
+
 def _compiling() -> bool:
     is_compiling = getattr(torch.compiler, "is_compiling", None)
     return bool(is_compiling and is_compiling())
@@ -302,6 +340,7 @@ bn_act_fwd = _fast(bn_act_fwd_op, _bn_act_fwd_impl)
 bn_act_bwd_reduce = _fast(bn_act_bwd_reduce_op, _bn_act_bwd_reduce_impl)
 bn_act_bwd_apply = _fast(bn_act_bwd_apply_op, _bn_act_bwd_apply_impl)
 bn_act_bwd_apply_acc = _fast(bn_act_bwd_apply_acc_op, _bn_act_bwd_apply_acc_impl)
+bn_coef = _fast(bn_coef_op, _bn_coef_impl)
 
 # The registered ops (torch.ops.resfused.*), by name.
 BY_NAME: Dict[str, Callable] = {
@@ -310,4 +349,5 @@ BY_NAME: Dict[str, Callable] = {
     "bn_act_bwd_reduce": bn_act_bwd_reduce_op,
     "bn_act_bwd_apply": bn_act_bwd_apply_op,
     "bn_act_bwd_apply_acc": bn_act_bwd_apply_acc_op,
+    "bn_coef": bn_coef_op,
 }

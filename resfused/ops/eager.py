@@ -79,12 +79,29 @@ def bn_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
     return mean, var
 
 
+def bn_coef(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+            running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float, eps: float,
+            unbias: float) -> Tuple[Tensor, Tensor]:
+    """(affine, stats) = ((scale, shift), (mean, invstd)), each ``[2, C]``, with
+    ``invstd = 1 / sqrt(var + eps)``, ``scale = weight * invstd`` (invstd without weight),
+    ``shift = bias - mean * scale`` (``-mean * scale`` without bias). With running
+    statistics, first ``running_mean = momentum * mean + (1 - momentum) * running_mean`` and
+    ``running_var = momentum * (var * unbias) + (1 - momentum) * running_var``, in place."""
+    if running_mean is not None:
+        running_mean.copy_(momentum * mean + (1.0 - momentum) * running_mean)
+        running_var.copy_(momentum * (var * unbias) + (1.0 - momentum) * running_var)
+    invstd = 1.0 / torch.sqrt(var + eps)
+    scale = invstd if weight is None else weight * invstd
+    shift = -(mean * scale) if bias is None else bias - mean * scale
+    return torch.stack([scale, shift]), torch.stack([mean, invstd])
+
+
 def bn_act_fwd(x: Tensor, affine: Tensor, residual: Optional[Tensor], res_affine: Optional[Tensor],
                relu: bool) -> Tensor:
     z = _preact(x, affine, residual, res_affine)
     if relu:
         z = torch.relu(z)
-    return z.to(x.dtype)
+    return _strided_like(z, x)
 
 
 def bn_act_bwd_reduce(grad_out: Tensor, x: Tensor, affine: Tensor, stats: Tensor,
@@ -100,12 +117,19 @@ def bn_act_bwd_reduce(grad_out: Tensor, x: Tensor, affine: Tensor, stats: Tensor
     if res_stats is not None:
         rhat = (residual.to(dz.dtype) - _chan(res_stats[0])) * _chan(res_stats[1])
         rows.append((dz * rhat).sum((0, 2, 3)))
-    dz_out = dz.to(x.dtype, copy=True).contiguous(memory_format=_layout(x)) if write_dz else x.new_empty(0)
+    dz_out = _strided_like(dz, x, copy=True) if write_dz else x.new_empty(0)
     return torch.stack(rows), dz_out
 
 
-def _layout(x: Tensor) -> torch.memory_format:
-    return torch.contiguous_format if x.is_contiguous() else torch.channels_last
+def _strided_like(t: Tensor, x: Tensor, copy: bool = False) -> Tensor:
+    """``t`` in x's dtype, with x's strides where x is dense (a tensor contiguous both ways,
+    [N, C, 1, 1], keeps the layout only its strides tell), else contiguous in x's layout."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        if t.stride() == x.stride():
+            return t.to(x.dtype, copy=copy)
+        return torch.empty_like(x).copy_(t)
+    fmt = torch.contiguous_format if x.stride(1) > x.stride(3) else torch.channels_last
+    return t.to(x.dtype, copy=copy).contiguous(memory_format=fmt)
 
 
 def _apply_coef(dz: Tensor, x: Tensor, coef: Tensor) -> Tensor:
@@ -119,13 +143,13 @@ def bn_act_bwd_apply(grad_out: Tensor, x: Tensor, affine: Tensor, coef: Tensor,
     """Returns (dx, dres). dres is ``dz`` for a plain residual, the BN input
     gradient for a residual with ``res_coef``, and an empty tensor without residual."""
     dz = _grad_preact(grad_out, x, affine, residual, res_affine, out, relu)
-    dx = _apply_coef(dz, x, coef).to(x.dtype)
+    dx = _strided_like(_apply_coef(dz, x, coef), x)
     if residual is None:
         dres = x.new_empty(0)
     elif res_coef is None:
-        dres = dz.to(x.dtype, copy=True)  # never an alias of grad_out
+        dres = _strided_like(dz, x, copy=True)  # never an alias of grad_out
     else:
-        dres = _apply_coef(dz, residual, res_coef).to(x.dtype)
+        dres = _strided_like(_apply_coef(dz, residual, res_coef), x)
     return dx, dres
 
 

@@ -82,16 +82,25 @@ def all_variants() -> List[Variant]:
     return out
 
 
+def _float_args() -> FrozenSet[str]:
+    from . import bn_act
+
+    return bn_act.FLOAT_ARGS
+
+
 def signature_of(v: Variant) -> Dict[str, str]:
     """Triton signature {arg name: type} for one variant (the types the JIT infers
     from the launchers' arguments: data tensors in the variant's dtype, per-channel
-    tensors and workspaces in its accumulation dtype, int32 scalars)."""
+    tensors and workspaces in its accumulation dtype, float32 for the float scalars, int32
+    for the others)."""
     sig = {}
     for name in _arg_names(v.fn):
         if name in v.constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
             sig[name] = "*" + _TT_TYPES[v.dtype if name in v.data_ptrs else v.acc]
+        elif name in _float_args():
+            sig[name] = "fp32"
         else:
             sig[name] = "i32"
     return sig

@@ -78,7 +78,9 @@ DATA_PTRS = frozenset({"x_ptr", "g_ptr", "res_ptr", "out_ptr", "dx_ptr", "dres_p
 JIT_HELPERS = frozenset({"_relu_keep", "_cast_out", "_nchw_tile"})
 #: runtime 0/1 (relu_mode: 0/1/2) flag arguments; every other non-constexpr scalar is a size
 FLAG_ARGS = frozenset({"has_res", "res_aff", "relu", "use_res", "res_st", "res_coef", "relu_mode", "write_dz",
-                       "accum"})
+                       "accum", "has_w", "has_b", "update"})
+#: float scalar arguments (fp32: the JIT passes a Python float as one)
+FLOAT_ARGS = frozenset({"momentum", "keep", "eps", "unbias"})
 #: integer arguments the JIT must not specialise (on == 1 or % 16 == 0): the flags, and
 #: sizes no vectorised load depends on. Left specialised: HW in the NCHW kernels (offsets
 #: are ``(n*C + c)*HW + hw``), C and XC in the NHWC ones (``m*C + c``, x's ``m*XC + c``),
@@ -229,6 +231,32 @@ def _stats_finalize(ws_ptr, mean_ptr, var_ptr, P, C, count,
     var = tl.where(var < 0, 0, var)  # keeps NaN (tl.maximum would drop it)
     tl.store(mean_ptr + cols, pivot + d, mask=cmask)
     tl.store(var_ptr + cols, var, mask=cmask)
+
+
+@triton.jit(do_not_specialize=("has_w", "has_b", "update"))
+def _bn_coef(mean_ptr, var_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, aff_ptr, st_ptr, C, momentum, keep, eps, unbias,
+             has_w, has_b, update, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # eager.bn_coef, one channel per lane (BLOCK_P unused: the finalize kernels' constexprs)
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    m = tl.load(mean_ptr + cols, mask=cmask, other=0)
+    v = tl.load(var_ptr + cols, mask=cmask, other=1)
+    um = cmask & (update != 0)
+    rm = tl.load(rm_ptr + cols, mask=um, other=0)
+    rv = tl.load(rv_ptr + cols, mask=um, other=0)
+    tl.store(rm_ptr + cols, momentum * m + keep * rm, mask=um)
+    tl.store(rv_ptr + cols, momentum * (v * unbias) + keep * rv, mask=um)
+    if m.dtype == tl.float32:  # correctly rounded, as torch's ops (the default lowering approximates)
+        invstd = tl.math.div_rn(tl.full([BLOCK_C], 1.0, m.dtype), tl.sqrt_rn(v + eps))
+    else:  # float64 sqrt and division are correctly rounded
+        invstd = 1.0 / tl.sqrt(v + eps)
+    w = tl.load(w_ptr + cols, mask=cmask & (has_w != 0), other=1)
+    scale = tl.where(has_w != 0, w * invstd, invstd)
+    b = tl.load(b_ptr + cols, mask=cmask & (has_b != 0), other=0)
+    tl.store(aff_ptr + cols, scale, mask=cmask)
+    tl.store(aff_ptr + C + cols, b - m * scale, mask=cmask)
+    tl.store(st_ptr + cols, m, mask=cmask)
+    tl.store(st_ptr + C + cols, invstd, mask=cmask)
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED[None])
@@ -480,6 +508,7 @@ KERNELS: Dict[str, KernelSpec] = {
         KernelSpec("stats_part_nhwc", _stats_part_nhwc, "nhwc", 8, True),
         KernelSpec("stats_finalize", _stats_finalize, None, 4, False),
         KernelSpec("colsum", _colsum, None, 4, False),
+        KernelSpec("bn_coef", _bn_coef, None, 4, False),
         KernelSpec("fwd_nchw", _fwd_nchw, "nchw", 8, True),
         KernelSpec("fwd_nhwc", _fwd_nhwc, "nhwc", 8, True),
         KernelSpec("bwd_reduce_part_nchw", _bwd_reduce_part_nchw, "nchw", 8, True),
@@ -625,7 +654,11 @@ def _check_like(name: str, t: Optional[Tensor], x: Tensor, geo: _Geom) -> None:
 
 
 def _empty(x: Tensor, geo: _Geom) -> Tensor:
-    """An output like x, contiguous in x's layout (x itself may be a prefix view)."""
+    """An output like x, contiguous in x's layout (x itself may be a prefix view). A dense x
+    gives its exact strides: a tensor contiguous both ways ([N, C, 1, 1]) keeps the layout
+    only its strides tell, which cuDNN reads to choose the next convolution's layout."""
+    if geo.XC == geo.C:
+        return torch.empty_like(x)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=geo.fmt)
 
 
@@ -660,6 +693,36 @@ def bn_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
     var = torch.empty((C,), dtype=acc, device=x.device)
     _launch("stats_finalize", (_cdiv(C, FIN_BLOCK_C),), (ws, mean, var, P, C, geo.M))
     return mean, var
+
+
+def bn_coef(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+            running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float, eps: float,
+            unbias: float) -> Tuple[Tensor, Tensor]:
+    """``eager.bn_coef`` in one launch (float64: eager's, since the kernel's float scalars
+    are float32)."""
+    if mean.dtype == torch.float64:
+        from ..ops import eager
+
+        return eager.bn_coef(mean, var, weight, bias, running_mean, running_var, momentum, eps, unbias)
+    C = mean.numel()
+    for nm, t in (("var", var), ("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                  ("running_var", running_var)):
+        if t is not None and (t.dtype != mean.dtype or t.device != mean.device or t.numel() != C
+                              or not t.is_contiguous()):
+            raise ValueError(f"resfused triton: {nm} must be a contiguous [C] tensor of mean's dtype and device")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("resfused triton: running_mean and running_var go together")
+    affine = torch.empty((2, C), dtype=mean.dtype, device=mean.device)
+    stats = torch.empty((2, C), dtype=mean.dtype, device=mean.device)
+    if C == 0:
+        return affine, stats
+    update = running_mean is not None
+    _launch("bn_coef", (_cdiv(C, FIN_BLOCK_C),),
+            (mean, var, weight if weight is not None else mean, bias if bias is not None else mean,
+             running_mean if update else mean, running_var if update else mean, affine, stats, C,
+             float(momentum), float(1.0 - momentum), float(eps), float(unbias),
+             int(weight is not None), int(bias is not None), int(update)))
+    return affine, stats
 
 
 def bn_act_fwd(x: Tensor, affine: Tensor, residual: Optional[Tensor], res_affine: Optional[Tensor],

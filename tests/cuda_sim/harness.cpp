@@ -388,9 +388,45 @@ void report(const char* tag) {
          tag, g_cases, g_pref, g_pref_nchw, g_acc, g_view[0], g_view[1], g_view[2], g_copy[0], g_copy[1], g_copy[2], g_pathcnt[1], g_pathcnt[2], g_pathcnt[3], g_pathcnt[5], g_pathcnt[6], g_pathcnt[4], g_launches, g_fail);
 }
 
+// bn_coef_kernel (bn_coef_cuda's launch: ceil(C / kThreads) blocks of kThreads) against
+// a float64 reference, with and without weight, bias and the running-statistics update.
+template <typename A> void check_coef() {
+  const double mom = 0.1, eps = 1e-5, ub = 1.25;
+  const double tol = std::is_same<A, double>::value ? 1e-12 : 1e-5;
+  for (int64_t C : {1, 5, 255, 256, 600}) for (int fl = 0; fl < 8; ++fl) {
+    const bool hw = fl & 1, hb = fl & 2, up = fl & 4;
+    std::vector<A> m(C), v(C), w(C), b(C), rm(C), rv(C), aff(2 * C), st(2 * C);
+    for (int64_t c = 0; c < C; ++c) {
+      m[c] = A(urand()); v[c] = A(urand() + 2.5); w[c] = A(urand()); b[c] = A(urand());
+      rm[c] = A(urand()); rv[c] = A(urand() + 2.5);
+    }
+    const std::vector<A> rm0 = rm, rv0 = rv;
+    ++g_cases;
+    launch(dim3(static_cast<unsigned>(ceil_div(C, kThreads))), dim3(kThreads), [&] {
+      bn_coef_kernel<A>(m.data(), v.data(), hw ? w.data() : nullptr, hb ? b.data() : nullptr,
+                        up ? rm.data() : nullptr, up ? rv.data() : nullptr, aff.data(), st.data(), C, A(mom),
+                        A(1.0 - mom), A(eps), A(ub)); });
+    for (int64_t c = 0; c < C; ++c) {
+      const double inv = 1.0 / std::sqrt(double(v[c]) + eps), sc = hw ? double(w[c]) * inv : inv;
+      const double want[6] = {sc, (hb ? double(b[c]) : 0.0) - double(m[c]) * sc, double(m[c]), inv,
+                              up ? mom * double(m[c]) + (1 - mom) * double(rm0[c]) : double(rm0[c]),
+                              up ? mom * double(v[c]) * ub + (1 - mom) * double(rv0[c]) : double(rv0[c])};
+      const double got[6] = {double(aff[c]), double(aff[C + c]), double(st[c]), double(st[C + c]), double(rm[c]),
+                             double(rv[c])};
+      for (int k = 0; k < 6; ++k)
+        if (!(std::fabs(got[k] - want[k]) <= tol * (1 + std::fabs(want[k])))) {
+          if (g_fail++ < 20) printf("COEF FAIL C%ld flags%d c%ld k%d got %g want %g\n", (long)C, fl, (long)c, k, got[k], want[k]);
+          break;
+        }
+    }
+  }
+}
+
 int main(int argc, char** argv) {
   setvbuf(stdout, nullptr, _IONBF, 0);
   int iters = atoi(argv[1]); rng.seed(atoi(argv[2]));
+  check_coef<float>();
+  check_coef<double>();
   const char* mode = argc > 3 ? argv[3] : "rand";
   auto ri = [&](int a, int b) { return std::uniform_int_distribution<int>(a, b)(rng); };
   const int extras[] = {0, 1, 4, 8, 16, 3, 5, 7, 13, 24, 32};

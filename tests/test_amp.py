@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 import resfused
-from utils import assert_low_precision, backend_cases, case_id, interpreted, randomise_bns
+from utils import assert_low_precision, assert_model_low_precision, backend_cases, case_id, interpreted, randomise_bns
 
 CASES = [c for c in backend_cases() if not interpreted(*c)]
 AMP = [(b, d, dt) for (b, d) in CASES for dt in ([torch.bfloat16] if d == "cpu" else [torch.bfloat16, torch.float16])]
@@ -50,13 +50,15 @@ def test_autocast_training_step_within_low_precision_rule(case, name, layout):
     ref = oracle(x.double().cpu())
     ref.square().mean().backward()
     assert_low_precision(outs[1], outs[0], ref, f"{name} output")
+    results = []
+    scale = scalers[0].get_scale() if scaler_on else 1.0
     for (pn, p), q, r in zip(mine.named_parameters(), tv.parameters(), oracle.parameters()):
         assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, pn
-        scale = scalers[0].get_scale() if scaler_on else 1.0
-        assert_low_precision(p.grad / scale, q.grad / scale, r.grad, f"{name} grad {pn}")
+        results.append((f"grad {pn}", p.grad / scale, q.grad / scale, r.grad))
     for (bn, b), c, r in zip(mine.named_buffers(), tv.buffers(), oracle.buffers()):
         if b.dtype.is_floating_point:
             assert b.dtype == torch.float32, bn
-            assert_low_precision(b, c, r, f"{name} buffer {bn}")
+            results.append((f"buffer {bn}", b, c, r))
         else:
             assert torch.equal(b.cpu(), r), bn
+    assert_model_low_precision(results, name)

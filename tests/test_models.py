@@ -9,8 +9,8 @@ from torch import nn
 
 import resfused
 from resfused.memory import model_saved_bytes
-from utils import (assert_close, assert_low_precision, backend_cases, case_id, interpreted, paired_for_sgd,
-                   randomise_bns, rel_tol, sgd_step_against_reference)
+from utils import (assert_close, assert_low_precision, assert_model_low_precision, backend_cases, case_id,
+                   interpreted, paired_for_sgd, randomise_bns, rel_tol, sgd_step_against_reference)
 
 CASES = [c for c in backend_cases() if not interpreted(*c)]  # whole models: native backends
 MODELS = ["resnet18", "resnet50", "resnext50_32x4d"]
@@ -67,8 +67,10 @@ def test_fp32_model_error_within_twice_eagers_own(case, name):
         out.backward(g.to(dev, dtype))
         results[name] = [out, xx.grad] + [p.grad for p in model.parameters()]
     names = ["output", "input grad"] + [f"grad {n}" for n, _ in mine.named_parameters()]
-    for what, o, e, m in zip(names, results["oracle"], results["eager"], results["mine"]):
+    triples = list(zip(names, results["mine"], results["eager"], results["oracle"]))
+    for what, m, e, o in triples[:2]:
         assert_low_precision(m, e, o, what, floor=1e-6 * float(o.detach().abs().max()))
+    assert_model_low_precision(triples[2:], case_id(case), floor_rel=1e-6)
 
 
 def test_state_dict_loads_both_ways_and_keeps_keys():

@@ -82,6 +82,41 @@ def assert_low_precision(ours: torch.Tensor, eager: torch.Tensor, oracle: torch.
         f" (+ {floor:.2g})")
 
 
+#: A whole model's gradients and buffers: each tensor within this factor of eager's own
+#: error (a broken tensor is off by orders of magnitude, not by a few), and all of them
+#: together (root-sum-square of each tensor's error relative to its largest oracle value)
+#: within LOW_PRECISION_FACTOR. A deep net amplifies rounding noise chaotically (BN over a
+#: few values per channel in the last stage): the error of each tensor is then noise of
+#: about eager's size, and the largest of hundreds of ratios of two such noises passes 2
+#: by chance (one thread instead of two, or a correctly rounded sqrt, was enough).
+MODEL_TENSOR_FACTOR = 8.0
+
+
+def assert_model_low_precision(results, what: str, floor_rel: float = 0.0):
+    """``results``: (name, ours, eager, oracle) for each tensor of a model (gradients,
+    buffers). Each tensor's error against the fp64 oracle is at most MODEL_TENSOR_FACTOR x
+    eager PyTorch's own (plus the dtype's floor, as in ``assert_low_precision``), and the
+    root-sum-square of the errors beyond those floors, each relative to its tensor's
+    largest oracle value, at most LOW_PRECISION_FACTOR x eager's."""
+    ours_sq = eager_sq = 0.0
+    for name, ours, eager, oracle in results:
+        top = float(oracle.detach().abs().max()) if oracle.numel() else 0.0
+        floor = floor_rel * top
+        if ours.dtype in TOLERANCES and ours.numel():
+            atol, rtol = TOLERANCES[ours.dtype]["bwd"]
+            floor = max(floor, atol + rtol * top)
+        ours_err, eager_err = max_abs_err(ours, oracle), max_abs_err(eager, oracle)
+        assert ours_err <= MODEL_TENSOR_FACTOR * eager_err + floor, (
+            f"{what} {name}: error vs fp64 oracle {ours_err:.4g} > {MODEL_TENSOR_FACTOR} x eager's {eager_err:.4g}"
+            f" (+ {floor:.2g})")
+        if top > 0:
+            ours_sq += (max(ours_err - floor, 0.0) / top) ** 2
+            eager_sq += (eager_err / top) ** 2
+    assert ours_sq ** 0.5 <= LOW_PRECISION_FACTOR * eager_sq ** 0.5, (
+        f"{what}: root-sum-square relative error vs fp64 oracle {ours_sq ** 0.5:.4g} > {LOW_PRECISION_FACTOR} x "
+        f"eager's {eager_sq ** 0.5:.4g} over {len(results)} tensors")
+
+
 def check_no_grad_and_inference_mode(ref, fused, x, device, backend):
     """A training forward under no_grad updates every running statistic exactly once, as
     the reference does; an eval forward under inference_mode matches the reference."""

@@ -166,7 +166,8 @@ LEGEND = (
     "checked err / tol: outputs are held to their max relative error, gradients to their relative L2 error (a "
     "ReLU input within rounding of 0 flips one gradient element between correct implementations, so one "
     "gradient element can be far off in a correct result); shown for the tensor nearest its tolerance; fp32: "
-    "fixed tolerances, bf16/fp16: 2x eager's own error; a resfused MISMATCH fails the run",
+    "fixed tolerances (checked calls run with TF32 off), bf16/fp16: 2x eager's own error; a resfused MISMATCH "
+    "fails the run",
 )
 
 

@@ -71,6 +71,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class exact_fp32:
+    """TF32 off for the checked calls and the fp32 reference (restored after): cuDNN runs
+    fp32 convolutions in TF32 by default, and two correct implementations that pick
+    different algorithms then differ by TF32's rounding (a 10-bit mantissa), not by
+    their own. The timed calls run with the settings the user has."""
+
+    def __enter__(self):
+        self.saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
 def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -501,12 +515,13 @@ def _run_measured(st: _Case, providers: Sequence[str], device: torch.device) -> 
     for p in list(insts):
         inst = insts[p]
         try:
-            if inst.measure_saved and case.training:
-                box: dict = {}
-                nbytes = saved_bytes(lambda: box.update(res=inst.check()), inst.saved_exclude)
-                st.rows[p]["saved_MiB"] = nbytes / MiB
-            else:
-                box = {"res": inst.check()}
+            with exact_fp32():
+                if inst.measure_saved and case.training:
+                    box: dict = {}
+                    nbytes = saved_bytes(lambda: box.update(res=inst.check()), inst.saved_exclude)
+                    st.rows[p]["saved_MiB"] = nbytes / MiB
+                else:
+                    box = {"res": inst.check()}
             sync(device)
             outputs[p] = box["res"]
         except Exception as exc:  # noqa: BLE001
@@ -521,7 +536,8 @@ def _run_measured(st: _Case, providers: Sequence[str], device: torch.device) -> 
     if case.dtype != "fp32":
         try:
             ref = make_instance(case, "eager", shared, device, reference=True)
-            reference = ref.check()
+            with exact_fp32():
+                reference = ref.check()
             del ref
         except Exception as exc:  # noqa: BLE001
             st.drop(base, exc, "running the fp32 reference")

@@ -9,8 +9,8 @@
 # Everything fits in GPU_CHECK_BUDGET_S seconds (default 470, under 8 minutes): the build
 # first (on an H200: 119 s), then the tests that run on the GPU (up to 300 s, keeping 130 s:
 # on the H200 2186 of their 2265 cases ran in 230 s), the quick benchmark (the project's main
-# job: up to 120 s; 85 s on the H200), the Triton conv kernel report (up to 60 s), the
-# torch.compile tests, then, while time is left, up to 2 x 60 s of the cuda BN kernel tests
+# job: up to 120 s; 85 s on the H200), the Triton conv kernel report (up to 60 s), a host
+# profile of the fused calls (scripts/profile_host.py, up to 40 s), the torch.compile tests, then, while time is left, up to 2 x 60 s of the cuda BN kernel tests
 # under compute-sanitizer memcheck and racecheck, the CPU tests (CI runs those in full) and,
 # if at least 120 s remain, torch.compile of torchvision's resnet50 training step beside
 # resfused (compiling takes about a minute). A step that runs out of time is stopped with
@@ -103,6 +103,15 @@ else
   echo "conv kernel report skipped: $t s left of the ${BUDGET} s budget" | tee "$OUT/bench-conv.log"
 fi
 
+
+# 2c. Where the fused calls' time goes (host or GPU): torch.profiler tables of the join,
+#     BN-ReLU and Bottleneck cases beside eager (about 10 s on the H200).
+t=$(cap 40 10)
+if (( t >= 20 )); then
+  timeout -k 5 "$t" "$PY" scripts/profile_host.py --device cuda > "$OUT/profile-host.txt" 2>&1 \
+    || echo "host profile: exit status $? (see profile-host.txt)"
+  grep -E "^(===|#)" "$OUT/profile-host.txt"
+fi
 
 # 3. The torch.compile tests on the GPU.
 gpu_tests gpu-compile "cuda and test_compile" 30 10

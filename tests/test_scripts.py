@@ -49,3 +49,18 @@ def test_gpu_check_spends_its_gpu_steps_on_gpu_tests():
         done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                                "-k", expr, "tests/test_cuda_sim.py"], cwd=ROOT, capture_output=True, text=True)
         assert "test_cuda_sim.py::" not in done.stdout, f"-k {expr!r} selects the simulator's tests"
+
+
+def test_profile_host_runs_the_benchmark_cases():
+    """The GPU check's host profile runs (toy shapes, on this machine's CPU): one table per
+    case and provider that runs here, the eager baseline among them."""
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "profile_host.py"), "--tiny", "--device", "cpu",
+                           "--rows", "3"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    heads = [line for line in done.stdout.splitlines() if line.startswith("=== ")]
+    assert any(" eager: wall " in h for h in heads) and any(" eager_cl: wall " in h for h in heads), heads
+    assert any("resfused[" in h for h in heads), heads
+    assert all("host returns after" in h for h in heads)

@@ -67,19 +67,21 @@ def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def assert_low_precision(ours: torch.Tensor, eager: torch.Tensor, oracle: torch.Tensor, what: str,
-                         floor: float = 0.0):
-    """Our error against the fp64 oracle is at most LOW_PRECISION_FACTOR x eager PyTorch's own.
+                         floor: float = 0.0, factor: float = LOW_PRECISION_FACTOR):
+    """Our error against the fp64 oracle is at most ``factor`` x eager PyTorch's own.
 
     Results that are themselves fp32 (parameter gradients, running statistics of a
-    low-precision input) may also sit within the fp32 tolerance of the oracle."""
+    low-precision input) may also sit within the fp32 tolerance of the oracle. Returns
+    (our error, eager's error, the floor applied)."""
     if ours.dtype in TOLERANCES and ours.numel():
         atol, rtol = TOLERANCES[ours.dtype]["bwd"]
         floor = max(floor, atol + rtol * float(oracle.detach().abs().max()))
     ours_err = max_abs_err(ours, oracle)
     eager_err = max_abs_err(eager, oracle)
-    assert ours_err <= LOW_PRECISION_FACTOR * eager_err + floor, (
-        f"{what}: error vs fp64 oracle {ours_err:.4g} > {LOW_PRECISION_FACTOR} x eager's {eager_err:.4g}"
+    assert ours_err <= factor * eager_err + floor, (
+        f"{what}: error vs fp64 oracle {ours_err:.4g} > {factor} x eager's {eager_err:.4g}"
         f" (+ {floor:.2g})")
+    return ours_err, eager_err, floor
 
 
 #: A whole model's gradients and buffers: each tensor within this factor of eager's own
@@ -101,14 +103,8 @@ def assert_model_low_precision(results, what: str, floor_rel: float = 0.0):
     ours_sq = eager_sq = 0.0
     for name, ours, eager, oracle in results:
         top = float(oracle.detach().abs().max()) if oracle.numel() else 0.0
-        floor = floor_rel * top
-        if ours.dtype in TOLERANCES and ours.numel():
-            atol, rtol = TOLERANCES[ours.dtype]["bwd"]
-            floor = max(floor, atol + rtol * top)
-        ours_err, eager_err = max_abs_err(ours, oracle), max_abs_err(eager, oracle)
-        assert ours_err <= MODEL_TENSOR_FACTOR * eager_err + floor, (
-            f"{what} {name}: error vs fp64 oracle {ours_err:.4g} > {MODEL_TENSOR_FACTOR} x eager's {eager_err:.4g}"
-            f" (+ {floor:.2g})")
+        ours_err, eager_err, floor = assert_low_precision(ours, eager, oracle, f"{what} {name}", floor_rel * top,
+                                                          MODEL_TENSOR_FACTOR)
         if top > 0:
             ours_sq += (max(ours_err - floor, 0.0) / top) ** 2
             eager_sq += (eager_err / top) ** 2

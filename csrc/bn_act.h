@@ -49,6 +49,29 @@ std::tuple<at::Tensor, at::Tensor> bn_coef_cpu(const at::Tensor& mean, const at:
                                                const OptTensor& bias, const OptTensor& running_mean,
                                                const OptTensor& running_var, double momentum, double eps,
                                                double unbias);
+// The backward's coefficients of one BN from its stats [2, C] = (mean, invstd), affine
+// [2, C] = (scale, shift) and reduction sums [2 or 3, C] (row 0: sum dz; ``row``: sum
+// dz*x_hat of this BN), n = max(count, 1):
+//   coef [4, C] = (mean, scale, sum_dz / n, sum_dz_xhat * invstd / n)
+// with the last two rows zero when not training (running statistics are constants), such
+// that dx = (dz - coef[2] - (x - coef[0]) * coef[3]) * coef[1] (one launch on a GPU).
+at::Tensor bn_grad_coef_cpu(const at::Tensor& stats, const at::Tensor& affine, const at::Tensor& sums, int64_t row,
+                            bool training, int64_t count);
+
+// Composites (csrc/composite.cpp, any device): the sequences of the ops above that the
+// autograd layer runs per BN, as one call.
+// (affine, stats) of one BN: in training the statistics pass then bn_coef (updating the
+// running statistics, never on an empty batch); in eval bn_coef of the running statistics.
+std::tuple<at::Tensor, at::Tensor> bn_stats_coef(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                                                 const OptTensor& running_mean, const OptTensor& running_var,
+                                                 bool training, double momentum, double eps);
+// (dx, dres, sums) of resfused.autograd.bn_act.bn_act_backward (no process group, no
+// gradient accumulator): the reduction pass, the gradient coefficients and the apply pass.
+// dx / dres are undefined (None) when not asked for.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const OptTensor& out, const at::Tensor& affine,
+    const at::Tensor& stats, const OptTensor& residual, const OptTensor& res_affine, const OptTensor& res_stats,
+    bool training, bool res_training, bool relu, bool need_dx, bool need_sums, bool plain_residual_grad);
 
 #ifdef RESFUSED_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x);
@@ -68,6 +91,8 @@ std::tuple<at::Tensor, at::Tensor> bn_coef_cuda(const at::Tensor& mean, const at
                                                 const OptTensor& bias, const OptTensor& running_mean,
                                                 const OptTensor& running_var, double momentum, double eps,
                                                 double unbias);
+at::Tensor bn_grad_coef_cuda(const at::Tensor& stats, const at::Tensor& affine, const at::Tensor& sums, int64_t row,
+                             bool training, int64_t count);
 #endif
 
 }  // namespace resfused

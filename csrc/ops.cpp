@@ -1,6 +1,7 @@
 // The one translation unit that includes torch/extension.h: registers the
 // backend kernels with the dispatcher (namespace resfused_C, one impl per
-// device) and exposes build facts to Python (resfused.info).
+// device, and the device-generic composites of csrc/composite.cpp) and exposes
+// build facts to Python (resfused.info).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -21,6 +22,20 @@ TORCH_LIBRARY(resfused_C, m) {
   m.def(
       "bn_coef(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, float momentum, float eps, float unbias) -> (Tensor, Tensor)");
+  m.def("bn_grad_coef(Tensor stats, Tensor affine, Tensor sums, int row, bool training, int count) -> Tensor");
+  m.def(
+      "bn_stats_coef(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "bool training, float momentum, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "bn_act_bwd(Tensor grad_out, Tensor x, Tensor? out, Tensor affine, Tensor stats, Tensor? residual, "
+      "Tensor? res_affine, Tensor? res_stats, bool training, bool res_training, bool relu, bool need_dx, "
+      "bool need_sums, bool plain_residual_grad) -> (Tensor, Tensor, Tensor)");
+}
+
+// The composites call the ops above through the dispatcher (so, per device, its kernels).
+TORCH_LIBRARY_IMPL(resfused_C, CompositeImplicitAutograd, m) {
+  m.impl("bn_stats_coef", &resfused::bn_stats_coef);
+  m.impl("bn_act_bwd", &resfused::bn_act_bwd);
 }
 
 TORCH_LIBRARY_IMPL(resfused_C, CPU, m) {
@@ -30,6 +45,7 @@ TORCH_LIBRARY_IMPL(resfused_C, CPU, m) {
   m.impl("bn_act_bwd_apply", &resfused::bn_act_bwd_apply_cpu);
   m.impl("bn_act_bwd_apply_acc", &resfused::bn_act_bwd_apply_acc_cpu);
   m.impl("bn_coef", &resfused::bn_coef_cpu);
+  m.impl("bn_grad_coef", &resfused::bn_grad_coef_cpu);
 }
 
 #ifdef RESFUSED_WITH_CUDA
@@ -40,6 +56,7 @@ TORCH_LIBRARY_IMPL(resfused_C, CUDA, m) {
   m.impl("bn_act_bwd_apply", &resfused::bn_act_bwd_apply_cuda);
   m.impl("bn_act_bwd_apply_acc", &resfused::bn_act_bwd_apply_acc_cuda);
   m.impl("bn_coef", &resfused::bn_coef_cuda);
+  m.impl("bn_grad_coef", &resfused::bn_grad_coef_cuda);
 }
 #endif
 

@@ -670,7 +670,7 @@ _VIEWS = ("aten.detach", "aten.select", "aten.slice", "aten.view", "aten.alias",
 def test_a_bn_launches_only_its_passes(case):
     """Per training BN-ReLU(+residual): forward runs the statistics pass, the per-channel
     coefficient op and the apply pass (and num_batches_tracked's increment); backward the
-    reduction pass, three [C]-sized ops for its coefficients and the apply pass. On a GPU
+    reduction pass, the per-channel coefficient op and the apply pass. On a GPU
     each op is a kernel launch paid in host time, which is what the fused calls were
     spending theirs on (benchmarks/results/gpu-check-nvidia-h200.md)."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -696,5 +696,91 @@ def test_a_bn_launches_only_its_passes(case):
         with Log() as bwd:
             out.backward(torch.ones_like(out))
     assert fwd.ops == ["aten.add_", "resfused_C.bn_stats", "resfused_C.bn_coef", "resfused_C.bn_act_fwd"], fwd.ops
-    assert bwd.ops == ["resfused_C.bn_act_bwd_reduce", "aten.stack", "aten.mul_", "aten.div_",
-                       "resfused_C.bn_act_bwd_apply"], bwd.ops
+    assert bwd.ops == ["resfused_C.bn_act_bwd_reduce", "resfused_C.bn_grad_coef", "resfused_C.bn_act_bwd_apply"], \
+        bwd.ops
+
+
+NATIVE_CASES = [c for c in CASES if c[0] in ("cpu", "cuda")]
+
+
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("row", [1, 2])
+@pytest.mark.parametrize("c", [1, 7, 300])
+def test_bn_grad_coef_matches_the_python_sequence(case, dtype, training, row, c):
+    """resfused_C.bn_grad_coef (one launch) gives the backward's coefficients that
+    _grad_coefficients' three tensor ops give: (mean, scale, sum_dz/n, sum_dz_xhat*invstd/n)."""
+    from resfused.autograd.bn_act import _grad_coefficients
+
+    backend, device = case
+    resfused._backend.load_extension()
+    stats, affine, sums = (torch.randn(k, c, dtype=dtype, device=device) for k in (2, 2, 3))
+    count = 37
+    got = torch.ops.resfused_C.bn_grad_coef(stats, affine, sums, row, training, count)
+    want = _grad_coefficients(stats, affine, sums[0], sums[row], training, count)
+    assert got.shape == (4, c) and got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=2e-7 if dtype == torch.float32 else 1e-15, atol=0)
+    with pytest.raises(RuntimeError, match="row must be 1 or 2"):
+        torch.ops.resfused_C.bn_grad_coef(stats, affine, sums, 3, training, count)
+    with pytest.raises(RuntimeError, match="stats' dtype"):
+        torch.ops.resfused_C.bn_grad_coef(stats, affine.to(torch.float16), sums, row, training, count)
+
+
+def _with_and_without_composites(monkeypatch, fn):
+    """fn() through the composites of resfused._C, then through the Python sequence of ops."""
+    from resfused.autograd import bn_act as A
+
+    first = fn()
+    monkeypatch.setattr(A, "_COMPOSITE_BACKENDS", ())
+    return first, fn()
+
+
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype,stat_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                              (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)],
+                         ids=str)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("residual", RESIDUALS)
+@pytest.mark.parametrize("others", ["same", "other"])
+def test_composites_match_the_python_sequence(case, layout, dtype, stat_dtype, training, residual, others,
+                                              monkeypatch):
+    """A BN-ReLU(+add) through resfused._C's composites (bn_stats_coef, bn_act_bwd: the
+    per-BN sequences as one call each) gives what the Python sequence of the same ops gives:
+    outputs and running statistics bit for bit, gradients to the rounding of the backward's
+    coefficients (one op there, three here). ``others``: the residual and the output
+    gradient in x's layout, or in the other one / a strided view (the op layer's
+    conversions, which the composites make too)."""
+    backend, device = case
+    shape = (3, 6, 4, 5)
+    other = {"nchw": "channels_last", "channels_last": "noncontig"}[layout] if others == "other" else layout
+    x0 = make_input(shape, layout, dtype, device)
+    r0 = make_input(shape, other, dtype, device)
+    bn_x0 = make_bn(6, True, device, stat_dtype)
+    bn_r0 = make_bn(6, True, device, stat_dtype)
+    g = make_input(shape, other, dtype, device)
+
+    def run():
+        x = x0.clone().requires_grad_()
+        r = r0.clone().requires_grad_()
+        bn_x, bn_r = clone_bn(bn_x0), clone_bn(bn_r0)
+        for t in bn_x[2:] + bn_r[2:]:
+            t.requires_grad_()
+        with resfused.use_backend(backend):
+            out = ours(x, r if residual else None, bn_x, bn_r, residual, training, 0.1, 1e-5, True, "auto")
+        out.backward(g)
+        grads = [x.grad, r.grad if residual else None] + [t.grad for t in bn_x[2:] + (bn_r[2:] if residual == "bn"
+                                                                                      else ())]
+        return out.detach(), bn_x[:2] + (bn_r[:2] if residual == "bn" else ()), grads
+
+    (out_c, stats_c, grads_c), (out_p, stats_p, grads_p) = _with_and_without_composites(monkeypatch, run)
+    assert torch.equal(out_c, out_p)
+    for a, b in zip(stats_c, stats_p):
+        assert a.dtype == stat_dtype and torch.equal(a, b)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype != torch.bfloat16 else dict(rtol=1.6e-2, atol=1e-5)
+    for a, b in zip(grads_c, grads_p):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, **tol)

@@ -401,4 +401,38 @@ std::tuple<at::Tensor, at::Tensor> bn_coef_cpu(const at::Tensor& mean, const at:
   return std::make_tuple(affine, stats);
 }
 
+at::Tensor bn_grad_coef_cpu(const at::Tensor& stats, const at::Tensor& affine, const at::Tensor& sums, int64_t row,
+                            bool training, int64_t count) {
+  TORCH_CHECK(stats.device().is_cpu() && (stats.scalar_type() == at::kFloat || stats.scalar_type() == at::kDouble),
+              "resfused cpu bn_grad_coef: stats must be a float32 or float64 CPU tensor");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2 && stats.is_contiguous(),
+              "resfused cpu bn_grad_coef: stats must be contiguous [2, C]");
+  const int64_t C = stats.size(1);
+  TORCH_CHECK(row == 1 || row == 2, "resfused cpu bn_grad_coef: row must be 1 or 2, got ", row);
+  for (const at::Tensor* t : {&affine, &sums}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == stats.scalar_type() && t->dim() == 2 &&
+                    t->size(1) == C && t->is_contiguous(),
+                "resfused cpu bn_grad_coef: affine and sums must be contiguous [k, C] CPU tensors of stats' dtype");
+  }
+  TORCH_CHECK(affine.size(0) >= 2 && sums.size(0) > row, "resfused cpu bn_grad_coef: affine needs 2 rows and sums ",
+              row + 1);
+  at::Tensor coef = at::empty({4, C}, stats.options());
+  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "bn_grad_coef_cpu", [&] {
+    using A = scalar_t;
+    const A* st = stats.const_data_ptr<A>();
+    const A* aff = affine.const_data_ptr<A>();
+    const A* s0 = sums.const_data_ptr<A>();
+    const A* s1 = s0 + row * C;
+    A* k = coef.mutable_data_ptr<A>();
+    const A n = static_cast<A>(std::max<int64_t>(count, 1));
+    for (int64_t c = 0; c < C; ++c) {
+      k[c] = st[c];
+      k[C + c] = aff[c];
+      k[2 * C + c] = training ? s0[c] / n : A(0);
+      k[3 * C + c] = training ? (s1[c] * st[C + c]) / n : A(0);
+    }
+  });
+  return coef;
+}
+
 }  // namespace resfused

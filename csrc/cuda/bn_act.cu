@@ -851,6 +851,21 @@ __global__ void __launch_bounds__(kThreads)
   stats[C + c] = invstd;
 }
 
+// The backward's per-channel step between its reduction and apply passes (resfused/autograd/
+// bn_act.py: _grad_coefficients): coef = (mean, scale, sum_dz / n, sum_dz_xhat * invstd / n), the
+// last two zero for running statistics (eval), in one launch instead of three.
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    bn_grad_coef_kernel(const A* __restrict__ stats, const A* __restrict__ affine, const A* __restrict__ sum_dz,
+                        const A* __restrict__ sum_dz_xhat, A* __restrict__ coef, int64_t C, bool training, A n) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  coef[c] = stats[c];
+  coef[C + c] = affine[c];
+  coef[2 * C + c] = training ? sum_dz[c] / n : A(0);
+  coef[3 * C + c] = training ? (sum_dz_xhat[c] * stats[C + c]) / n : A(0);
+}
+
 // ---- kernels end
 
 // ---------------------------------------------------------------------------
@@ -1422,6 +1437,35 @@ std::tuple<at::Tensor, at::Tensor> bn_coef_cuda(const at::Tensor& mean, const at
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {affine, stats};
+}
+
+at::Tensor bn_grad_coef_cuda(const at::Tensor& stats, const at::Tensor& affine, const at::Tensor& sums, int64_t row,
+                             bool training, int64_t count) {
+  const char* op = "resfused bn_grad_coef (cuda)";
+  TORCH_CHECK(stats.is_cuda() && (stats.scalar_type() == at::kFloat || stats.scalar_type() == at::kDouble), op,
+              ": stats must be a float32 or float64 CUDA tensor");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2 && stats.is_contiguous(), op, ": stats must be contiguous [2, C]");
+  const int64_t C = stats.size(1);
+  TORCH_CHECK(row == 1 || row == 2, op, ": row must be 1 or 2, got ", row);
+  for (const at::Tensor* t : {&affine, &sums}) {
+    TORCH_CHECK(t->device() == stats.device() && t->scalar_type() == stats.scalar_type() && t->dim() == 2 &&
+                    t->size(1) == C && t->is_contiguous(),
+                op, ": affine and sums must be contiguous [k, C] tensors of stats' dtype and device");
+  }
+  TORCH_CHECK(affine.size(0) >= 2 && sums.size(0) > row, op, ": affine needs 2 rows and sums ", row + 1);
+  c10::cuda::CUDAGuard guard(stats.device());
+  at::Tensor coef = at::empty({4, C}, stats.options());
+  if (C == 0) return coef;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(stats.get_device()).stream();
+  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "bn_grad_coef_cuda", [&] {
+    using A = scalar_t;
+    const A* s = sums.const_data_ptr<A>();
+    bn_grad_coef_kernel<A><<<static_cast<unsigned>(ceil_div(C, kThreads)), kThreads, 0, stream>>>(
+        stats.const_data_ptr<A>(), affine.const_data_ptr<A>(), s, s + row * C, coef.mutable_data_ptr<A>(), C,
+        training, static_cast<A>(std::max<int64_t>(count, 1)));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return coef;
 }
 
 }  // namespace resfused

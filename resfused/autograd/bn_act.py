@@ -16,7 +16,20 @@ from torch.autograd.function import once_differentiable
 
 from ..distributed import sync_active, sync_batch_stats, sync_grad_sums
 from ..ops import bn_act as ops
+from ..ops.bn_act import _compiling
 from ..ops.eager import acc_dtype
+
+#: backends whose kernels are in resfused._C, which also holds each BN's sequence of ops
+#: as one composite call (csrc/composite.cpp): same ops, same order, less host time
+_COMPOSITE_BACKENDS = ("cpu", "cuda")
+
+
+def _composite(backend: str, x: Tensor) -> bool:
+    """Whether this BN's sequence can run as one call to a composite of resfused._C: a
+    native backend, x dense in its layout (the kernels' contract without the op layer's
+    conversions), eager execution (torch.compile traces the registered ops)."""
+    return backend in _COMPOSITE_BACKENDS and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)) \
+        and not _compiling()
 
 
 def channel_count(x: Tensor) -> int:
@@ -45,6 +58,13 @@ def bn_coefficients(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     ``group``: a process group to synchronize the batch statistics over (training only;
     ``batch_stats`` are then taken as already synchronized, over ``batch_count`` values
     per channel)."""
+    if batch_stats is None and not sync_active(group, training) and _composite(backend, x):
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return torch.ops.resfused_C.bn_stats_coef.default(x, weight, bias, running_mean, running_var,
+                                                                  training, momentum, eps)
+        return torch.ops.resfused_C.bn_stats_coef.default(x, weight, bias, running_mean, running_var, training,
+                                                          momentum, eps)
     acc = acc_dtype(x.dtype)
     count = channel_count(x)
     w = None if weight is None else _plain(weight, acc)
@@ -99,8 +119,12 @@ def bn_act_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], affine: 
     if acc is not None and (residual is not None or plain_residual_grad):
         raise ValueError("bn_act_backward: acc is for the input gradient of a BN without residual")
     res_bn = res_stats is not None
-    count = channel_count(x)
     sync = sync_active(group, training or (res_bn and res_training))
+    if acc is None and not sync and _composite(backend, x):
+        return torch.ops.resfused_C.bn_act_bwd.default(grad_out, x, out, affine, stats, residual, res_affine,
+                                                       res_stats, training, res_training, relu, need_dx, need_sums,
+                                                       plain_residual_grad)
+    count = channel_count(x)
 
     def coef_sums(sums: Tensor) -> Tuple[Tensor, int]:
         return sync_grad_sums(sums, count, group) if sync else (sums, count)

@@ -422,11 +422,40 @@ template <typename A> void check_coef() {
   }
 }
 
+// bn_grad_coef_kernel (bn_grad_coef_cuda's launch) against a float64 reference, training
+// and eval, with the x row (1) and a residual BN's row (2) of the sums.
+template <typename A> void check_grad_coef() {
+  const double tol = std::is_same<A, double>::value ? 1e-12 : 1e-6;
+  for (int64_t C : {1, 5, 255, 256, 600}) for (int fl = 0; fl < 4; ++fl) {
+    const bool training = fl & 1;
+    const int row = (fl & 2) ? 2 : 1;
+    const int64_t count = training ? 37 : 1;
+    std::vector<A> st(2 * C), aff(2 * C), sums(3 * C), coef(4 * C, A(-7));
+    for (auto* v : {&st, &aff, &sums}) for (auto& e : *v) e = A(urand());
+    ++g_cases;
+    launch(dim3(static_cast<unsigned>(ceil_div(C, kThreads))), dim3(kThreads), [&] {
+      bn_grad_coef_kernel<A>(st.data(), aff.data(), sums.data(), sums.data() + row * C, coef.data(), C, training,
+                             A(count)); });
+    for (int64_t c = 0; c < C; ++c) {
+      const double want[4] = {double(st[c]), double(aff[c]), training ? double(sums[c]) / count : 0.0,
+                              training ? double(sums[row * C + c]) * double(st[C + c]) / count : 0.0};
+      for (int k = 0; k < 4; ++k)
+        if (!(std::fabs(double(coef[k * C + c]) - want[k]) <= tol * (1 + std::fabs(want[k])))) {
+          if (g_fail++ < 20) printf("GRAD COEF FAIL C%ld flags%d c%ld k%d got %g want %g\n", (long)C, fl, (long)c, k,
+                                    double(coef[k * C + c]), want[k]);
+          break;
+        }
+    }
+  }
+}
+
 int main(int argc, char** argv) {
   setvbuf(stdout, nullptr, _IONBF, 0);
   int iters = atoi(argv[1]); rng.seed(atoi(argv[2]));
   check_coef<float>();
   check_coef<double>();
+  check_grad_coef<float>();
+  check_grad_coef<double>();
   const char* mode = argc > 3 ? argv[3] : "rand";
   auto ri = [&](int a, int b) { return std::uniform_int_distribution<int>(a, b)(rng); };
   const int extras[] = {0, 1, 4, 8, 16, 3, 5, 7, 13, 24, 32};

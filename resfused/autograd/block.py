@@ -290,7 +290,8 @@ class ResidualBlockFunction(torch.autograd.Function):
 
         def put(unit: int, j: int, value: Optional[Tensor]):
             if value is not None and need(unit, j):
-                grads[unit * k + j] = value.to(ctx.param_dtypes[unit][j])
+                dtype = ctx.param_dtypes[unit][j]
+                grads[unit * k + j] = value if value.dtype == dtype else value.to(dtype)
 
         any_param_grad = any(needs[3:])
         fused = spec.conv != "library"

@@ -18,6 +18,7 @@ channels_last, contiguous) and checks the dtype is one the backend supports.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -56,11 +57,21 @@ def _per_channel(t: Optional[Tensor]) -> Optional[Tensor]:
 def _backend_impl(name: str, op: str) -> Callable:
     if name == "eager":
         return getattr(eager, op)
-    if name in ("cpu", "cuda"):
-        return getattr(torch.ops.resfused_C, op)
+    if name in _NATIVE:
+        return _native_op(op)
     from ..triton import bn_act as triton_bn_act  # imports triton only when used
 
     return getattr(triton_bn_act, op)
+
+
+_NATIVE = ("cpu", "cuda")  # the backends of resfused._C
+
+
+@functools.lru_cache(maxsize=None)
+def _native_op(op: str) -> Callable:
+    """resfused._C's kernel entry (its default overload, resolved once: looking it up
+    through ``torch.ops`` is a few microseconds of every call)."""
+    return getattr(torch.ops.resfused_C, op).default
 
 
 def _trace_time_constant(fn: Callable) -> Callable:
@@ -175,7 +186,11 @@ def _bn_act_fwd_impl(x: Tensor, affine: Tensor, residual: Optional[Tensor], res_
                relu: bool, backend: str = "auto") -> Tensor:
     """act(x*scale + shift [+ residual | + residual*res_scale + res_shift]) in x's dtype and layout."""
     fmt = memory_format_of(x)
-    name, x = _kernel_x(x, fmt, backend)
+    name = resolve(backend, x)
+    if name in _NATIVE and x.is_contiguous(memory_format=fmt):  # x as the kernels take it
+        return _native_op("bn_act_fwd")(x, _per_channel(affine), _like_x(residual, fmt), _per_channel(res_affine),
+                                        relu)
+    name, x = _kernel_x(x, fmt, name)
     return _backend_impl(name, "bn_act_fwd")(x, _per_channel(affine), _like_x(residual, fmt),
                                              _per_channel(res_affine), relu)
 

@@ -71,10 +71,12 @@ CONFIGS: Dict[str, Dict[str, Dict[str, TileConfig]]] = {
         "16": {"large": TileConfig(128, 128, 32, 8, 3), "small": TileConfig(64, 64, 32, 4, 3)},
         "32": {"large": TileConfig(128, 64, 16, 8, 2), "small": TileConfig(64, 32, 16, 4, 3)},
     },
-    # dgrad's small tile runs 8 warps: its per-row phase and tap arithmetic spilled at 4
+    # dgrad's 16-bit small tile runs 8 warps: its per-row phase and tap arithmetic spilled
+    # at 4; the fp32 one is 32x32 on 4 warps (64x32 spilled on sm_80 under triton 3.6 with
+    # 4 or 8 warps, 2 or 3 stages; 32x32 spills under none of triton 3.6 / 3.8, sm_80 / sm_90)
     "dgrad": {
         "16": {"large": TileConfig(128, 128, 32, 8, 3), "small": TileConfig(64, 64, 32, 8, 3)},
-        "32": {"large": TileConfig(128, 64, 16, 8, 3), "small": TileConfig(64, 32, 16, 8, 3)},
+        "32": {"large": TileConfig(128, 64, 16, 8, 3), "small": TileConfig(32, 32, 16, 4, 3)},
     },
     # wgrad: BLOCK_M over Cout, BLOCK_N over Cin, BLOCK_K over pixels
     "wgrad": {

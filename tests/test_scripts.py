@@ -64,3 +64,18 @@ def test_profile_host_runs_the_benchmark_cases():
     assert any(" eager: wall " in h for h in heads) and any(" eager_cl: wall " in h for h in heads), heads
     assert any("resfused[" in h for h in heads), heads
     assert all("host returns after" in h for h in heads)
+
+
+def test_host_time_prints_its_table():
+    """The host-time comparison runs (a few calls): a row per case and variant, each with
+    a forward and a forward + backward time."""
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "host_time.py"), "--rounds", "1",
+                           "--calls", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and " µs |" in line]
+    assert len(rows) == 6, done.stdout
+    for variant in ("| eager |", "| resfused |", "| resfused, composites off |"):
+        assert sum(variant in row for row in rows) == 2, done.stdout

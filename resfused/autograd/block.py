@@ -27,7 +27,7 @@ from torch.autograd.function import once_differentiable
 from ..distributed import sync_active, sync_batch_stats, sync_grad_sums
 from ..ops import bn_act as ops
 from ..ops import conv as conv_ops
-from .bn_act import _grad_coefficients, bn_act_backward, bn_coefficients, channel_count
+from .bn_act import bn_act_backward, bn_coefficients, channel_count, grad_coefficients
 
 TENSORS_PER_UNIT = 6  # conv weight, conv bias, bn weight, bn bias, running mean, running var
 
@@ -127,7 +127,7 @@ def _bn_input_grad(dz: Tensor, x: Tensor, affine: Tensor, stats: Tensor, sums: T
     g_sums, g_count = sums, channel_count(x)
     if sync_active(bn.group, bn.training):
         g_sums, g_count = sync_grad_sums(sums, g_count, bn.group)
-    coef = _grad_coefficients(stats, affine, g_sums[0], g_sums[1], bn.training, g_count)
+    coef = grad_coefficients(stats, affine, g_sums, 1, bn.training, g_count, backend)
     if acc is not None:
         ops.bn_act_bwd_apply_acc(acc, dz, x, affine, coef, None, False, backend)
         return None

@@ -98,6 +98,17 @@ def _grad_coefficients(stats: Tensor, affine: Tensor, sum_dz: Tensor, sum_dz_xha
     return coef
 
 
+def grad_coefficients(stats: Tensor, affine: Tensor, sums: Tensor, row: int, training: bool, count: int,
+                      backend: str) -> Tensor:
+    """``_grad_coefficients`` of the BN whose Σdz*x̂ is row ``row`` of ``sums`` (row 0: Σdz):
+    one op, ``resfused_C.bn_grad_coef`` (one launch on a GPU), on the cpu and cuda
+    backends in eager execution; the three tensor ops otherwise."""
+    if backend in _COMPOSITE_BACKENDS and not _compiling():
+        return torch.ops.resfused_C.bn_grad_coef.default(stats.contiguous(), affine.contiguous(), sums.contiguous(),
+                                                         row, training, count)
+    return _grad_coefficients(stats, affine, sums[0], sums[row], training, count)
+
+
 def bn_act_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], affine: Tensor, stats: Tensor,
                     training: bool, relu: bool, backend: str, *, need_dx: bool, need_sums: bool,
                     plain_residual_grad: bool = False, residual: Optional[Tensor] = None,
@@ -136,7 +147,7 @@ def bn_act_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], affine: 
         dx = None
         if need_dx:
             g_sums, g_count = coef_sums(sums)
-            coef = _grad_coefficients(stats, affine, g_sums[0], g_sums[1], training, g_count)
+            coef = grad_coefficients(stats, affine, g_sums, 1, training, g_count, backend)
             dx, _ = ops.bn_act_bwd_apply(dz, x, affine, coef, None, None, None, None, False, backend)
         return dx, dz, sums
     if need_sums:
@@ -147,8 +158,8 @@ def bn_act_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], affine: 
     dx = dres = None
     if need_dx or plain_residual_grad or res_bn:
         g_sums, g_count = coef_sums(sums)
-        coef = _grad_coefficients(stats, affine, g_sums[0], g_sums[1], training, g_count)
-        res_coef = _grad_coefficients(res_stats, res_affine, g_sums[0], g_sums[2], res_training, g_count) \
+        coef = grad_coefficients(stats, affine, g_sums, 1, training, g_count, backend)
+        res_coef = grad_coefficients(res_stats, res_affine, g_sums, 2, res_training, g_count, backend) \
             if res_bn else None
         # A plain residual only asks the apply pass for dres = dz; its values would be
         # read for the relu mask alone, which then comes from `out`, so grad_out stands in.

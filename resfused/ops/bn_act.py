@@ -311,8 +311,8 @@ def _bn_coef_impl(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Opt
     acc = mean.dtype
     if (running_mean is None) != (running_var is None):
         raise ValueError("bn_coef: running_mean and running_var go together")
-    args = [_per_channel(mean), _per_channel(var.to(acc))] + [None if t is None else _per_channel(t.to(acc))
-                                                             for t in (weight, bias)]
+    args = [_per_channel(mean)] + [None if t is None else _per_channel(t if t.dtype == acc else t.to(acc))
+                                   for t in (var, weight, bias)]
     impl = _backend_impl(name, "bn_coef")
     running = (running_mean, running_var)
     if running_mean is None or all(t.dtype == acc and t.is_contiguous() for t in running):

@@ -112,12 +112,12 @@ TT bn_stats_coef(const Tensor& x, const OptTensor& weight, const OptTensor& bias
   TORCH_CHECK(x.dim() == 4, "resfused bn_stats_coef: x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
   TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "resfused bn_stats_coef: x must be NCHW-contiguous or channels_last-contiguous");
-  TORCH_CHECK(given(running_mean) == given(running_var),
-              "resfused bn_stats_coef: running_mean and running_var go together");
+  TORCH_CHECK_VALUE(given(running_mean) == given(running_var),
+                    "resfused bn_stats_coef: running_mean and running_var go together");
   const auto acc = acc_of(x);
   const OptTensor w = per_channel(weight, acc), b = per_channel(bias, acc);
   if (!training) {
-    TORCH_CHECK(given(running_mean), "resfused bn_stats_coef: eval mode needs running statistics");
+    TORCH_CHECK_VALUE(given(running_mean), "resfused bn_stats_coef: eval mode needs running statistics");
     return call_coef(per_channel(*running_mean, acc), per_channel(*running_var, acc), w, b, c10::nullopt,
                      c10::nullopt, 0.0, eps, 1.0);
   }
@@ -155,6 +155,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_bwd(const Tensor& grad_out_, const Ten
   const Tensor affine = affine_.contiguous(), stats = stats_.contiguous();
   const OptTensor res_affine = contiguous(res_affine_), res_stats = contiguous(res_stats_);
   const bool res_bn = given(res_stats);
+  TORCH_CHECK_VALUE(!res_bn || (given(res_affine) && given(residual)),
+                    "resfused bn_act_bwd: a BN'd residual needs residual, res_affine and res_stats");
   const int64_t count = per_channel_count(x);
   if (need_sums && plain_residual_grad && relu && given(out)) {
     // the plain-residual join: the reduction pass also writes dz, the residual's gradient
@@ -183,8 +185,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_bwd(const Tensor& grad_out_, const Ten
     }
     // a plain residual only asks the apply pass for dres = dz (its mask comes from out)
     const OptTensor res_arg = res_bn ? residual : (plain_residual_grad ? OptTensor(grad_out) : c10::nullopt);
-    TORCH_CHECK(!(relu && !given(out) && given(res_arg) && !res_bn),
-                "resfused bn_act_bwd: a plain residual needs `out` for the relu mask");
+    TORCH_CHECK_VALUE(!(relu && !given(out) && given(res_arg) && !res_bn),
+                      "resfused bn_act_bwd: a plain residual needs `out` for the relu mask");
     auto [gx, gres] = call_apply(grad_out, x, affine, coef, res_arg, res_affine, res_coef, out, relu);
     if (need_dx) dx = gx;
     if (given(res_arg)) dres = gres;

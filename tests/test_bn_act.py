@@ -784,3 +784,71 @@ def test_composites_match_the_python_sequence(case, layout, dtype, stat_dtype, t
             assert a is None
         else:
             torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
+@pytest.mark.parametrize("shape", [(2, 1, 3, 3), (4, 6, 1, 1), (1, 4, 1, 3), (0, 6, 3, 3)], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("wanted", ["x", "params", "none"])
+@pytest.mark.parametrize("residual", [None, "plain", "bn"])
+def test_composites_match_the_python_sequence_at_the_edges(case, shape, layout, training, wanted, residual,
+                                                           monkeypatch):
+    """The same agreement at shapes contiguous in both layouts (C == 1, H*W == 1), an empty
+    batch (no running-statistics update), and with only some gradients wanted (the
+    backward's reduction or apply pass left out), running statistics strided and in
+    another dtype than the accumulation dtype."""
+    backend, device = case
+    if training and shape[0] * shape[2] * shape[3] == 1:
+        pytest.skip("one value per channel: rejected in training")
+    c = shape[1]
+    x0 = make_input(shape, layout, torch.float32, device)
+    r0 = make_input(shape, layout, torch.float32, device)
+    g = make_input(shape, "noncontig", torch.float32, device)
+
+    def run():
+        x = x0.clone().requires_grad_(wanted == "x")
+        r = r0.clone()
+        bn_x = (torch.zeros(2 * c, device=device)[::2].fill_(0.3), torch.ones(c, device=device),
+                torch.rand(c, device=device).requires_grad_(wanted == "params"),
+                torch.randn(c, device=device).requires_grad_(wanted == "params"))
+        bn_r = clone_bn(make_bn(c, True, device))
+        with resfused.use_backend(backend):
+            out = ours(x, r if residual else None, bn_x, bn_r, residual, training, 0.1, 1e-5, True, "auto")
+        if out.requires_grad:
+            out.backward(g)
+        return out.detach(), bn_x[:2] + bn_r[:2], [x.grad] + [t.grad for t in bn_x[2:]]
+
+    torch.manual_seed(0)
+    (out_c, stats_c, grads_c) = run()
+    from resfused.autograd import bn_act as A
+
+    monkeypatch.setattr(A, "_COMPOSITE_BACKENDS", ())
+    torch.manual_seed(0)
+    (out_p, stats_p, grads_p) = run()
+    assert torch.equal(out_c, out_p)
+    for a, b in zip(stats_c, stats_p):
+        assert torch.equal(a, b)
+    for a, b in zip(grads_c, grads_p):
+        assert (a is None) == (b is None)
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
+def test_composite_argument_errors(case):
+    """The composites' own checks: what the Python sequence raised as ValueError stays one."""
+    from resfused.autograd.bn_act import bn_act_backward
+
+    backend, device = case
+    resfused._backend.load_extension()
+    x = torch.randn(2, 3, 4, 4, device=device)
+    affine, stats = torch.ops.resfused_C.bn_stats_coef(x, None, None, None, None, True, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="plain residual needs `out`"):
+        bn_act_backward(x, x, None, affine, stats, True, True, backend, need_dx=True, need_sums=True,
+                        plain_residual_grad=True, residual=x)
+    with pytest.raises(ValueError, match="needs residual, res_affine and res_stats"):
+        torch.ops.resfused_C.bn_act_bwd(x, x, None, affine, stats, x, None, stats, True, True, False, True, True,
+                                        False)
+    with pytest.raises(ValueError, match="go together"):
+        torch.ops.resfused_C.bn_stats_coef(x, None, None, torch.zeros(3, device=device), None, True, 0.1, 1e-5)

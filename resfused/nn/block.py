@@ -8,6 +8,8 @@ conv with non-zero padding mode, a custom activation) runs torchvision's own for
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -193,7 +195,7 @@ class _FusedBlockMixin(SyncBNMixin):
         if cast is not None:
             x = x.to(cast)
             identity = None if identity is None else identity.to(cast)
-        with _no_autocast(x), _restore_on_error(saved):
+        with _no_autocast(x, cast), _restore_on_error(saved):
             spec = spec._replace(tf32=conv_tf32(x.dtype))
             key = lambda any_size=False: conv_key("block", x, convs, any_size=any_size,  # noqa: E731
                                                   train=[b.training for b in bn_specs],
@@ -343,8 +345,10 @@ def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     return None
 
 
-def _no_autocast(x: Tensor):
-    return torch.autocast(x.device.type, enabled=False)
+def _no_autocast(x: Tensor, cast: Optional[torch.dtype]):
+    """Autocast off for x's device inside the fused call (``cast``: the dtype it was running
+    in, None when it was off already: then there is nothing to turn off)."""
+    return torch.autocast(x.device.type, enabled=False) if cast is not None else contextlib.nullcontext()
 
 
 class FusedBasicBlock(_FusedBlockMixin, BasicBlock):

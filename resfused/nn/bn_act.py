@@ -31,11 +31,15 @@ def _snapshot(bns: Sequence[nn.Module]) -> List[Tuple[Tensor, Tensor]]:
     return [(t, t.clone()) for bn in bns for t in (getattr(bn, n, None) for n in names) if t is not None]
 
 
-@contextlib.contextmanager
 def _restore_on_error(saved: List[Tuple[Tensor, Tensor]]):
     """Synchronized statistics can fail mid-call (a rank with another shape): put every
     BN's running statistics and batch count back (``saved``: taken before anything moved),
-    so a call that raises changes nothing."""
+    so a call that raises changes nothing. Nothing saved: nothing to do (no context)."""
+    return _restoring(saved) if saved else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _restoring(saved: List[Tuple[Tensor, Tensor]]):
     try:
         yield
     except BaseException:

@@ -86,7 +86,7 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: Sync
     spec = DenseBlockSpec(tuple(layer_specs), "auto")
     if cast is not None:
         x = x.to(cast)
-    with _no_autocast(x), _restore_on_error(saved):
+    with _no_autocast(x, cast), _restore_on_error(saved):
         spec = spec._replace(tf32=conv_tf32(x.dtype))
         key = lambda any_size=False: conv_key("dense", x, convs, any_size=any_size,  # noqa: E731
                                               train=[a[4] for a in args], grad=_grad_wanted(x, tensors),
@@ -203,7 +203,7 @@ class FusedTransition(SyncBNMixin, _Transition):
             cb = None if cb is None else cb.to(cast)
             x = x.to(cast)
         tensors = (w, b, rm, rv, cw, cb)
-        with _no_autocast(x), _restore_on_error(saved):
+        with _no_autocast(x, cast), _restore_on_error(saved):
             grad = _grad_wanted(x, tensors)
             spec = spec._replace(tf32=conv_tf32(x.dtype))
             key = lambda any_size=False: conv_key("transition", x, [self.conv], any_size=any_size,  # noqa: E731

@@ -209,7 +209,7 @@ class FoldedBlock(nn.Module):
             return conv_ops.conv_bn_fwd(h, w, list(conv.stride), list(conv.padding), list(conv.dilation), None,
                                         bias.float(), residual, relu, False, tf32, "triton")[0]
 
-        with _no_autocast(x):
+        with _no_autocast(x, cast):
             h = x
             for conv in self.inner:
                 h = run(conv, h, conv.bias)

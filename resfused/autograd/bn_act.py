@@ -8,6 +8,7 @@ dgamma, and dgamma_r for a BN'd residual) and one apply pass (dx, dresidual).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional, Tuple
 
 import torch
@@ -20,8 +21,9 @@ from ..ops.bn_act import _compiling
 from ..ops.eager import acc_dtype
 
 #: backends whose kernels are in resfused._C, which also holds each BN's sequence of ops
-#: as one composite call (csrc/composite.cpp): same ops, same order, less host time
-_COMPOSITE_BACKENDS = ("cpu", "cuda")
+#: as one composite call (csrc/composite.cpp): same ops, same order, less host time (a
+#: name of its own: tests and scripts/host_time.py turn the composites off through it)
+_COMPOSITE_BACKENDS = ops.NATIVE_BACKENDS
 
 
 def _composite(backend: str, x: Tensor) -> bool:
@@ -59,12 +61,9 @@ def bn_coefficients(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     ``batch_stats`` are then taken as already synchronized, over ``batch_count`` values
     per channel)."""
     if batch_stats is None and not sync_active(group, training) and _composite(backend, x):
-        if torch.is_grad_enabled():
-            with torch.no_grad():
-                return torch.ops.resfused_C.bn_stats_coef.default(x, weight, bias, running_mean, running_var,
-                                                                  training, momentum, eps)
-        return torch.ops.resfused_C.bn_stats_coef.default(x, weight, bias, running_mean, running_var, training,
-                                                          momentum, eps)
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+            return torch.ops.resfused_C.bn_stats_coef.default(x, weight, bias, running_mean, running_var, training,
+                                                              momentum, eps)
     acc = acc_dtype(x.dtype)
     count = channel_count(x)
     w = None if weight is None else _plain(weight, acc)

@@ -57,14 +57,14 @@ def _per_channel(t: Optional[Tensor]) -> Optional[Tensor]:
 def _backend_impl(name: str, op: str) -> Callable:
     if name == "eager":
         return getattr(eager, op)
-    if name in _NATIVE:
+    if name in NATIVE_BACKENDS:
         return _native_op(op)
     from ..triton import bn_act as triton_bn_act  # imports triton only when used
 
     return getattr(triton_bn_act, op)
 
 
-_NATIVE = ("cpu", "cuda")  # the backends of resfused._C
+NATIVE_BACKENDS = ("cpu", "cuda")  # the backends of resfused._C
 
 
 @functools.lru_cache(maxsize=None)
@@ -186,11 +186,7 @@ def _bn_act_fwd_impl(x: Tensor, affine: Tensor, residual: Optional[Tensor], res_
                relu: bool, backend: str = "auto") -> Tensor:
     """act(x*scale + shift [+ residual | + residual*res_scale + res_shift]) in x's dtype and layout."""
     fmt = memory_format_of(x)
-    name = resolve(backend, x)
-    if name in _NATIVE and x.is_contiguous(memory_format=fmt):  # x as the kernels take it
-        return _native_op("bn_act_fwd")(x, _per_channel(affine), _like_x(residual, fmt), _per_channel(res_affine),
-                                        relu)
-    name, x = _kernel_x(x, fmt, name)
+    name, x = _kernel_x(x, fmt, backend)
     return _backend_impl(name, "bn_act_fwd")(x, _per_channel(affine), _like_x(residual, fmt),
                                              _per_channel(res_affine), relu)
 

@@ -235,6 +235,59 @@ def test_nan_and_inf_propagate_like_eager(case):
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("residual_kind", ["plain", "bn"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_gradients_at_nan_and_inf_match_eager(case, layout, residual_kind, training):
+    """relu's backward passes the gradient where the output is NaN (threshold_backward), and
+    in eval the input gradient does not depend on x, so it stays finite at an infinite x.
+    9 channels and 35 pixels: the CPU kernels' vector loops and their scalar tails."""
+    backend, device = case
+    shape = (2, 9, 5, 7)
+    x = torch.randn(shape, dtype=torch.float64)
+    r = torch.randn(shape, dtype=torch.float64)
+    x[1, 1, 2, 3] = float("nan")
+    x[0, 2, 0, 0] = float("inf")
+    x[1, 8, 4, 6] = float("-inf")
+    r[0, 3, 1, 1] = float("inf")
+    r[1, 8, 0, 5] = float("nan")
+    r[0, 5, 3, 2] = float("-inf")
+    g = torch.randn(shape, dtype=torch.float64)
+    bn_x = make_bn(9, True, "cpu", torch.float64)
+    bn_r = make_bn(9, True, "cpu", torch.float64)
+
+    def leaves(dtype, dev):
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        xs = [t.to(dev, dtype).contiguous(memory_format=fmt).clone().requires_grad_() for t in (x, r)]
+        bns = [clone_bn(bn, dev, dtype) for bn in (bn_x, bn_r)]
+        for bn in bns:
+            bn[2].requires_grad_()
+            bn[3].requires_grad_()
+        return xs, bns
+
+    (xe, re), (be, bre) = leaves(torch.float64, "cpu")
+    expected = reference(xe, re, be, bre, residual_kind, training, 0.1, 1e-5, True)
+    expected.backward(g)
+    (xo, ro), (bo, bro) = leaves(torch.float32, device)
+    got = ours(xo, ro, bo, bro, residual_kind, training, 0.1, 1e-5, True, backend)
+    got.backward(g.float().to(device))
+    tol = TOLERANCES[torch.float32]["bwd"]
+    named = [("x", xo, xe), ("residual", ro, re), ("weight", bo[2], be[2]), ("bias", bo[3], be[3])]
+    if residual_kind == "bn":
+        named += [("residual weight", bro[2], bre[2]), ("residual bias", bro[3], bre[3])]
+    for name, a, e in named:
+        assert_close(a.grad, e.grad, *tol, what=f"grad {name}")
+        assert torch.equal(torch.isinf(a.grad.cpu()), torch.isinf(e.grad)), f"grad {name}: inf positions differ"
+    if not training:  # the elements next to NaN/inf outputs: finite, eager's values
+        assert torch.isfinite(xo.grad).all() and torch.isfinite(ro.grad).all()
+    for a, e in [(bo[0], be[0]), (bo[1], be[1])]:
+        # a channel with an inf: eager's CPU mean is inf, a Welford mean NaN; both non-finite
+        fin = torch.isfinite(e)
+        assert_close(a.cpu()[fin], e[fin], 1e-6, 1e-6, what="running statistics")
+        assert not torch.isfinite(a.cpu()[~fin]).any(), "running statistics: a non-finite channel became finite"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_zero_size_batch_behaves_like_batchnorm2d(case, layout):
     import resfused
     backend, device = case

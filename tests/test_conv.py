@@ -164,6 +164,26 @@ def test_conv_dgrad(shape, epilogue, dtype, device):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_conv_dgrad_epilogue_passes_the_gradient_at_nan(device):
+    """relu's backward (threshold_backward) passes the gradient where its input is NaN: the
+    dgrad epilogue's dz equals the convolution's input gradient there, as eager's."""
+    shape = SHAPES[0]
+    x64, w64, aff64, x, w, aff, st, pad, dil = _make(shape, torch.float32, device)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 3, 0, 0] = float("inf")
+    g = torch.randn(2, 7, 7, 9).to(device).contiguous(memory_format=torch.channels_last)
+    stats = torch.stack([torch.zeros(5), torch.ones(5)]).to(device)
+    args = (list(x.shape), list(st), list(pad), list(dil), x, aff, stats, False)
+    d, sums = conv_ops.conv_bn_dgrad(g, w, *args, "triton")
+    d_lp, sums_lp = conv_ops.conv_bn_dgrad(*[t.cpu() if torch.is_tensor(t) else t for t in (g, w, *args)], "eager")
+    plain = torch.ops.aten.convolution_backward(g.cpu(), x.cpu(), w.cpu(), None, list(st), list(pad), list(dil),
+                                                False, [0, 0], 1, [True, False, False])[0]
+    assert d[0, 1, 2, 3].item() == pytest.approx(plain[0, 1, 2, 3].item(), rel=1e-5, abs=1e-6) != 0
+    assert_close(d, d_lp, 1e-5, 1e-5, "dgrad epilogue dz with NaN/inf")
+    assert_close(sums, sums_lp, 1e-4, 1e-4, "dgrad epilogue sums with NaN/inf")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
 @pytest.mark.parametrize("prologue", [False, True], ids=["plain", "prologue"])
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)

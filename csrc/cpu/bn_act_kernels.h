@@ -74,12 +74,12 @@ template <typename V> inline V vrelu(const V& z) {
   return V::blendv(z, zero, z < zero);
 }
 template <typename A> inline A srelu(A z) { return z < A(0) ? A(0) : z; }
-// m > 0 ? g : 0 (NaN m gives 0; NaN g with m > 0 stays NaN)
+// m <= 0 ? 0 : g, as relu's backward (threshold_backward): a NaN m passes g.
 template <typename V> inline V vmask(const V& g, const V& m) {
   const V zero(typename V::value_type(0));
-  return V::blendv(zero, g, m > zero);
+  return V::blendv(g, zero, m <= zero);
 }
-template <typename A> inline A smask(A g, A m) { return m > A(0) ? g : A(0); }
+template <typename A> inline A smask(A g, A m) { return m <= A(0) ? A(0) : g; }
 
 // Keeps a product rounded on its own: the compiler may not contract
 // `nc(a * b) + c` into an FMA. The elementwise maths (pre-activation, relu mask,
@@ -103,6 +103,13 @@ template <typename T> inline T nc(T v) {
 #endif
   return v;
 }
+// (x - mean) * p, or 0 where p == 0 (eval: the gradient does not depend on x, so an
+// infinite x gives a finite gradient, as eager's).
+template <typename V> inline V vxterm(const V& x, const V& mean, const V& p) {
+  const V zero(typename V::value_type(0));
+  return V::blendv(nc((x - mean) * p), zero, p == zero);
+}
+template <typename A> inline A sxterm(A x, A mean, A p) { return p == A(0) ? A(0) : nc((x - mean) * p); }
 
 template <typename V> inline double hsum(const V& v) {
   using A = typename V::value_type;
@@ -620,7 +627,7 @@ struct K {
     if constexpr (ACC) io::load(dx, prev);
     dz_vec<MASK, RLOAD>(g, x, r, oin, p, xv, rv, dz);
     for (int j = 0; j < NV; ++j) {
-      out[j] = (dz[j] - p.v[6][j] - nc((xv[j] - p.v[4][j]) * p.v[7][j])) * p.v[5][j];
+      out[j] = (dz[j] - p.v[6][j] - vxterm(xv[j], p.v[4][j], p.v[7][j])) * p.v[5][j];
       if constexpr (ACC) out[j] = prev[j] + out[j];
     }
     io::store(dx, out);
@@ -628,7 +635,7 @@ struct K {
       io::store(dr, dz);
     } else if constexpr (DRES == 2) {
       for (int j = 0; j < NV; ++j)
-        out[j] = (dz[j] - p.v[10][j] - nc((rv[j] - p.v[8][j]) * p.v[11][j])) * p.v[9][j];
+        out[j] = (dz[j] - p.v[10][j] - vxterm(rv[j], p.v[8][j], p.v[11][j])) * p.v[9][j];
       io::store(dr, out);
     }
   }
@@ -639,12 +646,12 @@ struct K {
     acc_t xs, rs = 0;
     const acc_t prev = ACC ? io::ld(dx) : acc_t(0);
     const acc_t dz = dz_one<MASK, RLOAD>(g, x, r, oin, p, xs, rs);
-    const acc_t d = (dz - p.v[6] - nc((xs - p.v[4]) * p.v[7])) * p.v[5];
+    const acc_t d = (dz - p.v[6] - sxterm(xs, p.v[4], p.v[7])) * p.v[5];
     io::st(dx, ACC ? prev + d : d);
     if constexpr (DRES == 1) {
       io::st(dr, dz);
     } else if constexpr (DRES == 2) {
-      io::st(dr, (dz - p.v[10] - nc((rs - p.v[8]) * p.v[11])) * p.v[9]);
+      io::st(dr, (dz - p.v[10] - sxterm(rs, p.v[8], p.v[11])) * p.v[9]);
     }
   }
 

@@ -116,6 +116,19 @@ __device__ __forceinline__ A preact(A x, A r, A sc, A sh, A rsc, A rsh, bool has
   return z;
 }
 
+// relu's backward keeps g unless m <= 0 (threshold_backward: a NaN m passes g).
+template <typename A>
+__device__ __forceinline__ bool relu_keeps(A m) {
+  return !(m <= A(0));
+}
+
+// (x - mean) * p, or 0 where p == 0 (eval: the gradient does not depend on x, so an
+// infinite x gives a finite gradient, as eager's).
+template <typename A>
+__device__ __forceinline__ A x_term(A x, A mean, A p) {
+  return p == A(0) ? A(0) : (x - mean) * p;
+}
+
 // ---------------------------------------------------------------------------
 // Elementwise ops. Op::load<V>(e, xe) loads the inputs of elements [e, e+V)
 // (x's at [xe, xe+V): xe == e except for a prefix view, see both kernels);
@@ -259,14 +272,14 @@ struct ApplyOp {
       const A rj = static_cast<A>(R.r.v[j]);
       A dz = static_cast<A>(R.g.v[j]);
       if (relu) {
-        const bool m = use_out ? (static_cast<A>(R.o.v[j]) > A(0))
-                               : (preact(xj, rj, q.sc, q.sh, q.rsc, q.rsh, has_res, res_aff) > A(0));
+        const bool m = relu_keeps(use_out ? static_cast<A>(R.o.v[j])
+                                          : preact(xj, rj, q.sc, q.sh, q.rsc, q.rsh, has_res, res_aff));
         dz = m ? dz : A(0);
       }
-      A d = ((dz - q.mdz) - (xj - q.mean) * q.p) * q.k;
+      A d = ((dz - q.mdz) - x_term(xj, q.mean, q.p)) * q.k;
       if constexpr (ACC) d = static_cast<A>(R.d.v[j]) + d;
       dxv.v[j] = static_cast<T>(d);
-      drv.v[j] = static_cast<T>(has_rcoef ? ((dz - q.rmdz) - (rj - q.rmean) * q.rp) * q.rk : dz);
+      drv.v[j] = static_cast<T>(has_rcoef ? ((dz - q.rmdz) - x_term(rj, q.rmean, q.rp)) * q.rk : dz);
     }
     store_pack<V>(dx, ACC ? xe : e, dxv);
     if (has_res) store_pack<V>(dres, e, drv);
@@ -687,7 +700,7 @@ __device__ __forceinline__ A red_elem(const RedArgs<T, A>& a, const RedChan<T, A
                                       A& s1, A& s2) {
   A dz = g;
   if (a.relu) {
-    const bool m = a.use_out ? (o > A(0)) : (preact(x, r, q.sc, q.sh, q.rsc, q.rsh, a.has_res, a.res_aff) > A(0));
+    const bool m = relu_keeps(a.use_out ? o : preact(x, r, q.sc, q.sh, q.rsc, q.rsh, a.has_res, a.res_aff));
     dz = m ? dz : A(0);
   }
   s0 += dz;

@@ -82,7 +82,7 @@ def _eager_dgrad(grad_out, weight, input_shape, stride, padding, dilation, bn_in
     if bn_input is None:
         return dx, None
     z = _round(bn_input.float() * _chan(affine[0]) + _chan(affine[1]), bn_input.dtype)
-    dz = torch.where(z > 0, dx, torch.zeros_like(dx))
+    dz = torch.where(z <= 0, torch.zeros_like(dx), dx)  # NaN z passes, as relu's backward
     xhat = (bn_input.float() - _chan(bn_stats[0])) * _chan(bn_stats[1])
     dzf = dz.float()
     return dz, torch.stack([dzf.sum((0, 2, 3)), (dzf * xhat).sum((0, 2, 3))]).float()  # (fp64 stats: fp32 too)

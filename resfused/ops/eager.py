@@ -20,9 +20,11 @@ guarantees them before a backend kernel is called):
   (plain identity) or ``residual*res_scale + res_shift`` when ``res_affine`` is
   given (the downsample join: two BNs in one pass). ``relu`` selects
   ``out = relu(z)``; otherwise ``out = z``. ReLU propagates NaN as ``torch.relu``.
-* Backward: ``dz = grad_out * (out > 0)`` when ``relu`` (``out`` given), or with
-  the mask recomputed as ``z > 0`` when ``out`` is None; ``dz = grad_out``
-  otherwise. Computation in the accumulation dtype; results cast to x's dtype.
+* Backward: ``dz = 0 if out <= 0 else grad_out`` when ``relu`` (``out`` given), or
+  with the mask recomputed from ``z`` when ``out`` is None; ``dz = grad_out``
+  otherwise. As relu's own backward (``threshold_backward``), a NaN ``out`` passes the
+  gradient. In ``dx``, the term ``(x - mean) * p`` is 0 wherever ``p == 0`` (eval), so
+  an infinite ``x`` there gives eager's finite gradient. Computation in the accumulation dtype; results cast to x's dtype.
 * ``bn_act_bwd_reduce`` can also write ``dz`` (in x's dtype and layout; exact, since it
   is ``grad_out`` or 0) when ``write_dz``: the apply pass then reads ``dz`` with
   ``relu=False`` instead of ``grad_out`` and the mask's source, and for a plain
@@ -60,11 +62,8 @@ def _grad_preact(grad_out, x, affine, residual, res_affine, out, relu) -> Tensor
     acc = affine.dtype
     dz = grad_out.to(acc)
     if relu:
-        if out is not None:
-            mask = out > 0
-        else:
-            mask = _preact(x, affine, residual, res_affine) > 0
-        dz = torch.where(mask, dz, torch.zeros((), dtype=acc, device=dz.device))
+        m = out if out is not None else _preact(x, affine, residual, res_affine)
+        dz = torch.where(m <= 0, torch.zeros((), dtype=acc, device=dz.device), dz)
     return dz
 
 
@@ -134,7 +133,9 @@ def _strided_like(t: Tensor, x: Tensor, copy: bool = False) -> Tensor:
 
 def _apply_coef(dz: Tensor, x: Tensor, coef: Tensor) -> Tensor:
     mean, k, mdz, p = coef[0], coef[1], coef[2], coef[3]
-    return (dz - _chan(mdz) - (x.to(dz.dtype) - _chan(mean)) * _chan(p)) * _chan(k)
+    x_term = (x.to(dz.dtype) - _chan(mean)) * _chan(p)
+    x_term = torch.where(_chan(p) == 0, torch.zeros((), dtype=dz.dtype, device=dz.device), x_term)
+    return (dz - _chan(mdz) - x_term) * _chan(k)
 
 
 def bn_act_bwd_apply(grad_out: Tensor, x: Tensor, affine: Tensor, coef: Tensor,

@@ -75,7 +75,7 @@ CPU_SMS = 2
 #: accumulation dtype (per-channel tensors and workspaces)
 DATA_PTRS = frozenset({"x_ptr", "g_ptr", "res_ptr", "out_ptr", "dx_ptr", "dres_ptr", "dz_ptr"})
 #: @triton.jit helpers that are inlined into kernels, never launched on their own
-JIT_HELPERS = frozenset({"_relu_keep", "_cast_out", "_nchw_tile"})
+JIT_HELPERS = frozenset({"_relu_keep", "_x_term", "_cast_out", "_nchw_tile"})
 #: runtime 0/1 (relu_mode: 0/1/2) flag arguments; every other non-constexpr scalar is a size
 FLAG_ARGS = frozenset({"has_res", "res_aff", "relu", "use_res", "res_st", "res_coef", "relu_mode", "write_dz",
                        "accum", "has_w", "has_b", "update"})
@@ -135,9 +135,20 @@ def _cast_out(v, ptr):
 
 @triton.jit
 def _relu_keep(x, o, r, scale, shift, rs, rb, relu_mode):
-    """Backward ReLU mask: everything (mode 0), ``out > 0`` (1) or ``z > 0`` recomputed (2)."""
+    """Backward ReLU mask: everything (mode 0), ``not out <= 0`` (1) or ``not z <= 0``
+    recomputed (2): relu's backward (threshold_backward) passes the gradient where the
+    output is NaN."""
     z = x * scale + shift + (r * rs + rb)
-    return (relu_mode == 0) | ((relu_mode == 1) & (o > 0)) | ((relu_mode == 2) & (z > 0))
+    return (relu_mode == 0) | ((relu_mode == 1) & ~(o <= 0)) | ((relu_mode == 2) & ~(z <= 0))
+
+
+@triton.jit
+def _x_term(x, mean, p):
+    """``(x - mean) * p``, or 0 where ``p == 0`` (eval: the gradient does not depend on x,
+    so an infinite x gives a finite gradient, as eager's). x is replaced before the
+    arithmetic rather than the product after it: one live value fewer (fp64 NCHW spilled
+    on sm_90 the other way)."""
+    return (tl.where(p == 0, mean, x) - mean) * p
 
 
 @triton.jit
@@ -440,9 +451,9 @@ def _bwd_apply_nchw(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, coef_ptr, raff_ptr,
     dz = tl.where(keep, g, 0)
     doffs = tl.where(accum != 0, xoffs, offs)
     prev = tl.load(dx_ptr + doffs, mask=m & (accum != 0), other=0).to(acc_ty)
-    dx = (dz - mdz - (x - mean) * pc) * k + prev
+    dx = (dz - mdz - _x_term(x, mean, pc)) * k + prev
     tl.store(dx_ptr + doffs, _cast_out(dx, dx_ptr), mask=m)
-    dres = tl.where(res_coef != 0, (dz - rmdz - (r - rmean) * rpc) * rk, dz)
+    dres = tl.where(res_coef != 0, (dz - rmdz - _x_term(r, rmean, rpc)) * rk, dz)
     tl.store(dres_ptr + offs, _cast_out(dres, dres_ptr), mask=m & (has_res != 0))
 
 
@@ -481,9 +492,9 @@ def _bwd_apply_nhwc(g_ptr, x_ptr, out_ptr, res_ptr, aff_ptr, coef_ptr, raff_ptr,
     dz = tl.where(keep, g, 0)
     doffs = tl.where(accum != 0, xoffs, offs)
     prev = tl.load(dx_ptr + doffs, mask=m & (accum != 0), other=0).to(acc_ty)
-    dx = (dz - mdz - (x - mean) * pc) * k + prev
+    dx = (dz - mdz - _x_term(x, mean, pc)) * k + prev
     tl.store(dx_ptr + doffs, _cast_out(dx, dx_ptr), mask=m)
-    dres = tl.where(res_coef != 0, (dz - rmdz - (r - rmean) * rpc) * rk, dz)
+    dres = tl.where(res_coef != 0, (dz - rmdz - _x_term(r, rmean, rpc)) * rk, dz)
     tl.store(dres_ptr + offs, _cast_out(dres, dres_ptr), mask=m & (has_res != 0))
 
 

@@ -284,7 +284,7 @@ def _conv_dgrad(dy_ptr, w_ptr, dx_ptr, y_ptr, aff_ptr, st_ptr, ws_ptr,
         sc = tl.load(aff_ptr + rn, mask=n_ok, other=0)
         sh = tl.load(aff_ptr + Cin + rn, mask=n_ok, other=0)
         z = _cast_out(y * sc[None, :] + sh[None, :], dx_ptr).to(tl.float32)
-        dz = _cast_out(tl.where(o_mask & (z > 0), acc, 0), dx_ptr)
+        dz = _cast_out(tl.where(o_mask & ~(z <= 0), acc, 0), dx_ptr)  # NaN z passes, as relu's backward
         tl.store(dx_ptr + o_off, dz, mask=o_mask)
         mean = tl.load(st_ptr + rn, mask=n_ok, other=0)
         invstd = tl.load(st_ptr + Cin + rn, mask=n_ok, other=0)

@@ -163,6 +163,7 @@ long g_cases = 0, g_acc = 0, g_pref = 0, g_pref_nchw = 0, g_view[3] = {0, 0, 0},
 template <typename T>
 bool close(double got, double want, double tol) {
   if (std::isnan(want)) return std::isnan(got);
+  if (std::isinf(want)) return got == want;
   return std::fabs(got - want) <= tol * (1 + std::fabs(want));
 }
 template <typename T> const char* tname() {
@@ -191,6 +192,9 @@ void run_case(int64_t N, int64_t C, int64_t H, int64_t W, bool cl, size_t offmas
   const bool nchw = pref_cl ? false : (!cl || C == 1 || HW == 1);
   const bool relu = flags & 1, has_res = flags & 2, res_aff = has_res && (flags & 4), pass_out = flags & 8, use_out = relu && pass_out;
   const bool has_r2 = has_res && (flags & 16), write_dz = flags & 32;
+  // flags & 64: NaN/inf in x and the residual, and eval coefficients (mdz = p = 0) on every
+  // other channel: relu's backward passes g where its input is NaN, and p == 0 drops x's term
+  const bool nonfinite = flags & 64;
   char desc[256];
   snprintf(desc, sizeof desc, "%s N%ld C%ld H%ld W%ld cl%d xs%ld xb%ld xoff%ld off%zu fl%d rb%ld", tname<T>(), (long)N, (long)C, (long)H, (long)W, (int)cl, (long)xs, (long)xb, (long)xoff, offmask, flags, (long)resident);
   // big tensors
@@ -211,6 +215,18 @@ void run_case(int64_t N, int64_t C, int64_t H, int64_t W, bool cl, size_t offmas
   for (int64_t i = 0; i < numel; ++i) { r[i] = T(urand()); g[i] = T(urand()); }
   std::vector<A> aff(2 * C), raff(2 * C), st(2 * C), rst(2 * C), coef(4 * C), rcoef(4 * C);
   for (auto* v : {&aff, &raff, &st, &rst, &coef, &rcoef}) for (auto& e : *v) e = A(urand());
+  if (nonfinite) {
+    const double bad[] = {NAN, INFINITY, -INFINITY};
+    for (int64_t n = 0; n < N; ++n) for (int64_t c = 0; c < C; ++c) for (int64_t k = 0; k < HW; ++k) {
+      const int64_t j = (n * C + c) * HW + k;
+      if (j % 7 == 3) x[xi(n, c, k)] = T(bad[(j / 7) % 3]);
+      if (j % 11 == 5) r[idx(n, c, k)] = T(bad[(j / 11 + 1) % 3]);
+    }
+    for (int64_t c = 0; c < C; c += 2) coef[2 * C + c] = coef[3 * C + c] = rcoef[2 * C + c] = rcoef[3 * C + c] = A(0);
+  }
+  // the op contract's relu backward mask and x term of dx (resfused/ops/eager.py)
+  auto keep = [](double m) { return !(m <= 0); };
+  auto xterm = [](double v, double mean, double p) { return p == 0 ? 0.0 : (v - mean) * p; };
   // read_x replica: keep the view or compact it (xs -> C). inputs: the other big inputs handed to read_x.
   Buf bxc; bool have_copy = false;
   auto read_x = [&](Shape& s, std::initializer_list<const void*> inputs, int opk) -> const T* {
@@ -240,7 +256,9 @@ void run_case(int64_t N, int64_t C, int64_t H, int64_t W, bool cl, size_t offmas
       double mu = sm / M;
       for (int64_t n = 0; n < N; ++n) for (int64_t k = 0; k < HW; ++k) { double d = X(n, c, k) - mu; sq += d * d; }
       double tv = sizeof(T) == 8 ? 1e-12 : 1e-5;
-      if (!close<T>(mean[c], mu, tv) || !close<T>(var[c], sq / M, tv)) {
+      // a channel with an inf: the sum's mean is inf where a Welford mean is NaN
+      auto ok = [&](double got, double want) { return std::isfinite(want) ? close<T>(got, want, tv) : !std::isfinite(got); };
+      if (!ok(mean[c], mu) || !ok(var[c], sq / M)) {
         if (g_fail++ < 20) printf("STATS FAIL %s c%ld got %g %g want %g %g\n", desc, (long)c, (double)mean[c], (double)var[c], mu, sq / M);
         break;
       }
@@ -290,14 +308,16 @@ fwd_done:
       for (int64_t n = 0; n < N; ++n) for (int64_t k = 0; k < HW; ++k) {
         int64_t i = idx(n, c, k);
         double dz = double(g[i]);
-        if (relu) { bool m = use_out ? double(o[i]) > 0 : pre(n, c, k) > 0; if (!m) dz = 0; }
+        if (relu && !keep(use_out ? double(o[i]) : pre(n, c, k))) dz = 0;
         if (write_dz && !dzbad && double(bdz.p<T>()[i]) != double(T(dz))) { dzbad = true; if (g_fail++ < 20) printf("DZ FAIL %s c%ld n%ld k%ld got %g want %g\n", desc, (long)c, (long)n, (long)k, double(bdz.p<T>()[i]), dz); }
         double xh = (X(n, c, k) - st[c]) * st[C + c];
         s0 += dz; s1 += dz * xh; a0 += std::fabs(dz); a1 += std::fabs(dz * xh);
         if (has_r2) { double rh = (double(r[i]) - rst[c]) * rst[C + c]; s2 += dz * rh; a2 += std::fabs(dz * rh); }
       }
       double tr = sizeof(T) == 8 ? 1e-12 : 1e-5;
-      bool ok = std::fabs(res[c] - s0) <= tr * (1 + a0) && std::fabs(res[C + c] - s1) <= tr * (1 + a1) && (!has_r2 || std::fabs(res[2 * C + c] - s2) <= tr * (1 + a2));
+      auto near = [&](double got, double want, double mag) {
+        return std::isnan(want) ? std::isnan(got) : std::isinf(want) ? got == want : std::fabs(got - want) <= tr * (1 + mag); };
+      bool ok = near(res[c], s0, a0) && near(res[C + c], s1, a1) && (!has_r2 || near(res[2 * C + c], s2, a2));
       if (!ok) { if (g_fail++ < 20) printf("RED FAIL %s rpath%d c%ld got %g %g want %g %g\n", desc, g_rpath, (long)c, (double)res[c], (double)res[C + c], s0, s1); break; }
       if (dzbad) break;
     }
@@ -319,9 +339,9 @@ fwd_done:
     for (int64_t n = 0; n < N; ++n) for (int64_t c = 0; c < C; ++c) for (int64_t k = 0; k < HW; ++k) {
       int64_t i = idx(n, c, k);
       double dz = double(g[i]);
-      if (relu) { bool m = use_out ? double(o[i]) > 0 : pre(n, c, k) > 0; if (!m) dz = 0; }
-      double dx = (dz - coef[2 * C + c] - (X(n, c, k) - coef[c]) * coef[3 * C + c]) * coef[C + c];
-      double dr = has_rc ? (dz - rcoef[2 * C + c] - (double(r[i]) - rcoef[c]) * rcoef[3 * C + c]) * rcoef[C + c] : dz;
+      if (relu && !keep(use_out ? double(o[i]) : pre(n, c, k))) dz = 0;
+      double dx = (dz - coef[2 * C + c] - xterm(X(n, c, k), coef[c], coef[3 * C + c])) * coef[C + c];
+      double dr = has_rc ? (dz - rcoef[2 * C + c] - xterm(double(r[i]), rcoef[c], rcoef[3 * C + c])) * rcoef[C + c] : dz;
       double ta = tol * 20;
       if (!close<T>(double(p.dx[i]), dx, ta) || (has_res && !close<T>(double(p.dres[i]), dr, ta))) {
         if (g_fail++ < 20) printf("APPLY FAIL %s path%d at n%ld c%ld k%ld got %g %g want %g %g\n", desc, g_path, (long)n, (long)c, (long)k, double(p.dx[i]), has_res ? double(p.dres[i]) : 0., dx, dr);
@@ -367,8 +387,8 @@ fwd_done:
       for (int64_t n = 0; n < N; ++n) for (int64_t c = 0; c < C; ++c) for (int64_t k = 0; k < HW; ++k) {
         int64_t i = idx(n, c, k);
         double dz = double(g[i]);
-        if (relu) { bool m = use_out ? double(o[i]) > 0 : pre(n, c, k) > 0; if (!m) dz = 0; }
-        double want = acc0[base + xi(n, c, k)] + (dz - coef[2 * C + c] - (X(n, c, k) - coef[c]) * coef[3 * C + c]) * coef[C + c];
+        if (relu && !keep(use_out ? double(o[i]) : pre(n, c, k))) dz = 0;
+        double want = acc0[base + xi(n, c, k)] + (dz - coef[2 * C + c] - xterm(X(n, c, k), coef[c], coef[3 * C + c])) * coef[C + c];
         if (!close<T>(double(acc[xi(n, c, k)]), want, tol * 20)) {
           if (g_fail++ < 20) printf("ACC FAIL %s at n%ld c%ld k%ld got %g want %g\n", desc, (long)n, (long)c, (long)k, double(acc[xi(n, c, k)]), want);
           goto acc_done;
@@ -476,6 +496,8 @@ int main(int argc, char** argv) {
       }
       // every flag combination once per dtype on a view that stays in place and one that is copied
       for (int t = 0; t < 4; ++t) for (int fl = 0; fl < 64; ++fl) {
+        // a quarter of the flag sets again with non-finite values, on a dense tensor
+        if (fl % 4 == t) by_type(t, [&](auto z) { run_case<decltype(z)>(sh.n, sh.c, sh.h, sh.w, fl & 2, 0, fl | 64, fl % 2 ? 2 : 300); });
         by_type(t, [&](auto z) { run_case<decltype(z)>(sh.n, sh.c, sh.h, sh.w, true, 0, fl, fl % 2 ? 2 : 300, 16, 0); });
         by_type(t, [&](auto z) { run_case<decltype(z)>(sh.n, sh.c, sh.h, sh.w, true, fl & 4, fl, fl % 2 ? 2 : 300, 5, fl % 3); });
         if (fl % 4 == fl / 16 && sh.n > 1)  // an NCHW view for a quarter of them (its reduction is slow to simulate)
@@ -490,7 +512,7 @@ int main(int argc, char** argv) {
     int n = ri(1, 6), c = ri(1, 3) == 1 ? ri(1, 9) : ri(1, 3) == 1 ? 8 * ri(1, 12) : ri(10, 130);
     int h = ri(1, 3) == 1 ? 1 : ri(1, 40), w = ri(1, 40);
     while ((long)n * c * h * w > 60000) { if (h > 1) h /= 2; else if (w > 1) w /= 2; else c = std::max(1, c / 2); }
-    int cl = ri(0, 1); size_t off = ri(0, 15); int flags = ri(0, 63); int64_t rb = ri(0, 1) ? ri(1, 6) : ri(7, 600);
+    int cl = ri(0, 1); size_t off = ri(0, 15); int flags = ri(0, 127); int64_t rb = ri(0, 1) ? ri(1, 6) : ri(7, 600);
     int64_t extra = -1, xo = 0;
     if (ri(0, 3) != 0) {  // prefix view (3 in 4; 1 in 3 of those NCHW)
       cl = ri(0, 2) != 0; extra = extras[ri(0, 10)];

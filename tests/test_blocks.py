@@ -129,6 +129,48 @@ def test_running_stats_updated_once_and_no_grad_paths(case):
         assert fused.bn1.weight.grad is None
 
 
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_cumulative_momentum_and_a_frozen_bn(case, monkeypatch):
+    """The fused path's batch counting as torchvision's forward counts: a BN with
+    momentum=None (the cumulative average, through num_batches_tracked) next to ones with
+    a momentum, and a FrozenBatchNorm2d downsample BN (no batch counted, no momentum).
+    Three steps: outputs, gradients and running statistics."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    backend, device = case
+    ref, fused = make_pair("bottleneck", 8, 4, 2, "standard")
+    fused = fused.double()
+    for block in (ref, fused):
+        block.bn2.momentum = None
+        frozen = FrozenBatchNorm2d(16).double()
+        frozen.load_state_dict({k: v for k, v in block.downsample[1].state_dict().items()
+                                if k != "num_batches_tracked"})
+        block.downsample[1] = frozen
+    fused = fused.to(device).train()
+    ref.train()
+    import resfused.nn.block as nn_block
+    calls = []
+    fused_apply = nn_block.ResidualBlockFunction.apply
+    monkeypatch.setattr(nn_block.ResidualBlockFunction, "apply", lambda *a: calls.append(1) or fused_apply(*a))
+    for step in range(3):
+        x = torch.randn(2, 8, 6, 6, dtype=torch.float64) + step
+        with resfused.use_backend(backend):
+            out = fused(x.to(device))
+        expected = ref(x)
+        assert_close(out, expected, 1e-9, 1e-9, what=f"step {step} output")
+        out.sum().backward()
+        expected.sum().backward()
+    for (name, p), (_, pr) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert_close(p.grad, pr.grad, 1e-8, 1e-8, what=f"grad {name}")
+    for (name, b), (_, br) in zip(fused.named_buffers(), ref.named_buffers()):
+        if b.is_floating_point():
+            assert_close(b, br, 1e-9, 1e-9, what=f"buffer {name}")
+        else:
+            assert torch.equal(b.cpu(), br), f"buffer {name}"
+    assert int(fused.bn2.num_batches_tracked) == 3
+    assert len(calls) == 3, "the block ran torchvision's forward, not the fused one"
+
+
 @pytest.mark.parametrize("bad", ["no_downsample", "no_downsample_stride2", "downsample_stride", "too_small",
                                  "empty_height", "one_value_inner", "one_value_downsample", "forced_backend",
                                  "conv_dtype", "bn_dtype", "custom_downsample_stride"])
@@ -282,3 +324,34 @@ def test_block_rejects_bad_input_and_changes_nothing(bad):
         fused(x)
     for k, v in fused.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed by a call that raised"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("cpu", "cuda")], ids=case_id)
+def test_block_forward_launches(case):
+    """A training Bottleneck with its downsample: four convolutions, per BN the statistics
+    pass, the coefficient op and (fused into the join for the last two) the apply pass,
+    and one increment for all four batch counters (a launch each on a GPU, paid in host time)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    backend, device = case
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func).rsplit(".", 1)[0]
+            if name not in ("aten.detach", "aten.alias", "aten.view", "aten.select", "aten.slice"):
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    _, fused = make_pair("bottleneck", 8, 4, 2, "standard")
+    fused = fused.float().to(device).train()
+    x = torch.randn(2, 8, 6, 6, device=device, requires_grad=True)
+    with resfused.use_backend(backend), Log() as log:
+        fused(x)
+    counts = {op: log.ops.count(op) for op in set(log.ops)}
+    assert counts == {"aten._foreach_add_": 1, "aten.convolution": 4, "resfused_C.bn_stats": 4,
+                      "resfused_C.bn_coef": 4, "resfused_C.bn_act_fwd": 3}, log.ops
+    assert all(int(m.num_batches_tracked) == 1 for m in fused.modules() if isinstance(m, nn.BatchNorm2d))

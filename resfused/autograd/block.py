@@ -17,6 +17,8 @@ rounded as in forward, so no activation is read).
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -57,6 +59,9 @@ class BlockSpec(NamedTuple):
     #: each inner BN-ReLU in the next conv's prologue and the statistics in the epilogue
     conv: str = "library"
     tf32: bool = False  # the fused conv ops may multiply fp32 in TF32
+    #: the caller ran ``check_join_shapes`` on these inputs already (the fused modules do,
+    #: before any running statistic moves): forward does not repeat it
+    checked: bool = False
 
 
 def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], c: ConvSpec) -> Tensor:
@@ -177,7 +182,18 @@ def check_join_shapes(name: str, x_shape: Sequence[int], convs: Sequence[Tuple[S
     the identity branch's shape: ``identity_shape``, else the fused ``downsample`` conv's
     output, else x's (a block built without the downsample it needs), or when a BN that
     normalises with batch statistics (``batch_stats``: one flag per conv, the downsample's
-    last) would see one value per channel (``nn.BatchNorm2d``'s own error)."""
+    last) would see one value per channel (``nn.BatchNorm2d``'s own error). Shapes that
+    passed are remembered: a model calls each block with a few input shapes (not while
+    torch.compile traces, whose sizes may be symbolic)."""
+    check = _check_join_shapes.__wrapped__ if ops._compiling() else _check_join_shapes
+    check(name, tuple(x_shape), tuple((tuple(w), c) for w, c in convs),
+          None if identity_shape is None else tuple(identity_shape),
+          None if downsample is None else (tuple(downsample[0]), downsample[1]), tuple(batch_stats))
+
+
+@functools.lru_cache(maxsize=1024)
+def _check_join_shapes(name: str, x_shape: Tuple[int, ...], convs, identity_shape: Optional[Tuple[int, ...]],
+                       downsample, batch_stats: Tuple[bool, ...]) -> None:
     shapes = conv_chain_shapes(name, x_shape, convs)
     if identity_shape is None:
         identity_shape = _conv_out_shape(x_shape, *downsample) if downsample is not None else x_shape
@@ -211,11 +227,12 @@ class ResidualBlockFunction(torch.autograd.Function):
         backend = ops.resolve(spec.backend, x)
         n = len(spec.convs)
         units = _units(tensors, n + (1 if spec.downsample else 0))
-        check_join_shapes("residual block", tuple(x.shape), [(u[0].shape, c) for u, c in zip(units, spec.convs)],
-                          None if identity is None else identity.shape,
-                          (units[n][0].shape, spec.downsample[0]) if spec.downsample else None,
-                          [bn.training and bn.group is None
-                           for bn in spec.bns + ((spec.downsample[1],) if spec.downsample else ())])
+        if not spec.checked:
+            check_join_shapes("residual block", tuple(x.shape), [(u[0].shape, c) for u, c in zip(units, spec.convs)],
+                              None if identity is None else identity.shape,
+                              (units[n][0].shape, spec.downsample[0]) if spec.downsample else None,
+                              [bn.training and bn.group is None
+                               for bn in spec.bns + ((spec.downsample[1],) if spec.downsample else ())])
         fused = spec.conv != "library"
         h = x
         ys, affines, stats, acts = [], [], [], []

@@ -9,6 +9,7 @@ conv with non-zero padding mode, a custom activation) runs torchvision's own for
 from __future__ import annotations
 
 import contextlib
+import functools
 
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -24,8 +25,8 @@ from ..distributed import resolve_group
 from ..functional import bn_dtype_allowed, check_not_inference
 from ..ops import bn_act as ops
 from ..ops.bn_act import _compiling, _trace_time_constant
-from .bn_act import (SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norm, batch_norm_args,
-                     runs_unfused)
+from .bn_act import (SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norms, batch_norm_args,
+                     module_attr, runs_unfused)
 
 try:  # torchvision's frozen BN (detection backbones): an eval-only affine BN with buffers
     from torchvision.ops.misc import FrozenBatchNorm2d
@@ -48,7 +49,8 @@ def _bn_args(bn: nn.Module):
     """(running_mean, running_var, weight, bias, use_batch_stats) for either BN kind."""
     if isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
         return batch_norm_args(bn)
-    return bn.running_mean, bn.running_var, bn.weight, bn.bias, False
+    return (module_attr(bn, "running_mean"), module_attr(bn, "running_var"), module_attr(bn, "weight"),
+            module_attr(bn, "bias"), False)
 
 
 def check_module_input(name: str, x: Tensor, expected_c: int, weight: Tensor, batch_stats: bool = False) -> None:
@@ -72,29 +74,30 @@ def check_module_input(name: str, x: Tensor, expected_c: int, weight: Tensor, ba
                          f"{tuple(x.shape)}")
 
 
-def check_units(name: str, x: Tensor, convs: Sequence[Tuple[str, nn.Module]],
-                bns: Sequence[Tuple[str, Sequence[Optional[Tensor]]]], cast: Optional[torch.dtype]) -> None:
+def check_units(name: str, x: Tensor, conv_weights: Sequence[Tensor], bns: Sequence[Sequence[Optional[Tensor]]],
+                cast: Optional[torch.dtype], labels: Callable[[int], Tuple[str, str]]) -> None:
     """Every conv weight on x's device and in x's dtype (any dtype under autocast), and
     every BN tensor on x's device in the dtype the convs run in (``cast`` or x's), or
     float32 when that is float16/bfloat16 (``F.batch_norm``'s rule): raised before
     anything runs, where the library call would fail (or mix dtypes) after statistics moved.
-    ``convs``/``bns``: (name in the module, module / its BN tensors)."""
+    ``conv_weights``/``bns``: per unit, the conv's weight / the BN's tensors;
+    ``labels(i)``: (conv name, BN name) of unit i in the module, for the error."""
     run = cast or x.dtype
-    for label, conv in convs:
-        w = conv.weight
-        if w.device != x.device:
-            raise RuntimeError(f"{name}: input is on {x.device} but {label}'s weight is on {w.device}")
+    dev = x.device
+    for i, w in enumerate(conv_weights):
+        if w.device != dev:
+            raise RuntimeError(f"{name}: input is on {dev} but {labels(i)[0]}'s weight is on {w.device}")
         if cast is None and w.dtype != x.dtype:
-            raise TypeError(f"{name}: input dtype {x.dtype} does not match {label}'s weight dtype {w.dtype}")
-    for label, tensors in bns:
+            raise TypeError(f"{name}: input dtype {x.dtype} does not match {labels(i)[0]}'s weight dtype {w.dtype}")
+    for i, tensors in enumerate(bns):
         for t in tensors:
             if t is None:
                 continue
-            if t.device != x.device:
-                raise RuntimeError(f"{name}: input is on {x.device} but {label}'s tensors are on {t.device}")
+            if t.device != dev:
+                raise RuntimeError(f"{name}: input is on {dev} but {labels(i)[1]}'s tensors are on {t.device}")
             if not bn_dtype_allowed(t.dtype, run):
-                raise TypeError(f"{name}: {label}'s tensors are {t.dtype} but the block runs in {run} (a BN takes "
-                                f"the input's dtype, or float32 for a float16/bfloat16 input)")
+                raise TypeError(f"{name}: {labels(i)[1]}'s tensors are {t.dtype} but the block runs in {run} (a BN "
+                                f"takes the input's dtype, or float32 for a float16/bfloat16 input)")
 
 
 class _FusedBlockMixin(SyncBNMixin):
@@ -124,55 +127,56 @@ class _FusedBlockMixin(SyncBNMixin):
 
     def _block_name(self, units: Optional[List[Tuple[nn.Module, nn.Module]]] = None) -> str:
         last_conv = (units or self._units())[-1][0]
-        return (f"{type(self).__name__}(in_channels={self.conv1.in_channels}, "
+        return (f"{type(self).__name__}(in_channels={module_attr(self, 'conv1').in_channels}, "
                 f"out_channels={last_conv.out_channels}, stride={self.stride})")
 
     def _fusable(self, units: Optional[List[Tuple[nn.Module, nn.Module]]] = None) -> bool:
-        if not isinstance(self.relu, nn.ReLU):
+        if not isinstance(module_attr(self, "relu"), nn.ReLU):
             return False
         for conv, bn in units or self._units():
             if _conv_spec(conv) is None or not _bn_supported(bn):
                 return False
-        ds = self.downsample
-        if ds is None:
-            return True
-        if self._fused_downsample() is not None:
-            return True
-        return isinstance(ds, nn.Module)
+        ds = module_attr(self, "downsample")  # fused (a conv-BN Sequential) or run as it is
+        return ds is None or isinstance(ds, nn.Module)
 
     def _fused_downsample(self) -> Optional[Tuple[nn.Module, nn.Module]]:
-        ds = self.downsample
-        if isinstance(ds, nn.Sequential) and len(ds) == 2 and _conv_spec(ds[0]) is not None and _bn_supported(ds[1]):
-            return ds[0], ds[1]
+        ds = module_attr(self, "downsample")
+        if isinstance(ds, nn.Sequential) and len(ds) == 2:
+            conv, bn = ds._modules.values()
+            if _conv_spec(conv) is not None and _bn_supported(bn):
+                return conv, bn
         return None
 
     def forward(self, x: Tensor) -> Tensor:
         units = self._units()
         if not self._fusable(units) or runs_unfused(self, x):
             return super().forward(x)  # type: ignore[misc]
-        name = self._block_name(units)
-        check_module_input(name, x, self.conv1.in_channels, self.conv1.weight)
         fused_ds = self._fused_downsample()
-        bns = [bn for _, bn in units] + ([fused_ds[1]] if fused_ds else [])
-        convs = [conv for conv, _ in units] + ([fused_ds[0]] if fused_ds else [])
-        conv_specs = [_conv_spec(c) for c in convs]
         n = len(units)
+        convs = [conv for conv, _ in units]
+        bns = [bn for _, bn in units]
+        if fused_ds is not None:
+            convs.append(fused_ds[0])
+            bns.append(fused_ds[1])
+        name = self._block_name(units)
+        weights = [module_attr(c, "weight") for c in convs]
+        check_module_input(name, x, convs[0].in_channels, weights[0])
+        conv_specs = [_conv_spec(c) for c in convs]
         args = [_bn_args(bn) for bn in bns]
         cast = _autocast_dtype(x)
-        ds_labels = [("downsample.0", "downsample.1")] if fused_ds else []
-        labels = [(f"conv{i + 1}", f"bn{i + 1}") for i in range(n)] + ds_labels
-        check_units(name, x, [(c, conv) for (c, _), conv in zip(labels, convs)],
-                    [(b, a[:4]) for (_, b), a in zip(labels, args)], cast)
+        check_units(name, x, weights, [a[:4] for a in args], cast,
+                    lambda i: ((f"conv{i + 1}", f"bn{i + 1}") if i < n else ("downsample.0", "downsample.1")))
         why = check_conv_path(name, x, convs, cast or x.dtype)
-        ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))  # a forced backend that cannot run
+        backend = ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))  # a forced one that cannot run
         groups = [self._sync_group(bn) if a[4] else None for a, bn in zip(args, bns)]
-        shapes = [(c.weight.shape, cs) for c, cs in zip(convs, conv_specs)]
+        shapes = [(w.shape, cs) for w, cs in zip(weights, conv_specs)]
         # A custom downsample module runs eagerly (its output is the plain identity), before
         # the join's shape check: its BNs are put back if that check fails.
         identity = None
-        if self.downsample is not None and fused_ds is None:
-            ds_saved = _snapshot([m for m in self.downsample.modules() if isinstance(m, nn.BatchNorm2d)])
-            identity = self.downsample(x)
+        downsample = module_attr(self, "downsample")
+        if downsample is not None and fused_ds is None:
+            ds_saved = _snapshot([m for m in downsample.modules() if isinstance(m, nn.BatchNorm2d)])
+            identity = downsample(x)
         else:
             ds_saved = []
         with _restore_on_error(ds_saved):
@@ -180,14 +184,15 @@ class _FusedBlockMixin(SyncBNMixin):
             check_join_shapes(name, tuple(x.shape), shapes[:n], identity.shape if identity is not None else None,
                               shapes[n] if fused_ds else None, [a[4] and g is None for a, g in zip(args, groups)])
         saved = _snapshot(bns) if any(g is not None for g in groups) else []
-        momenta = [advance_batch_norm(bn) if isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) else 0.0
-                   for bn in bns]
+        momenta = advance_batch_norms(bns)
         bn_specs = [BNSpec(a[4], m, bn.eps, grp) for a, m, bn, grp in zip(args, momenta, bns, groups)]
+        # (shapes checked above: the autograd layer does not check them again)
         spec = BlockSpec(tuple(conv_specs[:n]), tuple(bn_specs[:n]),
-                         (conv_specs[n], bn_specs[n]) if fused_ds else None, self.memory_efficient, "auto")
+                         (conv_specs[n], bn_specs[n]) if fused_ds else None, self.memory_efficient, backend,
+                         checked=True)
         tensors: List[Optional[Tensor]] = []
-        for conv, (rm, rv, w, b, _) in zip(convs, args):
-            cw, cb = conv.weight, conv.bias
+        for conv, cw, (rm, rv, w, b, _) in zip(convs, weights, args):
+            cb = module_attr(conv, "bias")
             if cast is not None:
                 cw = cw.to(cast)
                 cb = None if cb is None else cb.to(cast)
@@ -235,12 +240,22 @@ def triton_conv_reason(x: Tensor, groups: Sequence[int], biased: bool = False,
     return ""
 
 
+#: check_conv_path's reason where the library convolutions run without weighing Triton
+NOT_WEIGHED = "the library convolutions run here (Triton is weighed on CUDA devices, or forced by use_conv)"
+
+
 def check_conv_path(name: str, x: Tensor, convs: Sequence[nn.Conv2d], dtype: torch.dtype) -> str:
     """Why the Triton convolutions cannot run ``convs`` on x in ``dtype`` ("" when they
     can); raises at once when ``use_conv("triton")`` is forced and they cannot, so a
-    module calls it before any running statistic moves."""
-    why = triton_conv_reason(x, [c.groups for c in convs], any(c.bias is not None for c in convs), dtype=dtype)
-    if why and _forced_conv() == "triton":
+    module calls it before any running statistic moves. Where ``select_conv`` takes the
+    library whatever the reason (not forced, and not on a device where it weighs Triton),
+    the reason is not worked out: ``NOT_WEIGHED``."""
+    forced = _forced_conv()
+    if forced == "library" or (forced != "triton" and not _weighs_triton(x.device)):
+        return NOT_WEIGHED
+    why = triton_conv_reason(x, [c.groups for c in convs], any(module_attr(c, "bias") is not None for c in convs),
+                             dtype=dtype)
+    if why and forced == "triton":
         raise RuntimeError(_forced_message(name, why))
     return why
 
@@ -256,11 +271,22 @@ def conv_key(kind: str, x: Tensor, convs: Sequence[nn.Conv2d], dtype: Optional[t
     """The conv-choice cache key of a module call (without the device and versions, which
     ``select_conv`` adds): kind, the dtype the convs run in (x's by default), x's shape
     (``x*`` with ``any_size``), the convs' weights and geometry, then ``flags``."""
-    geometry = [(tuple(c.stride), tuple(c.padding), tuple(c.dilation)) for c in convs]
-    dt = str(x.dtype if dtype is None else dtype).replace("torch.", "")
-    size = "x*" if any_size else f"x{tuple(x.shape)}"
-    return (f"{kind}|{dt}|{size}|w{[tuple(c.weight.shape) for c in convs]}|conv{geometry}"
-            + "".join(f"|{k}{v}" for k, v in flags.items()))
+    geometry = tuple((tuple(c.stride), tuple(c.padding), tuple(c.dilation)) for c in convs)
+    weights = tuple(tuple(module_attr(c, "weight").shape) for c in convs)
+    flag_items = tuple((k, tuple(v), True) if isinstance(v, list) else (k, v, False) for k, v in flags.items())
+    fmt = _format_conv_key.__wrapped__ if _compiling() else _format_conv_key
+    return fmt(kind, x.dtype if dtype is None else dtype, None if any_size else tuple(x.shape), weights,
+                            geometry, flag_items)
+
+
+@functools.lru_cache(maxsize=4096)
+def _format_conv_key(kind: str, dtype: torch.dtype, size: Optional[Tuple[int, ...]], weights, geometry,
+                     flag_items) -> str:
+    """``conv_key``'s string, formatted once per distinct key (every auto-mode call on CUDA
+    asks for it); list-valued flags print as lists."""
+    dt = str(dtype).replace("torch.", "")
+    flags = "".join(f"|{k}{list(v) if is_list else v}" for k, v, is_list in flag_items)
+    return (f"{kind}|{dt}|{'x*' if size is None else f'x{size}'}|w{list(weights)}|conv{list(geometry)}" + flags)
 
 
 def _weighs_triton(device: torch.device) -> bool:
@@ -351,15 +377,24 @@ def _no_autocast(x: Tensor, cast: Optional[torch.dtype]):
     return torch.autocast(x.device.type, enabled=False) if cast is not None else contextlib.nullcontext()
 
 
+def _units_of(block: nn.Module, n: int) -> List[Tuple[nn.Module, nn.Module]]:
+    """``[(conv1, bn1), ..., (conv<n>, bn<n>)]`` of a block (None where one is missing)."""
+    mods = block._modules
+    return [(mods.get(c), mods.get(b)) for c, b in _UNIT_NAMES[:n]]
+
+
+_UNIT_NAMES = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+
+
 class FusedBasicBlock(_FusedBlockMixin, BasicBlock):
     """torchvision ``BasicBlock`` (same constructor and state_dict), fused."""
 
     def _units(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+        return _units_of(self, 2)
 
 
 class FusedBottleneck(_FusedBlockMixin, Bottleneck):
     """torchvision ``Bottleneck`` (same constructor and state_dict), fused."""
 
     def _units(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+        return _units_of(self, 3)

@@ -160,22 +160,56 @@ class BatchNormAct2d(SyncBNMixin, nn.BatchNorm2d):
                                      momentum, self.eps, residual, self.activation, sync_group=group)
 
 
+def module_attr(m: nn.Module, name: str):
+    """``m.<name>``, a parameter, buffer or submodule read straight from the module's own
+    table: ``nn.Module.__getattr__`` (Python, reached only after the normal lookup fails)
+    is most of a microsecond per read, and a fused block reads dozens per call. Anything
+    else (a parametrization's property, a plain attribute) through getattr as usual."""
+    for table in (m._parameters, m._buffers, m._modules):
+        if name in table:
+            return table[name]
+    return getattr(m, name)
+
+
 def batch_norm_args(bn: nn.modules.batchnorm._BatchNorm):
     """``(running_mean, running_var, weight, bias, use_batch_stats)`` as ``nn.BatchNorm2d.forward``
     passes them to ``F.batch_norm``."""
-    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
-    track = not bn.training or bn.track_running_stats
-    running_mean = bn.running_mean if track else None
-    running_var = bn.running_var if track else None
-    return running_mean, running_var, bn.weight, bn.bias, bn_training
+    running_mean, running_var = module_attr(bn, "running_mean"), module_attr(bn, "running_var")
+    training = bn.training
+    bn_training = training or (running_mean is None and running_var is None)
+    if training and not bn.track_running_stats:
+        running_mean = running_var = None
+    return running_mean, running_var, module_attr(bn, "weight"), module_attr(bn, "bias"), bn_training
+
+
+def advance_batch_norms(bns: Sequence[nn.Module]) -> List[float]:
+    """``advance_batch_norm`` of each of ``bns`` (0.0 for a module that is no
+    ``nn.BatchNorm2d``/``nn.SyncBatchNorm``: a frozen BN counts no batches), with every
+    counter moved by one ``torch._foreach_add_`` (one launch on a GPU, where one per BN
+    ran). Call only after every check has passed."""
+    counted, momenta = [], []
+    for bn in bns:
+        if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+            momenta.append(0.0)
+            continue
+        momentum = bn.momentum
+        count = module_attr(bn, "num_batches_tracked") if bn.training and bn.track_running_stats else None
+        if count is not None:
+            counted.append(count)
+            if momentum is None:
+                momenta.append(count)
+                continue
+        momenta.append(0.0 if momentum is None else momentum)
+    if len(counted) == 1:
+        counted[0].add_(1)
+    elif counted:
+        torch._foreach_add_(counted, 1)
+    # momentum=None: the cumulative average, 1 / num_batches_tracked (read after the add)
+    return [1.0 / float(m) if isinstance(m, Tensor) else m for m in momenta]
 
 
 def advance_batch_norm(bn: nn.modules.batchnorm._BatchNorm) -> float:
     """Count the batch (``num_batches_tracked``) as ``nn.BatchNorm2d`` does and return the
     momentum for this call (``1/num_batches_tracked`` when ``bn.momentum`` is None).
     Call only after every check has passed."""
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    return momentum
+    return advance_batch_norms([bn])[0]

@@ -25,8 +25,8 @@ from ..functional import check_bn_input
 from ..ops import bn_act as ops
 from .block import (_autocast_dtype, _conv_spec, _no_autocast, check_conv_path, check_module_input, check_units,
                     conv_key, conv_tf32, select_conv, timing_runs)
-from .bn_act import (SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norm, batch_norm_args,
-                     runs_unfused)
+from .bn_act import (SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norm, advance_batch_norms,
+                     batch_norm_args, module_attr, runs_unfused)
 
 
 def _keeps_size(conv: nn.Conv2d) -> bool:
@@ -59,14 +59,14 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: Sync
                        any(a[4] for a in args) and group is None)  # (synchronized: the merged count)
     cast = _autocast_dtype(x)
     convs = [c for layer in layers for c in (layer.conv1, layer.conv2)]
-    check_units(name, x, [(f"denselayer{j // 2 + 1}.conv{j % 2 + 1}", c) for j, c in enumerate(convs)],
-                [(f"denselayer{j // 2 + 1}.norm{j % 2 + 1}", a[:4]) for j, a in enumerate(args)], cast)
+    check_units(name, x, [module_attr(c, "weight") for c in convs], [a[:4] for a in args], cast,
+                lambda j: (f"denselayer{j // 2 + 1}.conv{j % 2 + 1}", f"denselayer{j // 2 + 1}.norm{j % 2 + 1}"))
     for conv in convs:  # (each keeps the spatial size)
         conv_chain_shapes(name, tuple(x.shape), [(conv.weight.shape, _conv_spec(conv))], "the layers' convolutions")
     ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))  # backend and dtype
     why = check_conv_path(name, x, convs, cast or x.dtype)
     saved = _snapshot(bns) if group is not None else []
-    momenta = [advance_batch_norm(bn) for bn in bns]  # only after every check has passed
+    momenta = advance_batch_norms(bns)  # only after every check has passed
     layer_specs, tensors = [], []
     for j, layer in enumerate(layers):
         (rm1, rv1, w1, b1, t1), (rm2, rv2, w2, b2, t2) = args[2 * j], args[2 * j + 1]

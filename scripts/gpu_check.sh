@@ -19,6 +19,12 @@
 # it ends, in case pytest is killed before its report). Offline: RESFUSED_NO_INSTALL=1 (no
 # pip call); a CUDA build that fails is retried without the CUDA kernels
 # (RESFUSED_SKIP_CUDA_BUILD=1) so the rest still runs.
+#
+# GPU_CHECK_STEPS picks steps (comma-separated; default all, in this order): tests, bench,
+# conv, profile, compile-tests, sanitizer, cpu-tests, compile-bench. The build always runs
+# (a no-op when the extension is already built), so a second call on a machine still warm
+# can spend its budget on what the first did not reach, e.g.
+#   GPU_CHECK_STEPS=compile-bench,profile GPU_CHECK_BUDGET_S=280 bash scripts/gpu_check.sh OUTDIR2
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -28,6 +34,8 @@ PY=${PYTHON:-python3}
 export MAX_JOBS=${MAX_JOBS:-16}
 export RESFUSED_NO_INSTALL=${RESFUSED_NO_INSTALL:-1}   # the GPU machine is offline: no pip calls
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
+STEPS=",${GPU_CHECK_STEPS:-tests,bench,conv,profile,compile-tests,sanitizer,cpu-tests,compile-bench},"
+want() { [[ "$STEPS" == *",$1,"* ]]; }
 t0=$(date +%s)
 status=0
 left() { echo $(( BUDGET - ($(date +%s) - t0) )); }
@@ -77,12 +85,14 @@ gpu_tests() {  # name, -k expression, minimum seconds worth starting, seconds to
     echo "tests ($1) skipped: $t s left of the ${BUDGET} s budget" | tee "$OUT/tests-$1.log"; status=1
   fi
 }
-gpu_tests gpu "cuda and not test_compile and not test_cuda_sim" 30 130  # (the simulator is CPU work: CI runs it)
+want tests && gpu_tests gpu "cuda and not test_compile and not test_cuda_sim" 30 130  # (the simulator: CPU work, CI runs it)
 echo "gpu tests: $(( $(date +%s) - t0 )) s"
 
 # 2. The quick GPU benchmark (every level, every provider that runs there but torch.compile).
 t=$(cap 120 30)
-if (( t >= 45 )); then
+if ! want bench; then
+  echo "benchmark: not among GPU_CHECK_STEPS"
+elif (( t >= 45 )); then
   timeout -k 15 "$t" "$PY" -m resfused.bench --quick --device cuda --out "$OUT" --name bench-cuda-quick \
     --max-time $(( t - 30 )) > "$OUT/bench.log" 2>&1
   rc=$?; [ $rc -ne 0 ] && { echo "benchmark exit status $rc (see bench.log)"; status=1; }
@@ -95,7 +105,9 @@ echo "benchmark: $(( $(date +%s) - t0 )) s"
 # 2b. The Triton convolution kernels against the library path at ResNet-50's conv shapes
 #     (bf16, batch 128): achieved TFLOP/s and GB/s against the measured ceilings.
 t=$(cap 60 10)
-if (( t >= 30 )); then
+if ! want conv; then
+  echo "conv kernel report: not among GPU_CHECK_STEPS"
+elif (( t >= 30 )); then
   timeout -k 10 "$t" "$PY" -m resfused.bench.conv --device cuda --dtype bf16 --batch 128 --reps 10 --out "$OUT" \
     > "$OUT/bench-conv.log" 2>&1 || { echo "conv kernel report: exit status $? (see bench-conv.log)"; status=1; }
   tail -n 45 "$OUT/bench-conv.log"
@@ -107,14 +119,14 @@ fi
 # 2c. Where the fused calls' time goes (host or GPU): torch.profiler tables of the join,
 #     BN-ReLU and Bottleneck cases beside eager (about 10 s on the H200).
 t=$(cap 40 10)
-if (( t >= 20 )); then
+if want profile && (( t >= 20 )); then
   timeout -k 5 "$t" "$PY" scripts/profile_host.py --device cuda > "$OUT/profile-host.txt" 2>&1 \
     || echo "host profile: exit status $? (see profile-host.txt)"
   grep -E "^(===|#)" "$OUT/profile-host.txt"
 fi
 
 # 3. The torch.compile tests on the GPU.
-gpu_tests gpu-compile "cuda and test_compile" 30 10
+want compile-tests && gpu_tests gpu-compile "cuda and test_compile" 30 10
 
 # 3b. The CUDA kernels' memory accesses under compute-sanitizer (memcheck, then racecheck
 #     on their shared-memory reductions): a few BN kernel tests on the cuda backend, the
@@ -123,6 +135,7 @@ gpu_tests gpu-compile "cuda and test_compile" 30 10
 #     past a tensor (inside a cached segment it would not).
 SAN=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" 2>/dev/null || true)
 for tool in memcheck racecheck; do
+  want sanitizer || break
   t=$(cap 60 130)
   if [ -n "$SAN" ] && (( t >= 30 )); then
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "$t" "$SAN" --tool "$tool" --error-exitcode 99 \
@@ -143,7 +156,7 @@ for tool in memcheck racecheck; do
   fi
 done
 t=$(cap 300 130)
-if (( t >= 60 )); then
+if want cpu-tests && (( t >= 60 )); then
   timeout -k 15 "$t" "$PY" -m pytest -q -p no:cacheprovider -k "not cuda" --junitxml="$OUT/tests-cpu.xml" \
     > "$OUT/tests-cpu.log" 2>&1 || echo "cpu tests: stopped or failed (see tests-cpu.log; CI runs them in full)"
   tail -n 5 "$OUT/tests-cpu.log"
@@ -151,12 +164,15 @@ fi
 echo "tests: $(( $(date +%s) - t0 )) s"
 
 # 4. torch.compile of torchvision's resnet50 training step (bf16 autocast, channels_last,
-#    batch 128) beside eager and resfused (library convs, and the Triton convs), when the
-#    budget allows.
+#    batch 128) beside eager, resfused (library convs, and the Triton convs) and torch.compile
+#    of resfused's model (no Python between its fused ops), when the budget allows.
 t=$(cap 200 10)
-if (( t >= 120 )); then
+if ! want compile-bench; then
+  echo "torch.compile comparison: not among GPU_CHECK_STEPS"
+elif (( t >= 120 )); then
   timeout -k 15 "$t" "$PY" -m resfused.bench --quick --device cuda --out "$OUT" --name bench-cuda-compile \
-    --level model --case resnet50 --mode train_step --provider "eager_cl,compile,resfused[cuda],resfused[tconv]" \
+    --level model --case resnet50 --mode train_step \
+    --provider "eager_cl,compile,resfused[cuda],resfused[compile],resfused[tconv]" \
     --max-time $(( t - 20 )) > "$OUT/bench-compile.log" 2>&1 || status=1
   tail -n 30 "$OUT/bench-compile.log"
 else

@@ -422,6 +422,24 @@ def test_tconv_provider_runs_and_is_checked(tmp_path):
     assert rows and all(r["status"] == "ok" and r["max_rel_err"] <= 1e-4 for r in rows)
 
 
+def test_compiled_resfused_provider_runs_and_is_checked(tmp_path):
+    """resfused[compile]: torch.compile of the resfused call, timed and checked against eager
+    like every provider; left out of --quick and, unless named, on the CPU (compiling)."""
+    from resfused.bench.cases import not_applicable
+
+    quick_op = next(c for c in select_cases("quick", "cuda") if c.level == "op")
+    run, skipped = runner.case_providers(quick_op, PROVIDERS, torch.device("cuda"), "quick", [])
+    assert "resfused[compile]" in skipped and "--provider resfused[compile]" in skipped["resfused[compile]"]
+    saved = next(c for c in select_cases("tiny", "cpu") if c.mode == "saved")
+    assert not_applicable(saved, "resfused[compile]")
+    rc = cli.main(TINY + ["--level", "op", "--case", "join", "--mode", "fwd_bwd", "--provider",
+                          "eager,resfused[compile]", "--out", str(tmp_path), "--name", "c", "--no-plot"])
+    assert rc == 0
+    with open(tmp_path / "c.json") as f:
+        rows = [r for r in json.load(f)["results"] if r["provider"] == "resfused[compile]"]
+    assert rows and all(r["status"] == "ok" and r["max_rel_err"] <= 1e-4 and r["ms"] > 0 for r in rows)
+
+
 def test_conv_kernel_report(tmp_path, capsys):
     from resfused.bench import conv as bconv
 

@@ -43,12 +43,38 @@ def test_gpu_check_spends_its_gpu_steps_on_gpu_tests():
     import sys
 
     src = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()
-    exprs = re.findall(r'^gpu_tests \S+ "([^"]+)"', src, flags=re.M)
+    exprs = re.findall(r'^(?:want \S+ && )?gpu_tests \S+ "([^"]+)"', src, flags=re.M)
     assert exprs, "gpu_check.sh has no gpu_tests steps"
     for expr in exprs:
         done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                                "-k", expr, "tests/test_cuda_sim.py"], cwd=ROOT, capture_output=True, text=True)
         assert "test_cuda_sim.py::" not in done.stdout, f"-k {expr!r} selects the simulator's tests"
+
+
+def test_gpu_check_steps_select_what_runs():
+    """GPU_CHECK_STEPS names the steps a GPU check runs (every step by default), so a
+    second call on a machine still warm spends its budget on what the first did not reach;
+    every step the script guards is in the default list."""
+    import re
+
+    src = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()
+    start = src.index('STEPS=",${GPU_CHECK_STEPS:-')
+    snippet = src[start:src.index("\n", src.index("want() {", start)) + 1]
+    default = re.search(r'GPU_CHECK_STEPS:-([^}]+)\}', snippet).group(1).split(",")
+    guarded = set(re.findall(r"\bwant ([a-z-]+)", src[src.index("\n", src.index("want() {")):]))
+    assert guarded == set(default), (guarded, default)
+
+    def runs(steps, step):
+        env = {k: v for k, v in os.environ.items() if k != "GPU_CHECK_STEPS"}
+        if steps is not None:
+            env["GPU_CHECK_STEPS"] = steps
+        done = subprocess.run(["bash", "-c", snippet + f"want {step} && echo yes || echo no"], capture_output=True,
+                              text=True, env=env)
+        return done.stdout.strip() == "yes"
+
+    assert all(runs(None, step) for step in default)
+    assert runs("compile-bench,profile", "profile") and runs("compile-bench,profile", "compile-bench")
+    assert not runs("compile-bench,profile", "tests") and not runs("compile-bench", "bench")
 
 
 def test_profile_host_runs_the_benchmark_cases():

@@ -20,8 +20,10 @@ and channels_last; ``compile`` is ``torch.compile`` of the eager model in the ca
 format; ``tv_memeff`` is torchvision's DenseNet ``memory_efficient=True`` (checkpointing);
 ``resfused[<backend>]`` is resfused forced onto one backend with the library convolutions;
 ``resfused[tconv]`` runs the fused ResNet blocks, dense layers and transitions on resfused's
-Triton convolutions (BN-ReLU in their prologue, statistics in their epilogue) and ``resfused[auto]`` is resfused's own
-per-shape choice, what a user gets by default. Op cases carry their own memory
+Triton convolutions (BN-ReLU in their prologue, statistics in their epilogue), ``resfused[auto]`` is resfused's own
+per-shape choice, what a user gets by default, and ``resfused[compile]`` is ``torch.compile`` of
+that resfused model or call (no Python between the fused ops on a GPU, where the fused calls'
+host time is what they lose on). Op cases carry their own memory
 format (their tensors are in it), so ``eager_cl`` applies to blocks and models only.
 The eager *baseline* of a case (speed-up and memory ratios are against it, correctness is
 checked against it) is ``eager``, or ``eager_cl`` for a channels_last block or model case.
@@ -42,7 +44,9 @@ RESFUSED_BACKENDS = ("cpu", "triton", "cuda", "eager")
 #: resfused[tconv]: the fused blocks on the Triton convolutions (BN in their prologue and
 #: epilogue, ``use_conv("triton")``); resfused[auto]: resfused as a user gets it (backend
 #: and convolutions chosen per shape)
-RESFUSED_EXTRA = ("tconv", "auto")
+RESFUSED_EXTRA = ("tconv", "auto", "compile")
+#: providers timed through torch.compile (the eager model's, resfused's)
+COMPILED = ("compile", "resfused[compile]")
 PROVIDERS = ("eager", "eager_cl", "compile", "tv_memeff") + tuple(f"resfused[{b}]"
                                                                   for b in RESFUSED_BACKENDS + RESFUSED_EXTRA)
 MODES = ("fwd", "fwd_bwd", "train_step", "inference", "saved", "max_batch")
@@ -161,7 +165,7 @@ def not_applicable(case: Case, provider: str) -> Optional[str]:
             return "torchvision's memory_efficient option exists for DenseNets only"
         if case.mode == "inference":
             return "memory_efficient changes nothing without autograd"
-    if provider == "compile" and case.mode in ("saved", "max_batch"):
+    if provider in COMPILED and case.mode in ("saved", "max_batch"):
         return "not measured for torch.compile"
     if provider in ("resfused[tconv]", "resfused[auto]") and case.level == "op":
         return "op cases have no convolution"
@@ -334,6 +338,6 @@ def select_cases(preset: str, device_type: str, levels: Sequence[str] = LEVELS, 
     return out
 
 
-__all__ = ["BLOCK_VARIANTS", "Case", "DTYPES", "LEVELS", "MEMORY_FORMATS", "MODES", "PRESETS", "PROVIDERS",
+__all__ = ["BLOCK_VARIANTS", "COMPILED", "Case", "DTYPES", "LEVELS", "MEMORY_FORMATS", "MODES", "PRESETS", "PROVIDERS",
            "RESFUSED_BACKENDS", "RESFUSED_EXTRA", "WORKLOADS", "baseline_provider", "block_channels", "block_params",
            "not_applicable", "preset_cases", "select_cases"]

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .cases import DTYPES, Case, baseline_provider, block_params, not_applicable
+from .cases import COMPILED, DTYPES, Case, baseline_provider, block_params, not_applicable
 from .workloads import Instance, make_instance, make_shared, op_bytes_moved, provider_memory_format, \
     resfused_backend
 
@@ -194,12 +194,12 @@ def provider_skip_reason(case: Case, provider: str, device: torch.device, preset
                 return f"the {backend} backend has no {case.dtype} kernels"
     if provider in explicit:
         return None
-    if provider == "compile":
+    if provider in COMPILED:
         if preset == "quick":
-            return "left out of --quick (compiling takes minutes); name --provider compile to include it"
+            return f"left out of --quick (compiling takes minutes); name --provider {provider} to include it"
         if device.type == "cpu":
             return ("on the CPU inductor compiles C++ for every graph, minutes per model on a small machine; "
-                    "name --provider compile to include it")
+                    f"name --provider {provider} to include it")
     if provider == "resfused[eager]":
         return "the eager backend is the test oracle (plain PyTorch); name --provider resfused[eager] to time it"
     if provider in ("resfused[triton]", "resfused[tconv]") and device.type == "cpu" and triton_interpreting():

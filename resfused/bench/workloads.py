@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cases import DTYPES, Case, block_params
+from .cases import COMPILED, DTYPES, Case, block_params
 
 # How many bytes of each op-level tensor the op must read or write at least (each tensor
 # once): the numerator of the GB/s column. N = elements of x.
@@ -54,12 +54,12 @@ def resfused_backend(provider: str) -> Optional[str]:
     if not provider.startswith("resfused["):
         return None
     name = provider[len("resfused["):-1]
-    return "auto" if name in ("tconv", "auto") else name
+    return "auto" if name in ("tconv", "auto", "compile") else name
 
 
 def resfused_conv(provider: str) -> str:
     """The ``use_conv`` choice of a resfused provider."""
-    return {"resfused[tconv]": "triton", "resfused[auto]": "auto"}.get(provider, "library")
+    return {"resfused[tconv]": "triton", "resfused[auto]": "auto", "resfused[compile]": "auto"}.get(provider, "library")
 
 
 @dataclass
@@ -174,7 +174,7 @@ def _tensor_bytes(tensors) -> int:
 
 
 def _maybe_compile(provider: str, fn):
-    if provider != "compile":
+    if provider not in COMPILED:
         return fn
     return torch.compile(fn)
 
@@ -249,7 +249,7 @@ def _op_instance(case: Case, provider: str, sh: Shared, device: torch.device, re
                 return {"out": fwd().detach()}
 
     return Instance(run=run, check=check, saved_exclude=(w, b, rm, rv), clear=clear,
-                    measure_saved=provider != "compile" and case.name != "apply",
+                    measure_saved=provider not in COMPILED and case.name != "apply",
                     static=lambda: _tensor_bytes((w, b, rm, rv)), keep=[x, r])
 
 
@@ -313,7 +313,7 @@ def _block_instance(case: Case, provider: str, sh: Shared, device: torch.device,
 
     run, check = _train_fns(call, clear, lambda out: {"out": out.detach(), "grad_x": x.grad})
     return Instance(run=run, check=check, saved_exclude=list(module.parameters()) + list(module.buffers()),
-                    measure_saved=provider != "compile", clear=clear,
+                    measure_saved=provider not in COMPILED, clear=clear,
                     static=lambda: _tensor_bytes(list(module.parameters()) + list(module.buffers())),
                     keep=[module, model, x])
 
@@ -395,7 +395,7 @@ def _model_instance(case: Case, provider: str, sh: Shared, device: torch.device,
         clear()
 
     return Instance(run=lambda: step(x, sh.target), check=check, saved_exclude=params_and_buffers,
-                    measure_saved=provider != "compile", static=static, clear=clear, probe=probe,
+                    measure_saved=provider not in COMPILED, static=static, clear=clear, probe=probe,
                     keep=[module, model, opt])
 
 

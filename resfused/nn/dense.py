@@ -36,12 +36,25 @@ def _keeps_size(conv: nn.Conv2d) -> bool:
     return all(2 * p == d * (k - 1) for p, d, k in zip(spec.padding, spec.dilation, conv.kernel_size))
 
 
-def _layer_fusable(layer: nn.Module) -> bool:
-    return (isinstance(layer, _DenseLayer) and type(layer.norm1) is nn.BatchNorm2d
-            and type(layer.norm2) is nn.BatchNorm2d and isinstance(layer.relu1, nn.ReLU)
-            and isinstance(layer.relu2, nn.ReLU) and _keeps_size(layer.conv1) and _keeps_size(layer.conv2)
-            and layer.norm1.num_features == layer.conv1.in_channels
-            and layer.norm2.num_features == layer.conv1.out_channels)
+#: a torchvision dense layer's submodules, in order
+_LAYER_PARTS = ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2")
+
+
+def _parts(layer: nn.Module) -> Tuple[Optional[nn.Module], ...]:
+    """(norm1, relu1, conv1, norm2, relu2, conv2) of a dense layer, read from its module
+    table (None where one is missing): a dense block reads them for every layer per call,
+    and ``nn.Module.__getattr__`` is most of a microsecond a read."""
+    mods = layer._modules
+    return tuple(mods.get(name) for name in _LAYER_PARTS)
+
+
+def _layer_fusable(layer: nn.Module, parts: Optional[Tuple[Optional[nn.Module], ...]] = None) -> bool:
+    if not isinstance(layer, _DenseLayer):
+        return False
+    norm1, relu1, conv1, norm2, relu2, conv2 = parts or _parts(layer)
+    return (type(norm1) is nn.BatchNorm2d and type(norm2) is nn.BatchNorm2d and isinstance(relu1, nn.ReLU)
+            and isinstance(relu2, nn.ReLU) and _keeps_size(conv1) and _keeps_size(conv2)
+            and norm1.num_features == conv1.in_channels and norm2.num_features == conv1.out_channels)
 
 
 def _grad_wanted(x: Tensor, tensors: Sequence[Optional[Tensor]]) -> bool:
@@ -52,17 +65,23 @@ def _grad_wanted(x: Tensor, tensors: Sequence[Optional[Tensor]]) -> bool:
 
 def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: SyncBNMixin) -> Tensor:
     """Validate, advance the BNs' batch counters, then run ``layers`` as one fused dense block."""
-    bns = [bn for layer in layers for bn in (layer.norm1, layer.norm2)]
+    parts = [_parts(layer) for layer in layers]
+    bns = [bn for p in parts for bn in (p[0], p[3])]
     args = [batch_norm_args(bn) for bn in bns]
     group = owner._group(any(a[4] for a in args))
-    check_module_input(name, x, layers[0].norm1.num_features, layers[0].conv1.weight,
+    convs = [c for p in parts for c in (p[2], p[5])]
+    weights = [module_attr(c, "weight") for c in convs]
+    check_module_input(name, x, bns[0].num_features, weights[0],
                        any(a[4] for a in args) and group is None)  # (synchronized: the merged count)
     cast = _autocast_dtype(x)
-    convs = [c for layer in layers for c in (layer.conv1, layer.conv2)]
-    check_units(name, x, [module_attr(c, "weight") for c in convs], [a[:4] for a in args], cast,
+    check_units(name, x, weights, [a[:4] for a in args], cast,
                 lambda j: (f"denselayer{j // 2 + 1}.conv{j % 2 + 1}", f"denselayer{j // 2 + 1}.norm{j % 2 + 1}"))
-    for conv in convs:  # (each keeps the spatial size)
-        conv_chain_shapes(name, tuple(x.shape), [(conv.weight.shape, _conv_spec(conv))], "the layers' convolutions")
+    conv_specs = [_conv_spec(c) for c in convs]
+    checked = set()
+    for w, cs in zip(weights, conv_specs):  # (each keeps the spatial size; the output size depends on
+        if (w.shape[2:], cs) not in checked:  # the kernel's size and geometry alone: each kind once)
+            checked.add((w.shape[2:], cs))
+            conv_chain_shapes(name, tuple(x.shape), [(w.shape, cs)], "the layers' convolutions")
     ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))  # backend and dtype
     why = check_conv_path(name, x, convs, cast or x.dtype)
     saved = _snapshot(bns) if group is not None else []
@@ -70,14 +89,16 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: Sync
     layer_specs, tensors = [], []
     for j, layer in enumerate(layers):
         (rm1, rv1, w1, b1, t1), (rm2, rv2, w2, b2, t2) = args[2 * j], args[2 * j + 1]
-        n1, n2 = layer.norm1, layer.norm2
+        n1, n2 = bns[2 * j], bns[2 * j + 1]
+        conv1, conv2 = convs[2 * j], convs[2 * j + 1]
         drop = layer.drop_rate if (layer.training and layer.drop_rate > 0) else 0.0
         layer_specs.append(DenseLayerSpec(BNSpec(t1, momenta[2 * j], n1.eps, group if t1 else None),
-                                          _conv_spec(layer.conv1),
+                                          conv_specs[2 * j],
                                           BNSpec(t2, momenta[2 * j + 1], n2.eps, group if t2 else None),
-                                          _conv_spec(layer.conv2),
-                                          layer.conv2.out_channels, float(drop)))
-        cw1, cb1, cw2, cb2 = layer.conv1.weight, layer.conv1.bias, layer.conv2.weight, layer.conv2.bias
+                                          conv_specs[2 * j + 1],
+                                          conv2.out_channels, float(drop)))
+        cw1, cb1 = weights[2 * j], module_attr(conv1, "bias")
+        cw2, cb2 = weights[2 * j + 1], module_attr(conv2, "bias")
         if cast is not None:
             cw1, cw2 = cw1.to(cast), cw2.to(cast)
             cb1 = None if cb1 is None else cb1.to(cast)
@@ -142,20 +163,25 @@ class FusedDenseBlock(SyncBNMixin, _DenseBlock):
         return f"{type(self).__name__}(num_layers={len(layers)}, num_input_features={c0}, growth_rate={k})"
 
     def _fusable(self) -> bool:
-        layers = list(self.values())
-        if not layers or not all(_layer_fusable(layer) for layer in layers):
+        layers = list(self._modules.values())
+        if not layers:
             return False
-        c = layers[0].norm1.num_features
+        c = None
         for layer in layers:
-            if layer.norm1.num_features != c:
+            parts = _parts(layer) if isinstance(layer, _DenseLayer) else None
+            if parts is None or not _layer_fusable(layer, parts):
                 return False
-            c += layer.conv2.out_channels
+            norm1, conv2 = parts[0], parts[5]
+            if c is not None and norm1.num_features != c:
+                return False
+            c = norm1.num_features + conv2.out_channels
         return True
 
     def forward(self, init_features: Tensor) -> Tensor:
         if not self._fusable() or runs_unfused(self, init_features):
             return super().forward(init_features)
-        return _run_dense_layers(f"{self._block_name()}.denselayer1", list(self.values()), init_features, self)
+        return _run_dense_layers(f"{self._block_name()}.denselayer1", list(self._modules.values()), init_features,
+                                 self)
 
 
 class FusedTransition(SyncBNMixin, _Transition):

@@ -269,7 +269,8 @@ class DenseBlockFunction(torch.autograd.Function):
 
         def put(layer: int, j: int, value: Optional[Tensor]):
             if value is not None and need(layer, j):
-                grads[layer * TENSORS_PER_LAYER + j] = value.to(ctx.param_dtypes[layer][j])
+                dtype = ctx.param_dtypes[layer][j]
+                grads[layer * TENSORS_PER_LAYER + j] = value if value.dtype == dtype else value.to(dtype)
 
         fmt = ops.memory_format_of(buf)
         gbuf = torch.empty_like(buf, memory_format=fmt)

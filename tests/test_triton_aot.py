@@ -91,3 +91,15 @@ def test_variants_cover_every_kernel(module):
     names = {v.name for v in aot.all_variants()}
     prefix = "conv_" if module == "conv" else ""
     assert {prefix + k for k in mod.KERNELS} <= names
+
+
+@pytest.mark.parametrize("argv", [["sm90"], ["8"], ["90", "--only"], ["--arch", "90"]])
+def test_aot_cli_rejects_bad_arguments(argv, capsys):
+    """A bad argument gets argparse's one-line error and exit status 2 before anything compiles."""
+    from resfused.triton import aot
+
+    with pytest.raises(SystemExit) as exc:
+        aot.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "usage: python -m resfused.triton.aot" in err

@@ -323,18 +323,24 @@ def format_table(rows: List[Dict]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    as_json = "--json" in argv
-    only = None
-    if "--only" in argv:
-        i = argv.index("--only")
-        only = argv[i + 1]
-        del argv[i:i + 2]
-    archs = [int(a) for a in argv if a != "--json"] or [80, 90]
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m resfused.triton.aot",
+                                     description="Compile every Triton kernel variant ahead of time for the given "
+                                                 "CUDA archs (no GPU needed) and report registers, spills and "
+                                                 "shared memory.")
+    parser.add_argument("archs", nargs="*", type=int, metavar="ARCH",
+                        help="compute capabilities as numbers, e.g. 80 90 (default: 80 90)")
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    parser.add_argument("--only", metavar="PREFIX", help="only the kernels whose name starts with PREFIX")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    bad = [a for a in args.archs if a < 50]
+    if bad:
+        parser.error(f"ARCH must be a compute capability such as 80 or 90, got {bad[0]}")
     rows = []
-    for arch in archs:
-        rows += compile_all(arch, only)
-    if as_json:
+    for arch in args.archs or [80, 90]:
+        rows += compile_all(arch, args.only)
+    if args.json:
         print(json.dumps(rows))
     else:
         print(format_table(rows))

@@ -12,8 +12,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 import resfused
 from resfused.memory import saved_bytes
 from resfused.nn import FusedBasicBlock, FusedBottleneck
-from utils import (assert_close, backend_cases, case_id, check_no_grad_and_inference_mode, gradcheck_module,
-                   interpreted, randomise_bns, run_against_reference)
+from utils import (DispatchLog, assert_close, backend_cases, case_id, check_no_grad_and_inference_mode,
+                   gradcheck_module, interpreted, randomise_bns, run_against_reference)
 
 CASES = backend_cases()
 KINDS = {"bottleneck": (Bottleneck, FusedBottleneck), "basic": (BasicBlock, FusedBasicBlock)}
@@ -331,25 +331,11 @@ def test_block_forward_launches(case):
     """A training Bottleneck with its downsample: four convolutions, per BN the statistics
     pass, the coefficient op and (fused into the join for the last two) the apply pass,
     and one increment for all four batch counters (a launch each on a GPU, paid in host time)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     backend, device = case
-
-    class Log(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = str(func).rsplit(".", 1)[0]
-            if name not in ("aten.detach", "aten.alias", "aten.view", "aten.select", "aten.slice"):
-                self.ops.append(name)
-            return func(*args, **(kwargs or {}))
-
     _, fused = make_pair("bottleneck", 8, 4, 2, "standard")
     fused = fused.float().to(device).train()
     x = torch.randn(2, 8, 6, 6, device=device, requires_grad=True)
-    with resfused.use_backend(backend), Log() as log:
+    with resfused.use_backend(backend), DispatchLog() as log:
         fused(x)
     counts = {op: log.ops.count(op) for op in set(log.ops)}
     assert counts == {"aten._foreach_add_": 1, "aten.convolution": 4, "resfused_C.bn_stats": 4,

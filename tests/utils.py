@@ -235,3 +235,26 @@ def gradcheck_module(module, x: torch.Tensor, backend: str) -> None:
             return torch.func.functional_call(module, state, (x,))
 
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+#: view and alias ops: no kernel runs for them (left out of ``DispatchLog``)
+VIEW_OPS = ("aten.detach", "aten.select", "aten.slice", "aten.view", "aten.alias", "aten.ones_like")
+
+
+def DispatchLog():
+    """A dispatch mode (``with DispatchLog() as log``) that records the name of every op
+    run inside it, views left out (``log.ops``): on a GPU each is a kernel launch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func).rsplit(".", 1)[0]
+            if not name.startswith(VIEW_OPS):
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    return _Log()

@@ -288,6 +288,37 @@ def test_gradients_at_nan_and_inf_match_eager(case, layout, residual_kind, train
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("residual_kind", [None, "bn"])
+def test_eval_gradient_ignores_a_non_finite_running_mean(case, residual_kind):
+    """In eval the input gradient is grad * weight * invstd: it reads neither x nor the
+    running mean, so a running mean made NaN or inf (by an earlier training batch with an
+    inf) leaves the gradient finite, as in eager PyTorch (the output is NaN there)."""
+    backend, device = case
+    shape = (2, 9, 5, 7)
+    x = torch.randn(shape, dtype=torch.float64)
+    r = torch.randn(shape, dtype=torch.float64)
+    g = torch.randn(shape, dtype=torch.float64)
+    bn_x = make_bn(9, True, "cpu", torch.float64)
+    bn_r = make_bn(9, True, "cpu", torch.float64)
+    bn_x[0][1], bn_x[0][4] = float("nan"), float("inf")
+    bn_r[0][2] = float("-inf")
+
+    def run(dtype, dev, mine):
+        xs = [t.to(dev, dtype).clone().requires_grad_() for t in (x, r)]
+        bns = [clone_bn(bn, dev, dtype) for bn in (bn_x, bn_r)]
+        args = (xs[0], xs[1], bns[0], bns[1], residual_kind, False, 0.1, 1e-5, False)
+        out = ours(*args, backend) if mine else reference(*args)
+        out.backward(g.to(dev, dtype))
+        return xs
+
+    (xo, ro), (xe, re) = run(torch.float32, device, True), run(torch.float64, "cpu", False)
+    assert torch.isfinite(xe.grad).all()
+    assert_close(xo.grad, xe.grad, *TOLERANCES[torch.float32]["bwd"], what="grad x")
+    if residual_kind:
+        assert_close(ro.grad, re.grad, *TOLERANCES[torch.float32]["bwd"], what="grad residual")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_zero_size_batch_behaves_like_batchnorm2d(case, layout):
     import resfused

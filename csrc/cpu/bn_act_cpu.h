@@ -34,7 +34,7 @@ struct BnArgs {
   void* red = nullptr;
   void* red2 = nullptr;  // bn_stats: the variance ([C]); red holds the mean
   // modes
-  int mask = 0;      // 0: dz = g, 1: dz = g*(out > 0), 2: dz = g*(z > 0) with z recomputed
+  int mask = 0;      // 0: dz = g, 1: dz = (out <= 0 ? 0 : g), 2: the same with z recomputed
   bool has_res = false;
   bool relu = false;
   int rstats = 0;    // bwd_reduce: 1 when res_stats given

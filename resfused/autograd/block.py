@@ -12,7 +12,7 @@ BN-ReLU outputs ``a_i`` are recomputed from ``y_i`` in backward (one elementwise
 each) instead of being kept. Running statistics are updated exactly once, in forward.
 
 Backward: the fused join backward, then per conv ``aten.convolution_backward`` and the
-fused BN-ReLU backward (relu mask recomputed from ``y_i`` as ``z > 0``,
+fused BN-ReLU backward (relu mask recomputed from ``y_i``: 0 where ``z <= 0``,
 rounded as in forward, so no activation is read).
 """
 from __future__ import annotations
@@ -185,10 +185,20 @@ def check_join_shapes(name: str, x_shape: Sequence[int], convs: Sequence[Tuple[S
     last) would see one value per channel (``nn.BatchNorm2d``'s own error). Shapes that
     passed are remembered: a model calls each block with a few input shapes (not while
     torch.compile traces, whose sizes may be symbolic)."""
-    check = _check_join_shapes.__wrapped__ if ops._compiling() else _check_join_shapes
-    check(name, tuple(x_shape), tuple((tuple(w), c) for w, c in convs),
-          None if identity_shape is None else tuple(identity_shape),
-          None if downsample is None else (tuple(downsample[0]), downsample[1]), tuple(batch_stats))
+    args = (name, tuple(x_shape), tuple((tuple(w), c) for w, c in convs),
+            None if identity_shape is None else tuple(identity_shape),
+            None if downsample is None else (tuple(downsample[0]), downsample[1]), tuple(batch_stats))
+    if ops._compiling() or not _hashable(args):  # (a ConvSpec built with lists: checked, not remembered)
+        return _check_join_shapes.__wrapped__(*args)
+    _check_join_shapes(*args)
+
+
+def _hashable(value) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=1024)
@@ -391,7 +401,7 @@ class ResidualBlockFunction(torch.autograd.Function):
                     dx = _add_input_grads(dx, d_inp, dx_grid)
                 break
             bn = spec.bns[i - 1]
-            # The relu mask is recomputed from y (z > 0, rounded as in forward) rather than
+            # The relu mask is recomputed from y (z <= 0, rounded as in forward) rather than
             # read from a_{i-1}: one tensor fewer to read in each of the two passes.
             del inp
             dy, _, sums = bn_act_backward(d_inp, ys[i - 1], None, affines[i - 1], stats[i - 1], bn.training, True,

@@ -331,7 +331,7 @@ class DenseBlockFunction(torch.autograd.Function):
             del g
             if not (need_conv1 or need(i, _N2W) or need(i, _N2B)):
                 continue
-            del a2  # the relu mask is recomputed from y1 (z > 0): one read fewer per pass
+            del a2  # the relu mask is recomputed from y1 (z <= 0): one read fewer per pass
             need_sums2 = ls.norm2.training or need(i, _N2W) or need(i, _N2B)
             dy1, _, sums2 = bn_act_backward(d_a2, y1, None, aff2s[i], st2s[i], ls.norm2.training, True, backend,
                                             need_dx=need_conv1, need_sums=need_sums2, group=ls.norm2.group)

@@ -144,11 +144,13 @@ def _relu_keep(x, o, r, scale, shift, rs, rb, relu_mode):
 
 @triton.jit
 def _x_term(x, mean, p):
-    """``(x - mean) * p``, or 0 where ``p == 0`` (eval: the gradient does not depend on x,
-    so an infinite x gives a finite gradient, as eager's). x is replaced before the
-    arithmetic rather than the product after it: one live value fewer (fp64 NCHW spilled
-    on sm_90 the other way)."""
-    return (tl.where(p == 0, mean, x) - mean) * p
+    """``(x - mean) * p``, or 0 where ``p == 0`` (eval: the gradient does not depend on x
+    nor on the running mean, so an infinite x, or a non-finite running mean, gives a
+    finite gradient, as eager's). x and mean are replaced by 0 before the arithmetic
+    rather than the product after it: fewer live values (fp64 NCHW spilled on sm_90 the
+    other way)."""
+    m = tl.where(p == 0, 0, mean)
+    return (tl.where(p == 0, m, x) - m) * p
 
 
 @triton.jit

@@ -186,8 +186,10 @@ def advance_batch_norms(bns: Sequence[nn.Module]) -> List[float]:
     """``advance_batch_norm`` of each of ``bns`` (0.0 for a module that is no
     ``nn.BatchNorm2d``/``nn.SyncBatchNorm``: a frozen BN counts no batches), with every
     counter moved by one ``torch._foreach_add_`` (one launch on a GPU, where one per BN
-    ran). Call only after every check has passed."""
-    counted, momenta = [], []
+    ran; a BN module standing twice counts two batches, each use with its own cumulative
+    momentum, as two calls of it would). Call only after every check has passed."""
+    uses = {}  # id(counter) -> [counter, uses in this call] (a BN module may stand twice)
+    momenta = []
     for bn in bns:
         if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
             momenta.append(0.0)
@@ -195,17 +197,23 @@ def advance_batch_norms(bns: Sequence[nn.Module]) -> List[float]:
         momentum = bn.momentum
         count = module_attr(bn, "num_batches_tracked") if bn.training and bn.track_running_stats else None
         if count is not None:
-            counted.append(count)
+            entry = uses.setdefault(id(count), [count, 0])
+            entry[1] += 1
             if momentum is None:
-                momenta.append(count)
+                momenta.append((entry, entry[1]))
                 continue
         momenta.append(0.0 if momentum is None else momentum)
-    if len(counted) == 1:
-        counted[0].add_(1)
-    elif counted:
-        torch._foreach_add_(counted, 1)
-    # momentum=None: the cumulative average, 1 / num_batches_tracked (read after the add)
-    return [1.0 / float(m) if isinstance(m, Tensor) else m for m in momenta]
+    counters = [c for c, _ in uses.values()]
+    if any(k > 1 for _, k in uses.values()):
+        for c, k in uses.values():
+            c.add_(k)
+    elif len(counters) == 1:
+        counters[0].add_(1)
+    elif counters:
+        torch._foreach_add_(counters, 1)
+    # momentum=None: the cumulative average, 1 / num_batches_tracked as it stood after
+    # this use's own increment (read after the adds)
+    return [m if not isinstance(m, tuple) else 1.0 / (float(m[0][0]) - (m[0][1] - m[1])) for m in momenta]
 
 
 def advance_batch_norm(bn: nn.modules.batchnorm._BatchNorm) -> float:

@@ -341,3 +341,20 @@ def test_block_forward_launches(case):
     assert counts == {"aten._foreach_add_": 1, "aten.convolution": 4, "resfused_C.bn_stats": 4,
                       "resfused_C.bn_coef": 4, "resfused_C.bn_act_fwd": 3}, log.ops
     assert all(int(m.num_batches_tracked) == 1 for m in fused.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_batch_counting_matches_separate_calls():
+    """advance_batch_norms (one increment for a block's counters) gives each BN the
+    momentum and count that calling it on its own would: a cumulative one (momentum=None)
+    read after its own increment, a BN standing twice counting two batches with 1/(n+1)
+    then 1/(n+2), a frozen BN and an eval BN counting none."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from resfused.nn.bn_act import advance_batch_norms
+
+    cum, fixed, frozen, evaluated = nn.BatchNorm2d(3, momentum=None), nn.BatchNorm2d(3), FrozenBatchNorm2d(3), \
+        nn.BatchNorm2d(3, momentum=None).eval()
+    assert advance_batch_norms([cum, fixed, frozen, evaluated]) == [1.0, 0.1, 0.0, 0.0]
+    assert advance_batch_norms([cum, cum, fixed]) == [1 / 2, 1 / 3, 0.1]
+    assert [int(cum.num_batches_tracked), int(fixed.num_batches_tracked), int(evaluated.num_batches_tracked)] == \
+        [3, 2, 0]

@@ -128,6 +128,15 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     check_bn_input(x, running_mean, running_var, weight, bias, training, synced=sync_group is not None)
     if residual is not None:
         check_residual(x, residual)
+    return apply_checked(x, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu, backend,
+                         sync_group)
+
+
+def apply_checked(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], weight: Optional[Tensor],
+                  bias: Optional[Tensor], training: bool, momentum: float, eps: float, residual: Optional[Tensor],
+                  relu: bool, backend: str, sync_group=None) -> Tensor:
+    """``batch_norm_act`` after its checks (``relu``: the activation, checked), for a caller
+    that has run them itself (``BatchNormAct2d``, before its batch counter moves)."""
     return BatchNormActFunction.apply(x, weight, bias, running_mean, running_var,
                                       residual, None, None, None, None,
                                       training, momentum, eps, False, training, momentum, eps, relu, backend,

@@ -45,7 +45,20 @@ BAD_MODULE_CALLS = {
                                     "running_mean dtype torch.float64 does not match x dtype torch.float32"),
     "inference tensor with grad": (lambda m, d: m(_inference_tensor(d)), RuntimeError,
                                    "the input is an inference tensor"),
+    # settings changed on the module after construction: refused before its batch counter moves
+    "eps set to zero": (lambda m, d: _set(m, eps=0.0)(torch.randn(2, 4, 3, 3, device=d)), ValueError,
+                        "eps must be positive"),
+    "momentum set to a string": (lambda m, d: _set(m, momentum="0.1")(torch.randn(2, 4, 3, 3, device=d)), TypeError,
+                                 "momentum must be a number"),
+    "activation set to an unknown one": (lambda m, d: _set(m, activation="gelu")(torch.randn(2, 4, 3, 3, device=d)),
+                                         ValueError, "activation must be one of"),
 }
+
+
+def _set(m, **attrs):
+    for k, v in attrs.items():
+        setattr(m, k, v)
+    return m
 
 
 def _inference_tensor(device):

@@ -148,16 +148,20 @@ class BatchNormAct2d(SyncBNMixin, nn.BatchNorm2d):
                              f"channels, got input of shape {tuple(x.shape)}")
         running_mean, running_var, weight, bias, bn_training = batch_norm_args(self)
         # Validate everything before num_batches_tracked moves: a call that raises changes nothing.
+        relu = RF._check_activation(self.activation)
+        if self.momentum is not None:
+            RF._check_number("momentum", self.momentum)
+        RF._check_number("eps", self.eps, positive=True)
         group = self._group(bn_training)
         RF.check_bn_input(x, running_mean, running_var, weight, bias, bn_training, synced=group is not None)
         if residual is not None:
             RF.check_residual(x, residual)
-        resolve_backend("auto", x)  # a forced backend that cannot run raises here, before the counter moves
+        backend = resolve_backend("auto", x)  # a forced backend that cannot run raises here, before the count
         saved = _snapshot([self]) if group is not None else []
         momentum = advance_batch_norm(self)
         with _restore_on_error(saved):
-            return RF.batch_norm_act(x, running_mean, running_var, weight, bias, bn_training,
-                                     momentum, self.eps, residual, self.activation, sync_group=group)
+            return RF.apply_checked(x, running_mean, running_var, weight, bias, bn_training, momentum, self.eps,
+                                    residual, relu, backend, group)
 
 
 def module_attr(m: nn.Module, name: str):

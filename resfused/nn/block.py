@@ -275,8 +275,8 @@ def conv_key(kind: str, x: Tensor, convs: Sequence[nn.Conv2d], dtype: Optional[t
     weights = tuple(tuple(module_attr(c, "weight").shape) for c in convs)
     flag_items = tuple((k, tuple(v), True) if isinstance(v, list) else (k, v, False) for k, v in flags.items())
     fmt = _format_conv_key.__wrapped__ if _compiling() else _format_conv_key
-    return fmt(kind, x.dtype if dtype is None else dtype, None if any_size else tuple(x.shape), weights,
-                            geometry, flag_items)
+    return fmt(kind, x.dtype if dtype is None else dtype, None if any_size else tuple(x.shape), weights, geometry,
+               flag_items)
 
 
 @functools.lru_cache(maxsize=4096)

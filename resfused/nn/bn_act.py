@@ -192,32 +192,30 @@ def advance_batch_norms(bns: Sequence[nn.Module]) -> List[float]:
     counter moved by one ``torch._foreach_add_`` (one launch on a GPU, where one per BN
     ran; a BN module standing twice counts two batches, each use with its own cumulative
     momentum, as two calls of it would). Call only after every check has passed."""
-    uses = {}  # id(counter) -> [counter, uses in this call] (a BN module may stand twice)
+    uses = {}  # id(counter) -> [counter, how many of bns count on it]
+    cumulative = []  # (index in momenta, its counter's uses entry, which use this is)
     momenta = []
     for bn in bns:
-        if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
-            momenta.append(0.0)
-            continue
-        momentum = bn.momentum
-        count = module_attr(bn, "num_batches_tracked") if bn.training and bn.track_running_stats else None
-        if count is not None:
-            entry = uses.setdefault(id(count), [count, 0])
-            entry[1] += 1
-            if momentum is None:
-                momenta.append((entry, entry[1]))
-                continue
-        momenta.append(0.0 if momentum is None else momentum)
-    counters = [c for c, _ in uses.values()]
-    if any(k > 1 for _, k in uses.values()):
-        for c, k in uses.values():
-            c.add_(k)
-    elif len(counters) == 1:
-        counters[0].add_(1)
+        momentum = 0.0
+        if isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+            count = module_attr(bn, "num_batches_tracked") if bn.training and bn.track_running_stats else None
+            if count is not None:
+                entry = uses.setdefault(id(count), [count, 0])
+                entry[1] += 1
+                if bn.momentum is None:
+                    cumulative.append((len(momenta), entry, entry[1]))
+            momentum = 0.0 if bn.momentum is None else bn.momentum
+        momenta.append(momentum)
+    counters, steps = [c for c, _ in uses.values()], [k for _, k in uses.values()]
+    if len(counters) == 1:
+        counters[0].add_(steps[0])
     elif counters:
-        torch._foreach_add_(counters, 1)
+        torch._foreach_add_(counters, steps)
     # momentum=None: the cumulative average, 1 / num_batches_tracked as it stood after
     # this use's own increment (read after the adds)
-    return [m if not isinstance(m, tuple) else 1.0 / (float(m[0][0]) - (m[0][1] - m[1])) for m in momenta]
+    for i, (count, total), use in cumulative:
+        momenta[i] = 1.0 / (float(count) - (total - use))
+    return momenta
 
 
 def advance_batch_norm(bn: nn.modules.batchnorm._BatchNorm) -> float:

@@ -168,8 +168,8 @@ class FusedDenseBlock(SyncBNMixin, _DenseBlock):
             return False
         c = None
         for layer in layers:
-            parts = _parts(layer) if isinstance(layer, _DenseLayer) else None
-            if parts is None or not _layer_fusable(layer, parts):
+            parts = _parts(layer)
+            if not _layer_fusable(layer, parts):
                 return False
             norm1, conv2 = parts[0], parts[5]
             if c is not None and norm1.num_features != c:

@@ -24,7 +24,8 @@ guarantees them before a backend kernel is called):
   with the mask recomputed from ``z`` when ``out`` is None; ``dz = grad_out``
   otherwise. As relu's own backward (``threshold_backward``), a NaN ``out`` passes the
   gradient. In ``dx``, the term ``(x - mean) * p`` is 0 wherever ``p == 0`` (eval), so
-  an infinite ``x`` there gives eager's finite gradient. Computation in the accumulation dtype; results cast to x's dtype.
+  an infinite ``x`` (or running mean) there gives eager's finite gradient. Computation in
+  the accumulation dtype; results cast to x's dtype.
 * ``bn_act_bwd_reduce`` can also write ``dz`` (in x's dtype and layout; exact, since it
   is ``grad_out`` or 0) when ``write_dz``: the apply pass then reads ``dz`` with
   ``relu=False`` instead of ``grad_out`` and the mask's source, and for a plain

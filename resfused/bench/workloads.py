@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cases import COMPILED, DTYPES, Case, block_params
+from .cases import COMPILED, DTYPES, RESFUSED_EXTRA, Case, block_params
 
 # How many bytes of each op-level tensor the op must read or write at least (each tensor
 # once): the numerator of the GB/s column. N = elements of x.
@@ -54,7 +54,7 @@ def resfused_backend(provider: str) -> Optional[str]:
     if not provider.startswith("resfused["):
         return None
     name = provider[len("resfused["):-1]
-    return "auto" if name in ("tconv", "auto", "compile") else name
+    return "auto" if name in RESFUSED_EXTRA else name
 
 
 def resfused_conv(provider: str) -> str:

@@ -13,7 +13,9 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
+#include <ATen/core/List.h>
 #include <tuple>
+#include <vector>
 
 namespace resfused {
 
@@ -65,6 +67,18 @@ at::Tensor bn_grad_coef_cpu(const at::Tensor& stats, const at::Tensor& affine, c
 std::tuple<at::Tensor, at::Tensor> bn_stats_coef(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
                                                  const OptTensor& running_mean, const OptTensor& running_var,
                                                  bool training, double momentum, double eps);
+// (affine, stats) of one BN from its batch (mean, biased var) over `count` values per
+// channel, updating the running statistics when given and count > 0 (bn_coef, with the
+// conversions of the op layer: per-channel tensors to mean's dtype, running statistics of
+// another dtype updated through copies).
+std::tuple<at::Tensor, at::Tensor> bn_coef_batch(const at::Tensor& mean, const at::Tensor& var, int64_t count,
+                                                 const OptTensor& weight, const OptTensor& bias,
+                                                 const OptTensor& running_mean, const OptTensor& running_var,
+                                                 double momentum, double eps);
+// (affine, stats) of one BN in eval: bn_coef of the running statistics, in dtype `acc`.
+std::tuple<at::Tensor, at::Tensor> bn_coef_running(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                                   const OptTensor& weight, const OptTensor& bias, double eps,
+                                                   c10::ScalarType acc);
 // (dx, dres, sums) of resfused.autograd.bn_act.bn_act_backward (no process group, no
 // gradient accumulator): the reduction pass, the gradient coefficients and the apply pass.
 // dx / dres are undefined (None) when not asked for.
@@ -72,6 +86,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
     const at::Tensor& grad_out, const at::Tensor& x, const OptTensor& out, const at::Tensor& affine,
     const at::Tensor& stats, const OptTensor& residual, const OptTensor& res_affine, const OptTensor& res_stats,
     bool training, bool res_training, bool relu, bool need_dx, bool need_sums, bool plain_residual_grad);
+
+// A ResNet block on the library convolutions (csrc/block.cpp, any device): the
+// forward and backward of resfused.autograd.block.ResidualBlockFunction, one call each.
+// block_fwd returns [out, (y_d, aff_d, st_d when downsample), ys..., affines...,
+// stats..., acts... (when keep_acts)]; block_bwd returns [dx, d_identity, then 6 per
+// unit], undefined where not asked for (argument layout: csrc/block.cpp).
+std::vector<at::Tensor> block_fwd(const at::Tensor& x, const OptTensor& identity,
+                                  const c10::List<OptTensor>& tensors, at::IntArrayRef geometry,
+                                  at::IntArrayRef training, at::ArrayRef<double> momentum,
+                                  at::ArrayRef<double> eps, bool downsample, bool keep_acts);
+std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out,
+                                  at::TensorList ys, at::TensorList affines, at::TensorList stats,
+                                  at::TensorList acts, const OptTensor& y_d, const OptTensor& aff_d,
+                                  const OptTensor& st_d, at::TensorList conv_weights,
+                                  const c10::List<OptTensor>& conv_biases, at::IntArrayRef geometry,
+                                  at::IntArrayRef training, at::IntArrayRef needs, bool identity_given);
+
+// A DenseNet dense block on the library convolutions (csrc/dense.cpp, any device): the
+// forward and backward of resfused.autograd.dense.DenseBlockFunction, one call each.
+// dense_fwd returns [buf, then when keep: y1s..., aff1s..., st1s..., aff2s..., st2s...,
+// dropout masks... (layers with drop_rate > 0)]; dense_bwd returns [dx, then 12 per
+// layer], undefined where not asked for (argument layout: csrc/dense.cpp).
+std::vector<at::Tensor> dense_fwd(const at::Tensor& x, const c10::List<OptTensor>& tensors,
+                                  at::IntArrayRef geometry, at::IntArrayRef training,
+                                  at::ArrayRef<double> momentum, at::ArrayRef<double> eps,
+                                  at::ArrayRef<double> drop_rate, at::IntArrayRef growth, bool channels_last,
+                                  bool keep);
+std::vector<at::Tensor> dense_bwd(const at::Tensor& grad_out, const at::Tensor& buf, at::TensorList y1s,
+                                  at::TensorList aff1s, at::TensorList st1s, at::TensorList aff2s,
+                                  at::TensorList st2s, const c10::List<OptTensor>& masks,
+                                  at::TensorList conv_weights, const c10::List<OptTensor>& conv_biases,
+                                  at::IntArrayRef geometry, at::IntArrayRef training, at::ArrayRef<double> drop_rate,
+                                  at::IntArrayRef growth, int64_t c0, at::IntArrayRef needs, bool channels_last);
 
 #ifdef RESFUSED_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x);

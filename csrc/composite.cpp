@@ -14,98 +14,46 @@
 // the Python layer keeps the general path (prefix views, synchronized statistics,
 // torch.compile, the triton and eager backends).
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 
 #include "bn_act.h"
+#include "composite_ops.h"
 
 namespace resfused {
-namespace {
 
-using Tensor = at::Tensor;
+using namespace composite;
 
-bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
-
-c10::ScalarType acc_of(const Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+TT bn_coef_running(const Tensor& running_mean, const Tensor& running_var, const OptTensor& weight,
+                   const OptTensor& bias, double eps, c10::ScalarType acc) {
+  return call_coef(per_channel(running_mean, acc), per_channel(running_var, acc), per_channel(weight, acc),
+                   per_channel(bias, acc), c10::nullopt, c10::nullopt, 0.0, eps, 1.0);
 }
 
-// t as the kernels take a per-channel vector: contiguous, in the accumulation dtype
-// (no op at all when it already is, as the Python layer's _plain).
-Tensor per_channel(const Tensor& t, c10::ScalarType acc) {
-  return (t.scalar_type() == acc ? t : t.to(acc)).contiguous();
+TT bn_coef_batch(const Tensor& mean, const Tensor& var, int64_t count, const OptTensor& weight, const OptTensor& bias,
+                 const OptTensor& running_mean, const OptTensor& running_var, double momentum, double eps) {
+  TORCH_CHECK_VALUE(given(running_mean) == given(running_var),
+                    "resfused bn_coef_batch: running_mean and running_var go together");
+  const auto acc = mean.scalar_type();
+  const OptTensor w = per_channel(weight, acc), b = per_channel(bias, acc);
+  const Tensor m = mean.contiguous(), v = per_channel(var, acc);
+  const double unbias = static_cast<double>(count) / static_cast<double>(std::max<int64_t>(count - 1, 1));
+  if (!given(running_mean) || count == 0) {  // never update on an empty batch
+    return call_coef(m, v, w, b, c10::nullopt, c10::nullopt, momentum, eps, unbias);
+  }
+  const Tensor& rm = *running_mean;
+  const Tensor& rv = *running_var;
+  if (rm.scalar_type() == acc && rv.scalar_type() == acc && rm.is_contiguous() && rv.is_contiguous()) {
+    return call_coef(m, v, w, b, rm, rv, momentum, eps, unbias);
+  }
+  // running statistics of another dtype: updated through copies in the accumulation dtype
+  const Tensor wm = rm.to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  const Tensor wv = rv.to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  auto result = call_coef(m, v, w, b, wm, wv, momentum, eps, unbias);
+  rm.copy_(wm);
+  rv.copy_(wv);
+  return result;
 }
-
-OptTensor per_channel(const OptTensor& t, c10::ScalarType acc) {
-  if (!given(t)) return c10::nullopt;
-  return per_channel(*t, acc);
-}
-
-template <class Sig>
-c10::TypedOperatorHandle<Sig> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-using TT = std::tuple<Tensor, Tensor>;
-
-TT call_stats(const Tensor& x) {
-  static const auto h = op<TT(const Tensor&)>("resfused_C::bn_stats");
-  return h.call(x);
-}
-
-TT call_coef(const Tensor& mean, const Tensor& var, const OptTensor& w, const OptTensor& b, const OptTensor& rm,
-             const OptTensor& rv, double momentum, double eps, double unbias) {
-  static const auto h = op<TT(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                              const OptTensor&, double, double, double)>("resfused_C::bn_coef");
-  return h.call(mean, var, w, b, rm, rv, momentum, eps, unbias);
-}
-
-TT call_reduce(const Tensor& g, const Tensor& x, const Tensor& affine, const Tensor& stats, const OptTensor& res,
-               const OptTensor& res_affine, const OptTensor& res_stats, const OptTensor& out, bool relu,
-               bool write_dz) {
-  static const auto h = op<TT(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                              const OptTensor&, const OptTensor&, const OptTensor&, bool, bool)>(
-      "resfused_C::bn_act_bwd_reduce");
-  return h.call(g, x, affine, stats, res, res_affine, res_stats, out, relu, write_dz);
-}
-
-TT call_apply(const Tensor& g, const Tensor& x, const Tensor& affine, const Tensor& coef, const OptTensor& res,
-              const OptTensor& res_affine, const OptTensor& res_coef, const OptTensor& out, bool relu) {
-  static const auto h = op<TT(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                              const OptTensor&, const OptTensor&, const OptTensor&, bool)>(
-      "resfused_C::bn_act_bwd_apply");
-  return h.call(g, x, affine, coef, res, res_affine, res_coef, out, relu);
-}
-
-// A big tensor in x's layout (x is dense: NCHW when x.is_contiguous(), else
-// channels_last), as the op layer hands it to the kernels: the cuda kernels take only that.
-Tensor like_x(const Tensor& t, const Tensor& x) {
-  return t.contiguous(x.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast);
-}
-
-OptTensor like_x(const OptTensor& t, const Tensor& x) {
-  if (!given(t)) return c10::nullopt;
-  return like_x(*t, x);
-}
-
-OptTensor contiguous(const OptTensor& t) {
-  if (!given(t)) return c10::nullopt;
-  return t->contiguous();
-}
-
-int64_t per_channel_count(const Tensor& x) { return x.size(1) ? x.numel() / x.size(1) : 0; }
-
-// resfused.autograd.bn_act._grad_coefficients as one op (bn_grad_coef); ``row`` is the
-// row of ``sums`` holding this BN's sum of dz * x_hat.
-Tensor grad_coefficients(const Tensor& stats, const Tensor& affine, const Tensor& sums, int64_t row, bool training,
-                         int64_t count) {
-  static const auto h = op<Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, bool, int64_t)>(
-      "resfused_C::bn_grad_coef");
-  return h.call(stats.contiguous(), affine.contiguous(), sums.contiguous(), row, training, count);
-}
-
-}  // namespace
 
 TT bn_stats_coef(const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
                  const OptTensor& running_var, bool training, double momentum, double eps) {
@@ -114,31 +62,12 @@ TT bn_stats_coef(const Tensor& x, const OptTensor& weight, const OptTensor& bias
               "resfused bn_stats_coef: x must be NCHW-contiguous or channels_last-contiguous");
   TORCH_CHECK_VALUE(given(running_mean) == given(running_var),
                     "resfused bn_stats_coef: running_mean and running_var go together");
-  const auto acc = acc_of(x);
-  const OptTensor w = per_channel(weight, acc), b = per_channel(bias, acc);
   if (!training) {
     TORCH_CHECK_VALUE(given(running_mean), "resfused bn_stats_coef: eval mode needs running statistics");
-    return call_coef(per_channel(*running_mean, acc), per_channel(*running_var, acc), w, b, c10::nullopt,
-                     c10::nullopt, 0.0, eps, 1.0);
+    return bn_coef_running(*running_mean, *running_var, weight, bias, eps, acc_of(x));
   }
   const auto [mean, var] = call_stats(x);
-  const int64_t count = per_channel_count(x);
-  const double unbias = static_cast<double>(count) / static_cast<double>(std::max<int64_t>(count - 1, 1));
-  if (!given(running_mean) || count == 0) {  // never update on an empty batch
-    return call_coef(mean, var, w, b, c10::nullopt, c10::nullopt, momentum, eps, unbias);
-  }
-  const Tensor& rm = *running_mean;
-  const Tensor& rv = *running_var;
-  if (rm.scalar_type() == acc && rv.scalar_type() == acc && rm.is_contiguous() && rv.is_contiguous()) {
-    return call_coef(mean, var, w, b, rm, rv, momentum, eps, unbias);
-  }
-  // running statistics of another dtype: updated through copies in the accumulation dtype
-  const Tensor wm = rm.to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
-  const Tensor wv = rv.to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
-  auto result = call_coef(mean, var, w, b, wm, wv, momentum, eps, unbias);
-  rm.copy_(wm);
-  rv.copy_(wv);
-  return result;
+  return bn_coef_batch(mean, var, per_channel_count(x), weight, bias, running_mean, running_var, momentum, eps);
 }
 
 std::tuple<Tensor, Tensor, Tensor> bn_act_bwd(const Tensor& grad_out_, const Tensor& x, const OptTensor& out_,

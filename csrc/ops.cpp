@@ -30,12 +30,32 @@ TORCH_LIBRARY(resfused_C, m) {
       "bn_act_bwd(Tensor grad_out, Tensor x, Tensor? out, Tensor affine, Tensor stats, Tensor? residual, "
       "Tensor? res_affine, Tensor? res_stats, bool training, bool res_training, bool relu, bool need_dx, "
       "bool need_sums, bool plain_residual_grad) -> (Tensor, Tensor, Tensor)");
+  // (block_fwd and dense_fwd update the running statistics among `tensors` in place; like
+  // the other composites they are called only in eager execution, never traced)
+  m.def(
+      "block_fwd(Tensor x, Tensor? identity, Tensor?[] tensors, int[] geometry, int[] training, "
+      "float[] momentum, float[] eps, bool downsample, bool keep_acts) -> Tensor[]");
+  m.def(
+      "block_bwd(Tensor grad_out, Tensor x, Tensor out, Tensor[] ys, Tensor[] affines, Tensor[] stats, "
+      "Tensor[] acts, Tensor? y_d, Tensor? aff_d, Tensor? st_d, Tensor[] conv_weights, Tensor?[] conv_biases, "
+      "int[] geometry, int[] training, int[] needs, bool identity_given) -> Tensor[]");
+  m.def(
+      "dense_fwd(Tensor x, Tensor?[] tensors, int[] geometry, int[] training, float[] momentum, float[] eps, "
+      "float[] drop_rate, int[] growth, bool channels_last, bool keep) -> Tensor[]");
+  m.def(
+      "dense_bwd(Tensor grad_out, Tensor buf, Tensor[] y1s, Tensor[] aff1s, Tensor[] st1s, Tensor[] aff2s, "
+      "Tensor[] st2s, Tensor?[] masks, Tensor[] conv_weights, Tensor?[] conv_biases, int[] geometry, "
+      "int[] training, float[] drop_rate, int[] growth, int c0, int[] needs, bool channels_last) -> Tensor[]");
 }
 
 // The composites call the ops above through the dispatcher (so, per device, its kernels).
 TORCH_LIBRARY_IMPL(resfused_C, CompositeImplicitAutograd, m) {
   m.impl("bn_stats_coef", &resfused::bn_stats_coef);
   m.impl("bn_act_bwd", &resfused::bn_act_bwd);
+  m.impl("block_fwd", &resfused::block_fwd);
+  m.impl("block_bwd", &resfused::block_bwd);
+  m.impl("dense_fwd", &resfused::dense_fwd);
+  m.impl("dense_bwd", &resfused::dense_bwd);
 }
 
 TORCH_LIBRARY_IMPL(resfused_C, CPU, m) {

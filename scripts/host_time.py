@@ -7,9 +7,10 @@ kernels (benchmarks/results/gpu-check-nvidia-h200.md); on the CPU with tiny inpu
 (one thread, [2, 64, 4, 4]) the kernels' own work is small and the time per call is
 mostly that host cost. Three variants are timed in turn, ``--rounds`` rounds of
 ``--calls`` calls each, the best round counting (the machines are shared and noisy):
-eager PyTorch (torchvision's Bottleneck; ``F.batch_norm`` + add + ReLU), resfused as it
-runs, and resfused with the composites of ``resfused._C`` turned off (each BN's
-sequence of ops called one by one from Python, as before they existed). Prints a
+eager PyTorch (torchvision's Bottleneck and dense block; ``F.batch_norm`` + add + ReLU),
+resfused as it runs, and resfused with the composites of ``resfused._C`` turned off (each
+BN's sequence of ops, and each block's, called one by one from Python, as before they
+existed). Prints a
 Markdown table: forward, and forward + backward.
 """
 from __future__ import annotations
@@ -41,14 +42,24 @@ def main() -> None:
     r = torch.randn(2, c, 4, 4, requires_grad=True)
     w, b = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
     rm, rv = torch.zeros(c), torch.ones(c)
-    g = torch.ones(2, c, 4, 4)
+    grads = {}  # a gradient of ones per output shape, made once
+
+    def backward(out):
+        g = grads.get(out.shape)
+        if g is None:
+            g = grads[out.shape] = torch.ones_like(out)
+        out.backward(g)
     tv_block = torchvision.models.resnet.Bottleneck(64, 16)
     fused_block = resfused.FusedBottleneck(64, 16)
     fused_block.load_state_dict(tv_block.state_dict())
+    tv_dense = torchvision.models.densenet._DenseBlock(6, c, 4, 32, 0.0)
+    fused_dense = resfused.FusedDenseBlock(6, c, 4, 32, 0.0)
+    fused_dense.load_state_dict(tv_dense.state_dict())
     cases = {
         "join relu(bn(x) + r)": (lambda: F.relu(F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5) + r),
                                  lambda: batch_norm_act(x, rm, rv, w, b, True, 0.1, 1e-5, residual=r)),
         "Bottleneck(64, 16)": (lambda: tv_block(x), lambda: fused_block(x)),
+        "dense block, 6 layers (64, 4, 32)": (lambda: tv_dense(x), lambda: fused_dense(x)),
     }
     composites = autograd_bn_act._COMPOSITE_BACKENDS
 
@@ -68,7 +79,7 @@ def main() -> None:
     print("|---|---|---:|---:|")
     for name, (eager, ours) in cases.items():
         fns = {}
-        for mode, step in (("fwd", lambda f: f), ("fwd+bwd", lambda f: lambda: f().backward(g))):
+        for mode, step in (("fwd", lambda f: f), ("fwd+bwd", lambda f: lambda: backward(f()))):
             # (the backward runs inside the variant's setting too)
             for who, fn in zip(VARIANTS, (step(eager), fused(step(ours), True), fused(step(ours), False))):
                 fns[(who, mode)] = fn

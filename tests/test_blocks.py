@@ -267,27 +267,25 @@ def test_block_function_takes_an_identity_or_a_fused_downsample_not_both(monkeyp
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("kind,stride", [("bottleneck", 2), ("basic", 2), ("bottleneck", 3)])
-def test_cpu_strided_downsample_backward_runs_on_its_grid(monkeypatch, kind, stride, layout):
+def test_cpu_strided_downsample_backward_runs_on_its_grid(kind, stride, layout):
     """On the CPU a strided 1x1 downsample's backward is the stride-1 backward of
     x[:, :, ::s, ::s] (oneDNN's strided one is slower), its input gradient added into that
     grid of conv1's: no strided 1x1 reaches convolution_backward, and the gradients are
     torchvision's (odd sizes: the grid's last row and column are the input's)."""
-    seen = []
-    real = torch.ops.aten.convolution_backward
-
-    def spy(grad, inp, w, *args):
-        seen.append((tuple(w.shape[-2:]), tuple(args[1]), tuple(inp.shape)))
-        return real(grad, inp, w, *args)
-
-    monkeypatch.setattr(torch.ops.aten, "convolution_backward", spy)
     ref, fused = make_pair(kind, 6, 4, stride, "standard")
     x = torch.randn(2, 6, 9, 7, dtype=torch.float64)
     run_against_reference(fused.train(), ref.train(), x, layout, "cpu", "cpu")
+    for (name, p), (_, pr) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert_close(p.grad, pr.grad, 1e-4 * max(float(pr.grad.abs().max()), 1.0), 1e-4, what=f"grad {name}")
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    out = fused(x.to(fused.conv1.weight.dtype).to(memory_format=fmt).requires_grad_())
+    with DispatchLog() as log:
+        out.backward(torch.ones_like(out))
+    seen = [(tuple(a[2].shape[-2:]), tuple(a[4]), tuple(a[1].shape))
+            for op, a in log.calls if op == "aten.convolution_backward"]
     grid = (2, 6, len(range(0, 9, stride)), len(range(0, 7, stride)))
     assert ((1, 1), (1, 1), grid) in seen, seen
     assert all(s == (1, 1) for k, s, _ in seen if k == (1, 1)), seen
-    for (name, p), (_, pr) in zip(fused.named_parameters(), ref.named_parameters()):
-        assert_close(p.grad, pr.grad, 1e-4 * max(float(pr.grad.abs().max()), 1.0), 1e-4, what=f"grad {name}")
 
 
 def test_saved_bytes_below_torchvision():
@@ -358,3 +356,66 @@ def test_batch_counting_matches_separate_calls():
     assert advance_batch_norms([cum, cum, fixed]) == [1 / 2, 1 / 3, 0.1]
     assert [int(cum.num_batches_tracked), int(fixed.num_batches_tracked), int(evaluated.num_batches_tracked)] == \
         [3, 2, 0]
+
+
+def _block_step(fused, x, ones_grad=True):
+    """Output, input gradient, parameter gradients and state of one forward+backward."""
+    fused.zero_grad(set_to_none=True)
+    xi = x.detach().clone().requires_grad_(x.requires_grad)
+    out = fused(xi)
+    if out.requires_grad:
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape))
+    grads = {n: p.grad for n, p in fused.named_parameters()}
+    return out, xi.grad, grads, {k: v.clone() for k, v in fused.state_dict().items()}
+
+
+@pytest.mark.parametrize("cfg", BLOCK_CONFIGS, ids=lambda c: f"{c[0]}-s{c[3]}-{c[4]}-g{c[5]}-d{c[7]}")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("mode", ["train", "eval", "frozen", "keep", "no_x_grad", "bf16"])
+def test_native_block_matches_the_python_path(monkeypatch, cfg, layout, mode):
+    """On the cpu backend a block's forward and backward run as one call each of
+    resfused_C.block_fwd / block_bwd (csrc/block.cpp): the same ops in the same order as
+    the Python path (with the composites off), so outputs, gradients and running
+    statistics are bit for bit the same; memory_efficient=False keeps the activations,
+    frozen BNs (no parameter gradient), an input that does not require grad, and bfloat16
+    (BN parameters in bfloat16 too: their gradients take that dtype)."""
+    from resfused.autograd import bn_act as autograd_bn_act
+    from resfused.autograd import block as autograd_block
+
+    kind, inplanes, planes, stride, ds, groups, base_width, dilation = cfg
+    _, fused = make_pair(kind, inplanes, planes, stride, ds, groups, base_width, dilation,
+                         memory_efficient=mode != "keep")
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float64
+    fused = fused.to(dtype).train(mode != "eval")
+    if mode == "frozen":
+        for m in fused.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.requires_grad_(False)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, inplanes, 7, 6, dtype=dtype).to(memory_format=fmt).requires_grad_(mode != "no_x_grad")
+    import copy
+
+    python_block = copy.deepcopy(fused)
+    calls = []
+    real_fwd, real_bwd = autograd_block._native_forward, autograd_block._native_backward
+    monkeypatch.setattr(autograd_block, "_native_forward", lambda *a: calls.append("fwd") or real_fwd(*a))
+    monkeypatch.setattr(autograd_block, "_native_backward", lambda *a: calls.append("bwd") or real_bwd(*a))
+    with resfused.use_backend("cpu"):
+        native = _block_step(fused, x)
+        assert calls == ["fwd", "bwd"], calls
+        monkeypatch.setattr(autograd_bn_act, "_COMPOSITE_BACKENDS", ())
+        python = _block_step(python_block, x)
+        assert calls == ["fwd", "bwd"], calls
+    (out_n, dx_n, g_n, s_n), (out_p, dx_p, g_p, s_p) = native, python
+    assert out_n.dtype == dtype and out_n.is_contiguous(memory_format=fmt)
+    assert torch.equal(out_n, out_p)
+    assert (dx_n is None) == (dx_p is None) == (mode == "no_x_grad")
+    assert dx_n is None or torch.equal(dx_n, dx_p)
+    assert g_n.keys() == g_p.keys()
+    for name in g_n:
+        assert (g_n[name] is None) == (g_p[name] is None), name
+        if g_n[name] is not None:
+            assert g_n[name].dtype == g_p[name].dtype == dtype, name
+            assert torch.equal(g_n[name], g_p[name]), name
+    for k in s_n:
+        assert torch.equal(s_n[k], s_p[k]), k

@@ -14,7 +14,7 @@ from torchvision.models.densenet import _DenseBlock, _DenseLayer, _Transition
 import resfused
 from resfused.memory import model_saved_bytes, saved_bytes
 from resfused.nn import FusedDenseBlock, FusedDenseLayer, FusedTransition
-from utils import (assert_close, backend_cases, case_id, check_no_grad_and_inference_mode, gradcheck_module,
+from utils import (DispatchLog, assert_close, backend_cases, case_id, check_no_grad_and_inference_mode, gradcheck_module,
                    interpreted, paired_for_sgd, randomise_bns, rel_tol, run_against_reference,
                    sgd_step_against_reference)
 
@@ -390,8 +390,21 @@ def test_layers_read_their_prefix_in_place(case, layout, monkeypatch):
         return run
 
     monkeypatch.setattr(ops, "_backend_impl", impl_spy)
-    with resfused.use_backend(backend), resfused.use_conv("library"):
+    with resfused.use_backend(backend), resfused.use_conv("library"), DispatchLog() as log:
         block(x).sum().backward()
+    if backend in ops.NATIVE_BACKENDS:
+        # the block runs in C++ (csrc/dense.cpp), which hands the kernels the views
+        # themselves: what reaches them through the dispatcher shows it
+        assert scratches == [] and handed == [] and accumulated == []
+        fwd = [ops.is_prefix_view(a[0]) for op, a in log.calls if op == "resfused_C.bn_act_fwd"]
+        red = [ops.is_prefix_view(a[1]) for op, a in log.calls if op == "resfused_C.bn_act_bwd_reduce"]
+        acc = [(ops.is_prefix_view(a[2]), ops.is_prefix_view(a[0]))
+               for op, a in log.calls if op == "resfused_C.bn_act_bwd_apply_acc"]
+        # forward: norm1 of layers 2 and 3 (layer 1 reads x); backward: relu1's recompute
+        # and norm1's reduction of all three, as views
+        assert fwd.count(True) == 2 + 3 and red.count(True) == 3, (fwd, red)
+        assert acc == [(True, True)] * 3
+        return
     assert len(scratches) == 2  # one decision in forward, one in backward
     views = backend in ("cpu", "triton", "cuda")
     if views:
@@ -404,3 +417,65 @@ def test_layers_read_their_prefix_in_place(case, layout, monkeypatch):
     else:
         assert all(s is not None for s in scratches) and not handed
         assert accumulated == []  # eager adds itself; a gathered prefix's gradient is added after
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("mode", ["train", "eval", "dropout", "frozen", "no_x_grad", "bf16", "no_grad"])
+def test_native_dense_block_matches_the_python_path(monkeypatch, layout, mode):
+    """On the cpu backend a dense block's forward and backward run as one call each of
+    resfused_C.dense_fwd / dense_bwd (csrc/dense.cpp): the same ops in the same order as
+    the Python path (with the composites off), so the output, gradients and running
+    statistics are bit for bit the same: eval, dropout (the same random stream), frozen
+    BNs, an input that does not require grad, bfloat16 (BN parameters in bfloat16 too:
+    their gradients take that dtype) and a forward under no_grad (nothing kept)."""
+    import copy
+
+    from resfused.autograd import bn_act as autograd_bn_act
+    from resfused.autograd import dense as autograd_dense
+
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float64
+    block = FusedDenseBlock(3, 5, 2, 3, 0.25 if mode == "dropout" else 0.0)
+    randomise_bns(block)
+    block = block.to(dtype).train(mode != "eval")
+    if mode == "frozen":
+        for m in block.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.requires_grad_(False)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 5, 6, 5, dtype=dtype).to(memory_format=fmt)
+    python_block = copy.deepcopy(block)
+    calls = []
+    real_fwd, real_bwd = autograd_dense._native_forward, autograd_dense._native_backward
+    monkeypatch.setattr(autograd_dense, "_native_forward", lambda *a: calls.append("fwd") or real_fwd(*a))
+    monkeypatch.setattr(autograd_dense, "_native_backward", lambda *a: calls.append("bwd") or real_bwd(*a))
+
+    def step(b):
+        torch.manual_seed(1)
+        xi = x.clone().requires_grad_(mode not in ("no_x_grad", "no_grad"))
+        with torch.set_grad_enabled(mode != "no_grad"):
+            out = b(xi)
+        if out.requires_grad:
+            out.backward(torch.linspace(-1, 1, out.numel(), dtype=dtype).reshape(out.shape))
+        return out, xi.grad, {n: p.grad for n, p in b.named_parameters()}, \
+            {k: v.clone() for k, v in b.state_dict().items()}
+
+    with resfused.use_backend("cpu"):
+        native = step(block)
+        expected_calls = ["fwd"] if mode == "no_grad" else ["fwd", "bwd"]
+        assert calls == expected_calls, calls
+        monkeypatch.setattr(autograd_bn_act, "_COMPOSITE_BACKENDS", ())
+        python = step(python_block)
+        assert calls == expected_calls, calls
+    (out_n, dx_n, g_n, s_n), (out_p, dx_p, g_p, s_p) = native, python
+    assert out_n.dtype == dtype and out_n.is_contiguous(memory_format=fmt)
+    assert torch.equal(out_n, out_p)
+    assert (dx_n is None) == (dx_p is None) == (mode in ("no_x_grad", "no_grad"))
+    assert dx_n is None or torch.equal(dx_n, dx_p)
+    for name in g_n:
+        assert (g_n[name] is None) == (g_p[name] is None), name
+        if g_n[name] is not None:
+            assert g_n[name].dtype == dtype and torch.equal(g_n[name], g_p[name]), name
+    for k in s_n:
+        assert torch.equal(s_n[k], s_p[k]), k
+    if mode == "dropout":
+        assert (out_n[:, 5:] == 0).any()  # the dropout ran

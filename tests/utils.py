@@ -243,18 +243,22 @@ VIEW_OPS = ("aten.detach", "aten.select", "aten.slice", "aten.view", "aten.alias
 
 def DispatchLog():
     """A dispatch mode (``with DispatchLog() as log``) that records the name of every op
-    run inside it, views left out (``log.ops``): on a GPU each is a kernel launch."""
+    run inside it, views left out (``log.ops``): on a GPU each is a kernel launch; and
+    each such call's name and positional arguments (``log.calls``). It sees the ops
+    called from Python and from resfused._C's composites alike."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class _Log(TorchDispatchMode):
         def __init__(self):
             super().__init__()
             self.ops = []
+            self.calls = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = str(func).rsplit(".", 1)[0]
             if not name.startswith(VIEW_OPS):
                 self.ops.append(name)
+                self.calls.append((name, args))
             return func(*args, **(kwargs or {}))
 
     return _Log()

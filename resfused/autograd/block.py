@@ -29,6 +29,7 @@ from torch.autograd.function import once_differentiable
 from ..distributed import sync_active, sync_batch_stats, sync_grad_sums
 from ..ops import bn_act as ops
 from ..ops import conv as conv_ops
+from . import bn_act as _bn_act
 from .bn_act import bn_act_backward, bn_coefficients, channel_count, grad_coefficients
 
 TENSORS_PER_UNIT = 6  # conv weight, conv bias, bn weight, bn bias, running mean, running var
@@ -219,9 +220,103 @@ def _check_join_shapes(name: str, x_shape: Tuple[int, ...], convs, identity_shap
                              f"{shape} at {bn}")
 
 
+def _native(spec: BlockSpec, backend: str) -> bool:
+    """Whether the block runs as one call of ``resfused_C.block_fwd`` / ``block_bwd`` each
+    way (csrc/block.cpp: the same ops in the same order, from C++): a backend of
+    resfused._C with its composites on, the library convolutions, no synchronized batch
+    statistics, eager execution (torch.compile traces this module's Python path)."""
+    if backend not in _bn_act._COMPOSITE_BACKENDS or spec.conv != "library" or ops._compiling():
+        return False
+    bns = spec.bns + ((spec.downsample[1],) if spec.downsample is not None else ())
+    return not any(sync_active(bn.group, bn.training) for bn in bns)
+
+
+@functools.lru_cache(maxsize=256)
+def _native_args(spec: BlockSpec) -> Tuple[List[int], List[int], List[float], List[float]]:
+    """(geometry, training, momentum, eps) of ``block_fwd``/``block_bwd`` for the block's
+    units, the downsample branch's last: 7 ints of geometry, then one flag, momentum and
+    eps per unit."""
+    convs = spec.convs + ((spec.downsample[0],) if spec.downsample is not None else ())
+    bns = spec.bns + ((spec.downsample[1],) if spec.downsample is not None else ())
+    geometry = [v for c in convs for v in (*c.stride, *c.padding, *c.dilation, c.groups)]
+    return geometry, [int(bn.training) for bn in bns], [float(bn.momentum) for bn in bns], \
+        [float(bn.eps) for bn in bns]
+
+
 def _units(tensors: Sequence[Optional[Tensor]], n: int) -> List[Sequence[Optional[Tensor]]]:
     k = TENSORS_PER_UNIT
     return [tensors[i * k:(i + 1) * k] for i in range(n)]
+
+
+def _forward(spec: BlockSpec, backend: str, x: Tensor, identity: Optional[Tensor], units):
+    """The block's forward op by op from Python (the general path: the fused convolutions,
+    synchronized statistics, torch.compile, the triton and eager backends): (out, y_d,
+    aff_d, st_d, ys, affines, stats, acts)."""
+    n = len(spec.convs)
+    fused = spec.conv != "library"
+    h = x
+    ys, affines, stats, acts = [], [], [], []
+    for i, ((w, cb, g, b, rm, rv), conv, bn) in enumerate(zip(units, spec.convs, spec.bns)):
+        if fused:  # the previous BN-ReLU runs in this conv's prologue: a is never written
+            y, affine, st = _fused_conv(spec.conv, spec.tf32, h, w, conv, bn, affines[-1] if i else None,
+                                        g, b, rm, rv, backend)
+        else:
+            y = _conv(h, w, cb, conv)
+            affine, st = bn_coefficients(y, g, b, rm, rv, bn.training, bn.momentum, bn.eps, backend,
+                                         group=bn.group)
+        ys.append(y)
+        affines.append(affine)
+        stats.append(st)
+        if i < n - 1:
+            if fused:
+                h = y
+            else:
+                h = ops.bn_act_fwd(y, affine, None, None, True, backend)
+                acts.append(h)
+    y_d = aff_d = st_d = None
+    if spec.downsample is not None:
+        w, cb, g, b, rm, rv = units[n]
+        conv_d, bn_d = spec.downsample
+        if fused:
+            y_d, aff_d, st_d = _fused_conv(spec.conv, spec.tf32, x, w, conv_d, bn_d, None, g, b, rm, rv, backend)
+        else:
+            y_d = _conv(x, w, cb, conv_d)
+            aff_d, st_d = bn_coefficients(y_d, g, b, rm, rv, bn_d.training, bn_d.momentum, bn_d.eps, backend,
+                                          group=bn_d.group)
+        out = ops.bn_act_fwd(ys[-1], affines[-1], y_d, aff_d, True, backend)
+    else:
+        residual = x if identity is None else identity
+        out = ops.bn_act_fwd(ys[-1], affines[-1], residual, None, True, backend)
+    return out, y_d, aff_d, st_d, ys, affines, stats, acts
+
+
+def _native_forward(spec: BlockSpec, x: Tensor, identity: Optional[Tensor], tensors: Sequence[Optional[Tensor]]):
+    """``_forward`` as one call of ``resfused_C.block_fwd``."""
+    geometry, training, momentum, eps = _native_args(spec)
+    ds = spec.downsample is not None
+    res = torch.ops.resfused_C.block_fwd.default(x, identity, list(tensors), geometry, training, momentum, eps, ds,
+                                                 not spec.memory_efficient)
+    n = len(spec.convs)
+    y_d, aff_d, st_d = res[1:4] if ds else (None, None, None)
+    k = 4 if ds else 1
+    return res[0], y_d, aff_d, st_d, res[k:k + n], res[k + n:k + 2 * n], res[k + 2 * n:k + 3 * n], res[k + 3 * n:]
+
+
+def _native_backward(ctx, grad_out: Tensor, x: Tensor, out: Tensor, ys, affines, stats, kept_acts, y_d, aff_d, st_d,
+                     weights, conv_biases) -> Tuple[Optional[Tensor], ...]:
+    """The block's backward as one call of ``resfused_C.block_bwd``; the BN parameters'
+    gradients (the accumulation dtype there) then take their parameters' dtype."""
+    geometry, training, _, _ = _native_args(ctx.spec)
+    grads = torch.ops.resfused_C.block_bwd.default(grad_out, x, out, ys, affines, stats, kept_acts, y_d, aff_d, st_d,
+                                                   weights, conv_biases, geometry, training,
+                                                   [int(b) for b in ctx.needs_input_grad[1:]], ctx.identity_given)
+    acc = affines[0].dtype
+    for unit, dtypes in enumerate(ctx.param_dtypes):
+        for j in (2, 3):
+            g = grads[2 + unit * TENSORS_PER_UNIT + j]
+            if g is not None and dtypes[j] != acc:
+                grads[2 + unit * TENSORS_PER_UNIT + j] = g.to(dtypes[j])
+    return (None, *grads)
 
 
 class ResidualBlockFunction(torch.autograd.Function):
@@ -243,41 +338,10 @@ class ResidualBlockFunction(torch.autograd.Function):
                               (units[n][0].shape, spec.downsample[0]) if spec.downsample else None,
                               [bn.training and bn.group is None
                                for bn in spec.bns + ((spec.downsample[1],) if spec.downsample else ())])
-        fused = spec.conv != "library"
-        h = x
-        ys, affines, stats, acts = [], [], [], []
-        for i, ((w, cb, g, b, rm, rv), conv, bn) in enumerate(zip(units, spec.convs, spec.bns)):
-            if fused:  # the previous BN-ReLU runs in this conv's prologue: a is never written
-                y, affine, st = _fused_conv(spec.conv, spec.tf32, h, w, conv, bn, affines[-1] if i else None,
-                                            g, b, rm, rv, backend)
-            else:
-                y = _conv(h, w, cb, conv)
-                affine, st = bn_coefficients(y, g, b, rm, rv, bn.training, bn.momentum, bn.eps, backend,
-                                             group=bn.group)
-            ys.append(y)
-            affines.append(affine)
-            stats.append(st)
-            if i < n - 1:
-                if fused:
-                    h = y
-                else:
-                    h = ops.bn_act_fwd(y, affine, None, None, True, backend)
-                    acts.append(h)
-        y_d = aff_d = st_d = None
-        if spec.downsample is not None:
-            w, cb, g, b, rm, rv = units[n]
-            conv_d, bn_d = spec.downsample
-            if fused:
-                y_d, aff_d, st_d = _fused_conv(spec.conv, spec.tf32, x, w, conv_d, bn_d, None, g, b, rm, rv, backend)
-            else:
-                y_d = _conv(x, w, cb, conv_d)
-                aff_d, st_d = bn_coefficients(y_d, g, b, rm, rv, bn_d.training, bn_d.momentum, bn_d.eps, backend,
-                                              group=bn_d.group)
-            out = ops.bn_act_fwd(ys[-1], affines[-1], y_d, aff_d, True, backend)
+        if _native(spec, backend):
+            out, y_d, aff_d, st_d, ys, affines, stats, acts = _native_forward(spec, x, identity, tensors)
         else:
-            residual = x if identity is None else identity
-            out = ops.bn_act_fwd(ys[-1], affines[-1], residual, None, True, backend)
-
+            out, y_d, aff_d, st_d, ys, affines, stats, acts = _forward(spec, backend, x, identity, units)
         ctx.spec = spec
         ctx.backend = backend
         ctx.identity_given = identity is not None
@@ -306,6 +370,9 @@ class ResidualBlockFunction(torch.autograd.Function):
         weights = rest[3 * n + n_acts:3 * n + n_acts + n_weights]
         bias_iter = iter(rest[3 * n + n_acts + n_weights:])
         conv_biases = [next(bias_iter) if has else None for has in ctx.has_conv_bias]
+        if _native(spec, backend):
+            return _native_backward(ctx, grad_out, x, out, ys, affines, stats, kept_acts, y_d, aff_d, st_d, weights,
+                                    conv_biases)
 
         needs = ctx.needs_input_grad  # (spec, x, identity, *tensors)
         k = TENSORS_PER_UNIT

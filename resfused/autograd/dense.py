@@ -37,6 +37,8 @@ back), not written out and added in a second pass.
 """
 from __future__ import annotations
 
+import functools
+
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -48,6 +50,7 @@ from ..distributed import sync_batch_stats
 from ..ops import bn_act as ops
 from ..ops import conv as conv_ops
 from ..ops.eager import acc_dtype
+from . import bn_act as _bn_act
 from .block import (BNSpec, ConvSpec, _bn_input_grad, _conv, _conv_backward, _fused_conv,
                     _fused_conv_backward, conv_chain_shapes)
 from .bn_act import bn_act_backward, bn_coefficients
@@ -130,10 +133,50 @@ def _prefix(buf: Tensor, cl: int, scratch: Optional[Tensor], fmt: torch.memory_f
     return dst
 
 
+def _native(spec: DenseBlockSpec, backend: str) -> bool:
+    """Whether the block runs as one call of ``resfused_C.dense_fwd`` / ``dense_bwd`` each
+    way (csrc/dense.cpp: the same ops in the same order, from C++): a backend of
+    resfused._C with its composites on, the library convolutions, no synchronized batch
+    statistics, eager execution (torch.compile traces this module's Python path)."""
+    if backend not in _bn_act._COMPOSITE_BACKENDS or spec.conv != "library" or ops._compiling():
+        return False
+    return all(ls.norm1.group is None and ls.norm2.group is None for ls in spec.layers)
+
+
+@functools.lru_cache(maxsize=64)
+def _native_args(spec: DenseBlockSpec):
+    """(geometry, training, momentum, eps, drop_rate, growth) of ``dense_fwd``/``dense_bwd``:
+    per layer conv1's then conv2's 7 values of geometry, norm1's then norm2's flag,
+    momentum and eps, the drop rate and the growth."""
+    geometry = [v for ls in spec.layers for c in (ls.conv1, ls.conv2)
+                for v in (*c.stride, *c.padding, *c.dilation, c.groups)]
+    bns = [bn for ls in spec.layers for bn in (ls.norm1, ls.norm2)]
+    return (geometry, [int(bn.training) for bn in bns], [float(bn.momentum) for bn in bns],
+            [float(bn.eps) for bn in bns], [float(ls.drop_rate) for ls in spec.layers],
+            [ls.growth for ls in spec.layers])
+
+
+def _native_forward(spec: DenseBlockSpec, backend: str, x: Tensor, tensors: Sequence[Optional[Tensor]],
+                    keep: bool) -> _Forward:
+    """``dense_block_forward`` as one call of ``resfused_C.dense_fwd``."""
+    geometry, training, momentum, eps, drop, growth = _native_args(spec)
+    res = torch.ops.resfused_C.dense_fwd.default(x, list(tensors), geometry, training, momentum, eps, drop, growth,
+                                                 ops.memory_format_of(x) == torch.channels_last, keep)
+    n = len(spec.layers)
+    if not keep:
+        return _Forward(res[0], backend, [], [], [], [], [], [])
+    lists = [res[1 + j * n:1 + (j + 1) * n] for j in range(5)]
+    kept = iter(res[1 + 5 * n:])
+    masks = [next(kept) if d > 0 else None for d in drop]
+    return _Forward(res[0], backend, *lists, masks)
+
+
 def dense_block_forward(spec: DenseBlockSpec, x: Tensor, tensors: Sequence[Optional[Tensor]],
                         keep: bool) -> _Forward:
     """Run the block; updates running statistics (once). ``keep``: collect what backward needs."""
     backend = ops.resolve(spec.backend, x)
+    if _native(spec, backend):
+        return _native_forward(spec, backend, x, tensors, keep)
     fmt = ops.memory_format_of(x)
     n = len(spec.layers)
     N, c0, H, W = x.shape
@@ -219,6 +262,24 @@ def dense_block_forward(spec: DenseBlockSpec, x: Tensor, tensors: Sequence[Optio
     return out
 
 
+def _native_backward(ctx, grad_out: Tensor, buf: Tensor, y1s, aff1s, st1s, aff2s, st2s, masks, weights,
+                     conv_biases) -> Tuple[Optional[Tensor], ...]:
+    """The block's backward as one call of ``resfused_C.dense_bwd``; the BN parameters'
+    gradients (the accumulation dtype there) then take their parameters' dtype."""
+    geometry, training, _, _, drop, growth = _native_args(ctx.spec)
+    grads = torch.ops.resfused_C.dense_bwd.default(grad_out, buf, y1s, aff1s, st1s, aff2s, st2s, masks, weights,
+                                                   conv_biases, geometry, training, drop, growth, ctx.c0,
+                                                   [int(b) for b in ctx.needs_input_grad[1:]],
+                                                   ops.memory_format_of(buf) == torch.channels_last)
+    acc = acc_dtype(buf.dtype)
+    for layer, dtypes in enumerate(ctx.param_dtypes):
+        for j in (_N1W, _N1B, _N2W, _N2B):
+            g = grads[1 + layer * TENSORS_PER_LAYER + j]
+            if g is not None and dtypes[j] != acc:
+                grads[1 + layer * TENSORS_PER_LAYER + j] = g.to(dtypes[j])
+    return (None, *grads)
+
+
 class DenseBlockFunction(torch.autograd.Function):
     """Inputs: ``spec`` (``DenseBlockSpec``), ``x`` (the block input), then twelve tensors per
     layer (see ``TENSORS_PER_LAYER``). Output: the concatenation of x and every layer's new
@@ -260,6 +321,8 @@ class DenseBlockFunction(torch.autograd.Function):
         bias_iter = iter(rest)
         conv_biases = [next(bias_iter) if has else None for has in ctx.has_conv_bias]
 
+        if _native(spec, backend):
+            return _native_backward(ctx, grad_out, buf, y1s, aff1s, st1s, aff2s, st2s, masks, weights, conv_biases)
         needs = ctx.needs_input_grad  # (spec, x, *tensors)
         need_x = bool(needs[1])
         grads: List[Optional[Tensor]] = [None] * (len(needs) - 2)

@@ -167,6 +167,7 @@ std::vector<Tensor> block_bwd(const Tensor& grad_out, const Tensor& x, const Ten
     dx = dres;
   }
   if (identity_given && needs[1] != 0) grads[1] = dres;
+  dres = Tensor();  // (kept only as dx or d_identity, if at all: the downsample branch is done)
 
   // Units from last to first: conv backward, then the BN-ReLU that produced its input.
   for (int64_t i = last; i >= 0; --i) {

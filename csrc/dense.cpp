@@ -6,9 +6,9 @@
 // cache, the prefix's BN-ReLU, conv1, norm2, conv2, the buffer write and the cache
 // update); DenseNet-121 has 58 of them. Here the same ops run in the same order (the
 // Python path's result bit for bit: a test checks it) with one Python call per direction.
-// Each layer reads its prefix of the feature buffer as a view: the cpu and cuda kernels
-// take one in place (the cuda entry points copy it where their vector loads could not
-// read it), so no prefix scratch is needed.
+// Each layer reads its prefix of the feature buffer as a view, which the cpu and cuda
+// kernels take in place (where the cuda ones do not, the layer copies its prefix, as the
+// Python path's scratch does).
 //
 // Called under no_grad inside the autograd.Function (or for a forward that keeps
 // nothing), never with synchronized batch statistics or the fused convolutions.
@@ -34,6 +34,27 @@ enum : int64_t { N1W, N1B, N1RM, N1RV, C1W, C1B, N2W, N2B, N2RM, N2RV, C2W, C2B 
 
 at::MemoryFormat format_of(bool channels_last) {
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// Whether the kernels of x's device take the channel-prefix view x = buf[:, :C] as it is
+// (resfused.ops.bn_act.reads_as_is): the cpu ones always; the cuda ones an NCHW view, and
+// a channels_last one (as their entry point takes an ambiguous view first) whose C and
+// row stride are multiples of 16 bytes. Where they do not, the layer works on a copy of
+// its prefix, as the Python path's scratch does (same kernels, same summation order).
+bool reads_in_place(const Tensor& x) {
+  if (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast) || !x.is_cuda()) return true;
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const auto s = x.strides();
+  const int64_t rs = w > 1 ? s[3] : h > 1 ? s[2] : s[0];
+  const bool cl = (c == 1 || s[1] == 1) && rs > c && (h == 1 || s[2] == w * rs) && (n == 1 || s[0] == h * w * rs);
+  const int64_t e = x.element_size();
+  return !cl || (c * e % 16 == 0 && rs * e % 16 == 0);
+}
+
+// Channels [0, cl) of buf as the kernels read them: the view, or a copy in fmt.
+Tensor prefix(const Tensor& buf, int64_t cl, at::MemoryFormat fmt) {
+  Tensor view = buf.slice(1, 0, cl);
+  return reads_in_place(view) ? view : view.contiguous(fmt);
 }
 
 void check_layers(const char* fn, int64_t layers, size_t n_tensors, at::IntArrayRef geometry, at::IntArrayRef training,
@@ -64,7 +85,7 @@ std::vector<Tensor> dense_fwd(const Tensor& x, const c10::List<OptTensor>& tenso
   int64_t total = c0;
   for (int64_t k : growth) total += k;
   Tensor buf = at::empty({N, total, H, W}, x.options().memory_format(fmt));
-  const Tensor xd = x.contiguous(fmt);
+  Tensor xd = x.contiguous(fmt);  // layer 0's input (released once its BN-ReLU has read it)
   buf.slice(1, 0, c0).copy_(x);
   auto t = [&](int64_t layer, int64_t j) -> OptTensor { return tensors.get(layer * kPerLayer + j); };
 
@@ -89,8 +110,6 @@ std::vector<Tensor> dense_fwd(const Tensor& x, const c10::List<OptTensor>& tenso
   int64_t cl = c0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t k = growth[i];
-    // layer 0 reads the input; later ones their prefix of the buffer, as a view
-    const Tensor xp = i == 0 ? xd : buf.slice(1, 0, cl);
     Tensor aff1, st1;
     if (training[2 * i] != 0) {
       std::tie(aff1, st1) = bn_coef_batch(cache_mean.slice(0, 0, cl), cache_var.slice(0, 0, cl), count, t(i, N1W),
@@ -102,7 +121,13 @@ std::vector<Tensor> dense_fwd(const Tensor& x, const c10::List<OptTensor>& tenso
     }
     Tensor y1;
     {
-      const Tensor a1 = call_fwd(xp, aff1, c10::nullopt, c10::nullopt, true);  // a transient, never saved
+      Tensor a1;  // a transient, never saved
+      if (i == 0) {  // layer 0 reads the input; later ones their prefix of the buffer
+        a1 = call_fwd(xd, aff1, c10::nullopt, c10::nullopt, true);
+        xd = Tensor();
+      } else {
+        a1 = call_fwd(prefix(buf, cl, fmt), aff1, c10::nullopt, c10::nullopt, true);
+      }
       y1 = conv(a1, *t(i, C1W), t(i, C1B), geometry_of(geometry, 2 * i));
     }
     auto [aff2, st2] = bn_stats_coef(y1, t(i, N2W), t(i, N2B), t(i, N2RM), t(i, N2RV), training[2 * i + 1] != 0,
@@ -208,7 +233,7 @@ std::vector<Tensor> dense_bwd(const Tensor& grad_out, const Tensor& buf, at::Ten
     put(i, N2B, sums2[0]);
     d_a2 = Tensor();
     if (!need_conv1) continue;
-    const Tensor xp = buf.slice(1, 0, cl);
+    const Tensor xp = prefix(buf, cl, fmt);
     Tensor d_a1;
     {
       const Tensor a1 = call_fwd(xp, aff1s[i], c10::nullopt, c10::nullopt, true);  // recompute relu(bn1(prefix))
@@ -228,7 +253,14 @@ std::vector<Tensor> dense_bwd(const Tensor& grad_out, const Tensor& buf, at::Ten
                        : at::zeros({2, cl}, aff1s[i].options());
     if (need_prefix) {  // the prefix's input gradient, added into the gradient buffer by the apply pass
       const Tensor coef = grad_coefficients(st1s[i], aff1s[i], sums1, 1, train1, count);
-      call_apply_acc(gbuf.slice(1, 0, cl), g1, xp, aff1s[i], coef, c10::nullopt, true);
+      const Tensor acc = gbuf.slice(1, 0, cl);
+      if (acc.strides() == xp.strides()) {
+        call_apply_acc(acc, g1, xp, aff1s[i], coef, c10::nullopt, true);
+      } else {  // a copied prefix: the pass on a copy of the gradient's prefix, copied back
+        const Tensor dense = acc.contiguous(fmt);
+        call_apply_acc(dense, g1, xp, aff1s[i], coef, c10::nullopt, true);
+        acc.copy_(dense);
+      }
     }
     put(i, N1W, sums1[1]);
     put(i, N1B, sums1[0]);

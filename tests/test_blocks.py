@@ -2,6 +2,7 @@
 parameter gradients and running statistics, on every backend this machine runs."""
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -393,8 +394,6 @@ def test_native_block_matches_the_python_path(monkeypatch, cfg, layout, mode):
                 m.requires_grad_(False)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(2, inplanes, 7, 6, dtype=dtype).to(memory_format=fmt).requires_grad_(mode != "no_x_grad")
-    import copy
-
     python_block = copy.deepcopy(fused)
     calls = []
     real_fwd, real_bwd = autograd_block._native_forward, autograd_block._native_backward
@@ -419,3 +418,24 @@ def test_native_block_matches_the_python_path(monkeypatch, cfg, layout, mode):
             assert torch.equal(g_n[name], g_p[name]), name
     for k in s_n:
         assert torch.equal(s_n[k], s_p[k]), k
+
+
+def test_native_block_takes_a_spec_built_with_lists(monkeypatch):
+    """A ConvSpec built with lists (unhashable) runs the native block as a tuple-built one
+    does, with the same result (its arguments are then worked out per call, not remembered)."""
+    from resfused.autograd.block import ConvSpec, ResidualBlockFunction
+
+    _, fused = make_pair("bottleneck", 8, 4, 2, "standard")
+    fused = fused.float().train()
+    x = torch.randn(2, 8, 5, 5)
+    real = ResidualBlockFunction.apply
+    listed = lambda spec: spec._replace(  # noqa: E731
+        convs=tuple(ConvSpec(list(c.stride), list(c.padding), list(c.dilation), c.groups) for c in spec.convs))
+    outs = []
+    for make in (lambda spec: spec, listed):
+        block = copy.deepcopy(fused)
+        monkeypatch.setattr(ResidualBlockFunction, "apply", lambda spec, *a: real(make(spec), *a))
+        with resfused.use_backend("cpu"):
+            outs.append((block(x), {k: v.clone() for k, v in block.state_dict().items()}))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert all(torch.equal(v, outs[1][1][k]) for k, v in outs[0][1].items())

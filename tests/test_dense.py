@@ -479,3 +479,32 @@ def test_native_dense_block_matches_the_python_path(monkeypatch, layout, mode):
         assert torch.equal(s_n[k], s_p[k]), k
     if mode == "dropout":
         assert (out_n[:, 5:] == 0).any()  # the dropout ran
+
+
+def test_native_dense_block_takes_a_spec_built_with_lists(monkeypatch):
+    """A dense block spec whose ConvSpecs hold lists (unhashable) runs the native block,
+    forward and backward, as a tuple-built one does, with the same result."""
+    import copy
+
+    from resfused.autograd.block import ConvSpec
+    from resfused.autograd.dense import DenseBlockFunction
+
+    block = FusedDenseBlock(2, 4, 2, 3, 0.0).train()
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    real = DenseBlockFunction.apply
+
+    def listed(spec):
+        conv = lambda c: ConvSpec(list(c.stride), list(c.padding), list(c.dilation), c.groups)  # noqa: E731
+        return spec._replace(layers=tuple(ls._replace(conv1=conv(ls.conv1), conv2=conv(ls.conv2))
+                                          for ls in spec.layers))
+    results = []
+    for make in (lambda spec: spec, listed):
+        b = copy.deepcopy(block)
+        monkeypatch.setattr(DenseBlockFunction, "apply", lambda spec, *a: real(make(spec), *a))
+        with resfused.use_backend("cpu"):
+            out = b(x)
+            gx, = torch.autograd.grad(out.sum(), x)
+        results.append((out, gx, {k: v.clone() for k, v in b.state_dict().items()}))
+    (o1, g1, s1), (o2, g2, s2) = results
+    assert torch.equal(o1, o2) and torch.equal(g1, g2)
+    assert all(torch.equal(v, s2[k]) for k, v in s1.items())

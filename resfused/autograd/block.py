@@ -231,11 +231,15 @@ def _native(spec: BlockSpec, backend: str) -> bool:
     return not any(sync_active(bn.group, bn.training) for bn in bns)
 
 
-@functools.lru_cache(maxsize=256)
 def _native_args(spec: BlockSpec) -> Tuple[List[int], List[int], List[float], List[float]]:
     """(geometry, training, momentum, eps) of ``block_fwd``/``block_bwd`` for the block's
     units, the downsample branch's last: 7 ints of geometry, then one flag, momentum and
-    eps per unit."""
+    eps per unit; remembered per spec (a spec built with lists: worked out each call)."""
+    return _block_native_args(spec) if _hashable(spec) else _block_native_args.__wrapped__(spec)
+
+
+@functools.lru_cache(maxsize=256)
+def _block_native_args(spec: BlockSpec) -> Tuple[List[int], List[int], List[float], List[float]]:
     convs = spec.convs + ((spec.downsample[0],) if spec.downsample is not None else ())
     bns = spec.bns + ((spec.downsample[1],) if spec.downsample is not None else ())
     geometry = [v for c in convs for v in (*c.stride, *c.padding, *c.dilation, c.groups)]

@@ -52,7 +52,7 @@ from ..ops import conv as conv_ops
 from ..ops.eager import acc_dtype
 from . import bn_act as _bn_act
 from .block import (BNSpec, ConvSpec, _bn_input_grad, _conv, _conv_backward, _fused_conv,
-                    _fused_conv_backward, conv_chain_shapes)
+                    _fused_conv_backward, _hashable, conv_chain_shapes)
 from .bn_act import bn_act_backward, bn_coefficients
 
 # norm1 weight, bias, running mean, running var, conv1 weight, bias,
@@ -143,11 +143,16 @@ def _native(spec: DenseBlockSpec, backend: str) -> bool:
     return all(ls.norm1.group is None and ls.norm2.group is None for ls in spec.layers)
 
 
-@functools.lru_cache(maxsize=64)
 def _native_args(spec: DenseBlockSpec):
     """(geometry, training, momentum, eps, drop_rate, growth) of ``dense_fwd``/``dense_bwd``:
     per layer conv1's then conv2's 7 values of geometry, norm1's then norm2's flag,
-    momentum and eps, the drop rate and the growth."""
+    momentum and eps, the drop rate and the growth; remembered per spec (a spec built with
+    lists: worked out each call)."""
+    return _dense_native_args(spec) if _hashable(spec) else _dense_native_args.__wrapped__(spec)
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_native_args(spec: DenseBlockSpec):
     geometry = [v for ls in spec.layers for c in (ls.conv1, ls.conv2)
                 for v in (*c.stride, *c.padding, *c.dilation, c.groups)]
     bns = [bn for ls in spec.layers for bn in (ls.norm1, ls.norm2)]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -220,15 +220,19 @@ def _check_join_shapes(name: str, x_shape: Tuple[int, ...], convs, identity_shap
                              f"{shape} at {bn}")
 
 
-def _native(spec: BlockSpec, backend: str) -> bool:
-    """Whether the block runs as one call of ``resfused_C.block_fwd`` / ``block_bwd`` each
-    way (csrc/block.cpp: the same ops in the same order, from C++): a backend of
-    resfused._C with its composites on, the library convolutions, no synchronized batch
-    statistics, eager execution (torch.compile traces this module's Python path)."""
-    if backend not in _bn_act._COMPOSITE_BACKENDS or spec.conv != "library" or ops._compiling():
+def runs_native(backend: str, conv_path: str, bns: Iterable[BNSpec]) -> bool:
+    """Whether a whole block (these BNs) runs as one call into resfused._C each way (its
+    block composites: the same ops in the same order as the Python path, from C++): a
+    backend of resfused._C with its composites on, the library convolutions, no
+    synchronized batch statistics, eager execution (torch.compile traces the Python path)."""
+    if backend not in _bn_act._COMPOSITE_BACKENDS or conv_path != "library" or ops._compiling():
         return False
-    bns = spec.bns + ((spec.downsample[1],) if spec.downsample is not None else ())
     return not any(sync_active(bn.group, bn.training) for bn in bns)
+
+
+def _native(spec: BlockSpec, backend: str) -> bool:
+    """``runs_native`` for a ResNet block (``resfused_C.block_fwd`` / ``block_bwd``, csrc/block.cpp)."""
+    return runs_native(backend, spec.conv, spec.bns + ((spec.downsample[1],) if spec.downsample is not None else ()))
 
 
 def _native_args(spec: BlockSpec) -> Tuple[List[int], List[int], List[float], List[float]]:

@@ -50,9 +50,8 @@ from ..distributed import sync_batch_stats
 from ..ops import bn_act as ops
 from ..ops import conv as conv_ops
 from ..ops.eager import acc_dtype
-from . import bn_act as _bn_act
 from .block import (BNSpec, ConvSpec, _bn_input_grad, _conv, _conv_backward, _fused_conv,
-                    _fused_conv_backward, _hashable, conv_chain_shapes)
+                    _fused_conv_backward, _hashable, conv_chain_shapes, runs_native)
 from .bn_act import bn_act_backward, bn_coefficients
 
 # norm1 weight, bias, running mean, running var, conv1 weight, bias,
@@ -134,13 +133,8 @@ def _prefix(buf: Tensor, cl: int, scratch: Optional[Tensor], fmt: torch.memory_f
 
 
 def _native(spec: DenseBlockSpec, backend: str) -> bool:
-    """Whether the block runs as one call of ``resfused_C.dense_fwd`` / ``dense_bwd`` each
-    way (csrc/dense.cpp: the same ops in the same order, from C++): a backend of
-    resfused._C with its composites on, the library convolutions, no synchronized batch
-    statistics, eager execution (torch.compile traces this module's Python path)."""
-    if backend not in _bn_act._COMPOSITE_BACKENDS or spec.conv != "library" or ops._compiling():
-        return False
-    return all(ls.norm1.group is None and ls.norm2.group is None for ls in spec.layers)
+    """``runs_native`` for a dense block (``resfused_C.dense_fwd`` / ``dense_bwd``, csrc/dense.cpp)."""
+    return runs_native(backend, spec.conv, (bn for ls in spec.layers for bn in (ls.norm1, ls.norm2)))
 
 
 def _native_args(spec: DenseBlockSpec):

@@ -17,6 +17,7 @@ from utils import (DispatchLog, assert_close, backend_cases, case_id, check_no_g
                    gradcheck_module, interpreted, randomise_bns, run_against_reference)
 
 CASES = backend_cases()
+NATIVE_CASES = backend_cases(("cpu", "cuda"))  # the backends whose blocks run in resfused._C
 KINDS = {"bottleneck": (Bottleneck, FusedBottleneck), "basic": (BasicBlock, FusedBasicBlock)}
 
 
@@ -365,21 +366,25 @@ def _block_step(fused, x, ones_grad=True):
     xi = x.detach().clone().requires_grad_(x.requires_grad)
     out = fused(xi)
     if out.requires_grad:
-        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape))
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape))
     grads = {n: p.grad for n, p in fused.named_parameters()}
     return out, xi.grad, grads, {k: v.clone() for k, v in fused.state_dict().items()}
 
 
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
 @pytest.mark.parametrize("cfg", BLOCK_CONFIGS, ids=lambda c: f"{c[0]}-s{c[3]}-{c[4]}-g{c[5]}-d{c[7]}")
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("mode", ["train", "eval", "frozen", "keep", "no_x_grad", "bf16"])
-def test_native_block_matches_the_python_path(monkeypatch, cfg, layout, mode):
-    """On the cpu backend a block's forward and backward run as one call each of
+def test_native_block_matches_the_python_path(monkeypatch, case, cfg, layout, mode):
+    """On the cpu and cuda backends a block's forward and backward run as one call each of
     resfused_C.block_fwd / block_bwd (csrc/block.cpp): the same ops in the same order as
     the Python path (with the composites off), so outputs, gradients and running
-    statistics are bit for bit the same; memory_efficient=False keeps the activations,
-    frozen BNs (no parameter gradient), an input that does not require grad, and bfloat16
-    (BN parameters in bfloat16 too: their gradients take that dtype)."""
+    statistics are bit for bit the same (deterministic convolutions on a GPU);
+    memory_efficient=False keeps the activations, frozen BNs (no parameter gradient), an
+    input that does not require grad, and bfloat16 (BN parameters in bfloat16 too: their
+    gradients take that dtype)."""
+    backend, device = case
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     from resfused.autograd import bn_act as autograd_bn_act
     from resfused.autograd import block as autograd_block
 
@@ -387,19 +392,19 @@ def test_native_block_matches_the_python_path(monkeypatch, cfg, layout, mode):
     _, fused = make_pair(kind, inplanes, planes, stride, ds, groups, base_width, dilation,
                          memory_efficient=mode != "keep")
     dtype = torch.bfloat16 if mode == "bf16" else torch.float64
-    fused = fused.to(dtype).train(mode != "eval")
+    fused = fused.to(device, dtype).train(mode != "eval")
     if mode == "frozen":
         for m in fused.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.requires_grad_(False)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = torch.randn(2, inplanes, 7, 6, dtype=dtype).to(memory_format=fmt).requires_grad_(mode != "no_x_grad")
+    x = torch.randn(2, inplanes, 7, 6, dtype=dtype).to(device, memory_format=fmt).requires_grad_(mode != "no_x_grad")
     python_block = copy.deepcopy(fused)
     calls = []
     real_fwd, real_bwd = autograd_block._native_forward, autograd_block._native_backward
     monkeypatch.setattr(autograd_block, "_native_forward", lambda *a: calls.append("fwd") or real_fwd(*a))
     monkeypatch.setattr(autograd_block, "_native_backward", lambda *a: calls.append("bwd") or real_bwd(*a))
-    with resfused.use_backend("cpu"):
+    with resfused.use_backend(backend):
         native = _block_step(fused, x)
         assert calls == ["fwd", "bwd"], calls
         monkeypatch.setattr(autograd_bn_act, "_COMPOSITE_BACKENDS", ())

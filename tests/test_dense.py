@@ -356,8 +356,9 @@ def test_rejects_bad_input_and_changes_nothing(which, bad):
 def test_layers_read_their_prefix_in_place(case, layout, monkeypatch):
     """Each layer's BN kernels get its channel prefix of the feature buffer as the view
     itself, forward and backward, and no scratch is gathered, on every backend whose
-    kernels read such views (cuda: in channels_last, C a multiple of 16 bytes); the eager
-    backend gathers into one scratch per block."""
+    kernels read such views: cpu and cuda (whose blocks run in C++, which hands the views
+    to the kernels: cuda's here have C a multiple of 16 bytes) and triton (through the
+    Python op layer); the eager backend gathers into one scratch per block."""
     from resfused.autograd import dense as D
     from resfused.ops import bn_act as ops
 
@@ -406,8 +407,7 @@ def test_layers_read_their_prefix_in_place(case, layout, monkeypatch):
         assert acc == [(True, True)] * 3
         return
     assert len(scratches) == 2  # one decision in forward, one in backward
-    views = backend in ("cpu", "triton", "cuda")
-    if views:
+    if backend == "triton":
         assert scratches == [None, None]
         # forward: norm1 of layers 2 and 3; backward: recompute and reduce of all three
         assert handed == [True] * (2 + 2 * 3)
@@ -419,15 +419,20 @@ def test_layers_read_their_prefix_in_place(case, layout, monkeypatch):
         assert accumulated == []  # eager adds itself; a gathered prefix's gradient is added after
 
 
+@pytest.mark.parametrize("case", backend_cases(("cpu", "cuda")), ids=case_id)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("mode", ["train", "eval", "dropout", "frozen", "no_x_grad", "bf16", "no_grad"])
-def test_native_dense_block_matches_the_python_path(monkeypatch, layout, mode):
-    """On the cpu backend a dense block's forward and backward run as one call each of
-    resfused_C.dense_fwd / dense_bwd (csrc/dense.cpp): the same ops in the same order as
-    the Python path (with the composites off), so the output, gradients and running
-    statistics are bit for bit the same: eval, dropout (the same random stream), frozen
-    BNs, an input that does not require grad, bfloat16 (BN parameters in bfloat16 too:
-    their gradients take that dtype) and a forward under no_grad (nothing kept)."""
+def test_native_dense_block_matches_the_python_path(monkeypatch, case, layout, mode):
+    """On the cpu and cuda backends a dense block's forward and backward run as one call
+    each of resfused_C.dense_fwd / dense_bwd (csrc/dense.cpp): the same ops in the same
+    order as the Python path (with the composites off), so the output, gradients and
+    running statistics are bit for bit the same (deterministic convolutions on a GPU):
+    eval, dropout (the same random stream), frozen BNs, an input that does not require
+    grad, bfloat16 (BN parameters in bfloat16 too: their gradients take that dtype) and a
+    forward under no_grad (nothing kept). Five channels in and a growth of three: on a GPU
+    in channels_last the prefixes are ones the kernels cannot read in place (copied)."""
+    backend, device = case
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     import copy
 
     from resfused.autograd import bn_act as autograd_bn_act
@@ -436,13 +441,13 @@ def test_native_dense_block_matches_the_python_path(monkeypatch, layout, mode):
     dtype = torch.bfloat16 if mode == "bf16" else torch.float64
     block = FusedDenseBlock(3, 5, 2, 3, 0.25 if mode == "dropout" else 0.0)
     randomise_bns(block)
-    block = block.to(dtype).train(mode != "eval")
+    block = block.to(device, dtype).train(mode != "eval")
     if mode == "frozen":
         for m in block.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.requires_grad_(False)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = torch.randn(2, 5, 6, 5, dtype=dtype).to(memory_format=fmt)
+    x = torch.randn(2, 5, 6, 5, dtype=dtype).to(device, memory_format=fmt)
     python_block = copy.deepcopy(block)
     calls = []
     real_fwd, real_bwd = autograd_dense._native_forward, autograd_dense._native_backward
@@ -455,11 +460,11 @@ def test_native_dense_block_matches_the_python_path(monkeypatch, layout, mode):
         with torch.set_grad_enabled(mode != "no_grad"):
             out = b(xi)
         if out.requires_grad:
-            out.backward(torch.linspace(-1, 1, out.numel(), dtype=dtype).reshape(out.shape))
+            out.backward(torch.linspace(-1, 1, out.numel(), dtype=dtype, device=device).reshape(out.shape))
         return out, xi.grad, {n: p.grad for n, p in b.named_parameters()}, \
             {k: v.clone() for k, v in b.state_dict().items()}
 
-    with resfused.use_backend("cpu"):
+    with resfused.use_backend(backend):
         native = step(block)
         expected_calls = ["fwd"] if mode == "no_grad" else ["fwd", "bwd"]
         assert calls == expected_calls, calls

@@ -14,6 +14,11 @@ each) instead of being kept. Running statistics are updated exactly once, in for
 Backward: the fused join backward, then per conv ``aten.convolution_backward`` and the
 fused BN-ReLU backward (relu mask recomputed from ``y_i``: 0 where ``z <= 0``,
 rounded as in forward, so no activation is read).
+
+On the cpu and cuda backends with the library convolutions (``runs_native``) forward and
+backward are one call each of ``resfused_C.block_fwd`` / ``block_bwd`` (csrc/block.cpp):
+the same ops in the same order, from C++, which takes most of the Python's host time off
+each call. The Python path below remains for the other cases.
 """
 from __future__ import annotations
 

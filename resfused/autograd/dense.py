@@ -34,6 +34,11 @@ complete when layer j is reached. Each layer's norm1 input gradient is added int
 buffer's prefix by the BN backward apply pass itself (``ops.bn_act_bwd_apply_acc``: it
 reads the gradient buffer's prefix where it reads the feature buffer's, and writes it
 back), not written out and added in a second pass.
+
+On the cpu and cuda backends with the library convolutions (``runs_native``) the block's
+forward and backward are one call each of ``resfused_C.dense_fwd`` / ``dense_bwd``
+(csrc/dense.cpp): the same ops in the same order, from C++, the prefixes handed to the
+kernels as views (copied per layer where the cuda kernels cannot read one in place).
 """
 from __future__ import annotations
 

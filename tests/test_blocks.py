@@ -374,7 +374,7 @@ def _block_step(fused, x, ones_grad=True):
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
 @pytest.mark.parametrize("cfg", BLOCK_CONFIGS, ids=lambda c: f"{c[0]}-s{c[3]}-{c[4]}-g{c[5]}-d{c[7]}")
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("mode", ["train", "eval", "frozen", "keep", "no_x_grad", "bf16"])
+@pytest.mark.parametrize("mode", ["train", "eval", "frozen", "keep", "no_x_grad", "bf16", "conv_bias"])
 def test_native_block_matches_the_python_path(monkeypatch, case, cfg, layout, mode):
     """On the cpu and cuda backends a block's forward and backward run as one call each of
     resfused_C.block_fwd / block_bwd (csrc/block.cpp): the same ops in the same order as
@@ -382,7 +382,7 @@ def test_native_block_matches_the_python_path(monkeypatch, case, cfg, layout, mo
     statistics are bit for bit the same (deterministic convolutions on a GPU);
     memory_efficient=False keeps the activations, frozen BNs (no parameter gradient), an
     input that does not require grad, and bfloat16 (BN parameters in bfloat16 too: their
-    gradients take that dtype)."""
+    gradients take that dtype), and convolutions with a bias."""
     backend, device = case
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     from resfused.autograd import bn_act as autograd_bn_act
@@ -397,6 +397,10 @@ def test_native_block_matches_the_python_path(monkeypatch, case, cfg, layout, mo
         for m in fused.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.requires_grad_(False)
+    if mode == "conv_bias":
+        for m in fused.modules():
+            if isinstance(m, nn.Conv2d):
+                m.bias = nn.Parameter(torch.randn(m.out_channels, dtype=dtype, device=device))
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(2, inplanes, 7, 6, dtype=dtype).to(device, memory_format=fmt).requires_grad_(mode != "no_x_grad")
     python_block = copy.deepcopy(fused)

@@ -235,9 +235,29 @@ def runs_native(backend: str, conv_path: str, bns: Iterable[BNSpec]) -> bool:
     return not any(sync_active(bn.group, bn.training) for bn in bns)
 
 
+def _all_units(spec: BlockSpec) -> Tuple[Tuple[ConvSpec, ...], Tuple[BNSpec, ...]]:
+    """(convs, bns) of every unit of the block: the main branch's, then the fused
+    downsample branch's when there is one."""
+    if spec.downsample is None:
+        return spec.convs, spec.bns
+    return spec.convs + (spec.downsample[0],), spec.bns + (spec.downsample[1],)
+
+
 def _native(spec: BlockSpec, backend: str) -> bool:
     """``runs_native`` for a ResNet block (``resfused_C.block_fwd`` / ``block_bwd``, csrc/block.cpp)."""
-    return runs_native(backend, spec.conv, spec.bns + ((spec.downsample[1],) if spec.downsample is not None else ()))
+    return runs_native(backend, spec.conv, _all_units(spec)[1])
+
+
+def cast_native_grads(grads: List[Optional[Tensor]], start: int, stride: int, param_dtypes, slots: Sequence[int],
+                      acc: torch.dtype) -> None:
+    """A native backward's BN parameter gradients (``grads[start + unit * stride + j]`` for
+    j in ``slots``), computed in the accumulation dtype ``acc``, cast in place to their
+    parameters' dtypes (``param_dtypes[unit][j]``), as the Python path's ``put`` does."""
+    for unit, dtypes in enumerate(param_dtypes):
+        for j in slots:
+            g = grads[start + unit * stride + j]
+            if g is not None and dtypes[j] != acc:
+                grads[start + unit * stride + j] = g.to(dtypes[j])
 
 
 def _native_args(spec: BlockSpec) -> Tuple[List[int], List[int], List[float], List[float]]:
@@ -249,8 +269,7 @@ def _native_args(spec: BlockSpec) -> Tuple[List[int], List[int], List[float], Li
 
 @functools.lru_cache(maxsize=256)
 def _block_native_args(spec: BlockSpec) -> Tuple[List[int], List[int], List[float], List[float]]:
-    convs = spec.convs + ((spec.downsample[0],) if spec.downsample is not None else ())
-    bns = spec.bns + ((spec.downsample[1],) if spec.downsample is not None else ())
+    convs, bns = _all_units(spec)
     geometry = [v for c in convs for v in (*c.stride, *c.padding, *c.dilation, c.groups)]
     return geometry, [int(bn.training) for bn in bns], [float(bn.momentum) for bn in bns], \
         [float(bn.eps) for bn in bns]
@@ -323,12 +342,7 @@ def _native_backward(ctx, grad_out: Tensor, x: Tensor, out: Tensor, ys, affines,
     grads = torch.ops.resfused_C.block_bwd.default(grad_out, x, out, ys, affines, stats, kept_acts, y_d, aff_d, st_d,
                                                    weights, conv_biases, geometry, training,
                                                    [int(b) for b in ctx.needs_input_grad[1:]], ctx.identity_given)
-    acc = affines[0].dtype
-    for unit, dtypes in enumerate(ctx.param_dtypes):
-        for j in (2, 3):
-            g = grads[2 + unit * TENSORS_PER_UNIT + j]
-            if g is not None and dtypes[j] != acc:
-                grads[2 + unit * TENSORS_PER_UNIT + j] = g.to(dtypes[j])
+    cast_native_grads(grads, 2, TENSORS_PER_UNIT, ctx.param_dtypes, (2, 3), affines[0].dtype)
     return (None, *grads)
 
 
@@ -349,8 +363,7 @@ class ResidualBlockFunction(torch.autograd.Function):
             check_join_shapes("residual block", tuple(x.shape), [(u[0].shape, c) for u, c in zip(units, spec.convs)],
                               None if identity is None else identity.shape,
                               (units[n][0].shape, spec.downsample[0]) if spec.downsample else None,
-                              [bn.training and bn.group is None
-                               for bn in spec.bns + ((spec.downsample[1],) if spec.downsample else ())])
+                              [bn.training and bn.group is None for bn in _all_units(spec)[1]])
         if _native(spec, backend):
             out, y_d, aff_d, st_d, ys, affines, stats, acts = _native_forward(spec, x, identity, tensors)
         else:

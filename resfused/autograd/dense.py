@@ -56,7 +56,7 @@ from ..ops import bn_act as ops
 from ..ops import conv as conv_ops
 from ..ops.eager import acc_dtype
 from .block import (BNSpec, ConvSpec, _bn_input_grad, _conv, _conv_backward, _fused_conv,
-                    _fused_conv_backward, _hashable, conv_chain_shapes, runs_native)
+                    _fused_conv_backward, _hashable, cast_native_grads, conv_chain_shapes, runs_native)
 from .bn_act import bn_act_backward, bn_coefficients
 
 # norm1 weight, bias, running mean, running var, conv1 weight, bias,
@@ -275,12 +275,7 @@ def _native_backward(ctx, grad_out: Tensor, buf: Tensor, y1s, aff1s, st1s, aff2s
                                                    conv_biases, geometry, training, drop, growth, ctx.c0,
                                                    [int(b) for b in ctx.needs_input_grad[1:]],
                                                    ops.memory_format_of(buf) == torch.channels_last)
-    acc = acc_dtype(buf.dtype)
-    for layer, dtypes in enumerate(ctx.param_dtypes):
-        for j in (_N1W, _N1B, _N2W, _N2B):
-            g = grads[1 + layer * TENSORS_PER_LAYER + j]
-            if g is not None and dtypes[j] != acc:
-                grads[1 + layer * TENSORS_PER_LAYER + j] = g.to(dtypes[j])
+    cast_native_grads(grads, 1, TENSORS_PER_LAYER, ctx.param_dtypes, (_N1W, _N1B, _N2W, _N2B), acc_dtype(buf.dtype))
     return (None, *grads)
 
 

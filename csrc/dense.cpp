@@ -257,7 +257,8 @@ std::vector<Tensor> dense_bwd(const Tensor& grad_out, const Tensor& buf, at::Ten
       if (acc.strides() == xp.strides()) {
         call_apply_acc(acc, g1, xp, aff1s[i], coef, c10::nullopt, true);
       } else {  // a copied prefix: the pass on a copy of the gradient's prefix, copied back
-        const Tensor dense = acc.contiguous(fmt);
+        Tensor dense = at::empty_like(xp);  // xp's exact strides, which the kernels require
+        dense.copy_(acc);
         call_apply_acc(dense, g1, xp, aff1s[i], coef, c10::nullopt, true);
         acc.copy_(dense);
       }

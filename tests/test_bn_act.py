@@ -501,7 +501,7 @@ def test_prefix_view_odd_batch_stride(case):
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("shape", [(3, 7, 5, 3), (2, 16, 3, 5), (2, 65, 3, 3)])
+@pytest.mark.parametrize("shape", [(3, 7, 5, 3), (2, 16, 3, 5), (2, 65, 3, 3), (3, 7, 1, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("mask", ["recompute", "out", "none"])
 def test_apply_accumulates_into_a_prefix(case, layout, shape, dtype, mask, monkeypatch):

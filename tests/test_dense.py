@@ -421,7 +421,7 @@ def test_layers_read_their_prefix_in_place(case, layout, monkeypatch):
 
 @pytest.mark.parametrize("case", backend_cases(("cpu", "cuda")), ids=case_id)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("mode", ["train", "eval", "dropout", "frozen", "no_x_grad", "bf16", "no_grad"])
+@pytest.mark.parametrize("mode", ["train", "eval", "dropout", "frozen", "no_x_grad", "bf16", "no_grad", "1x1"])
 def test_native_dense_block_matches_the_python_path(monkeypatch, case, layout, mode):
     """On the cpu and cuda backends a dense block's forward and backward run as one call
     each of resfused_C.dense_fwd / dense_bwd (csrc/dense.cpp): the same ops in the same
@@ -430,7 +430,9 @@ def test_native_dense_block_matches_the_python_path(monkeypatch, case, layout, m
     eval, dropout (the same random stream), frozen BNs, an input that does not require
     grad, bfloat16 (BN parameters in bfloat16 too: their gradients take that dtype) and a
     forward under no_grad (nothing kept). Five channels in and a growth of three: on a GPU
-    in channels_last the prefixes are ones the kernels cannot read in place (copied)."""
+    in channels_last the prefixes are ones the kernels cannot read in place (copied); at
+    1x1 too, where a copied prefix is contiguous both ways and the gradient buffer's prefix
+    has other strides."""
     backend, device = case
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     import copy
@@ -447,7 +449,8 @@ def test_native_dense_block_matches_the_python_path(monkeypatch, case, layout, m
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.requires_grad_(False)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = torch.randn(2, 5, 6, 5, dtype=dtype).to(device, memory_format=fmt)
+    hw = (1, 1) if mode == "1x1" else (6, 5)
+    x = torch.randn(2, 5, *hw, dtype=dtype).to(device, memory_format=fmt)
     python_block = copy.deepcopy(block)
     calls = []
     real_fwd, real_bwd = autograd_dense._native_forward, autograd_dense._native_backward

@@ -1386,8 +1386,12 @@ void bn_act_bwd_apply_acc_cuda(const at::Tensor& acc, const at::Tensor& grad_out
   // takes the result: rounded once either way.
   const OptTensor g_opt(grad_out), acc_opt(acc);
   if (!x_in_place(x, s, {&g_opt, &out, &acc_opt})) {
-    at::Tensor dense = acc.contiguous(at::MemoryFormat::ChannelsLast);
-    bn_act_bwd_apply_acc_cuda(dense, grad_out, x.contiguous(at::MemoryFormat::ChannelsLast), affine, coef, out, relu);
+    // (a copy of acc with exactly xc's strides: [N, C, 1, 1] is contiguous both ways, so
+    // acc.contiguous(ChannelsLast) may keep strides that differ from xc's)
+    const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+    at::Tensor dense = at::empty_like(xc);
+    dense.copy_(acc);
+    bn_act_bwd_apply_acc_cuda(dense, grad_out, xc, affine, coef, out, relu);
     acc.copy_(dense);
     return;
   }

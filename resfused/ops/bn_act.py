@@ -265,8 +265,11 @@ def _bn_act_bwd_apply_acc_impl(acc: Tensor, grad_out: Tensor, x: Tensor, affine:
     if acc.stride() == x.stride() and reads_as_is(name, x):
         _backend_impl(name, "bn_act_bwd_apply_acc")(acc, *args)
         return
-    dense = acc.contiguous(memory_format=fmt)  # acc itself when it is already
-    _backend_impl(name, "bn_act_bwd_apply_acc")(dense, args[0], x.contiguous(memory_format=fmt), *args[2:])
+    xc = x.contiguous(memory_format=fmt)
+    # acc itself when it already has xc's strides; else a copy with exactly them (a tensor
+    # contiguous both ways, [N, C, 1, 1], can have either layout's strides)
+    dense = acc if acc.stride() == xc.stride() else torch.empty_like(xc).copy_(acc)
+    _backend_impl(name, "bn_act_bwd_apply_acc")(dense, args[0], xc, *args[2:])
     if dense is not acc:
         acc.copy_(dense)
 

@@ -57,6 +57,16 @@ def _triton_import_error() -> str:
     return ""
 
 
+def on_device(device: torch.device):
+    """A context making ``device`` the current CUDA device where it is a CUDA device that
+    is not already current (a no-op context otherwise). Triton launches its kernels, and
+    CUDA events record, on the current device's stream: a tensor on ``cuda:1`` while
+    ``cuda:0`` is current needs this around them (the C++ kernels guard themselves)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def unavailable_reason(name: str, device: torch.device) -> str:
     """Empty string when backend ``name`` can run on ``device``; else why not and how to fix it."""
     if name not in BACKENDS:

@@ -21,11 +21,11 @@ import os
 import re
 import threading
 import warnings
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-from ._backend import forcing
+from ._backend import forcing, on_device
 
 CONV_CHOICES = ("auto", "triton", "library")
 
@@ -183,16 +183,10 @@ def choose(key: str, device: torch.device, runs: Dict[str, Callable[[], None]]) 
     hit = cached(key)
     if hit is not None:
         return hit
-    if not autotune_enabled() or _capturing(device):
-        return "library"
-    times: Dict[str, float] = {}
-    errors: Dict[str, str] = {}
-    with _isolated(device):
-        for name, fn in runs.items():
-            try:
-                times[name] = _time_ms(fn, device)
-            except Exception as exc:  # e.g. out of memory: that candidate loses
-                errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+    with on_device(device):  # events, capture state and Triton launches on device's stream
+        if not autotune_enabled() or _capturing(device):
+            return "library"
+        times, errors = _time_candidates(device, runs)
     if not times:
         return "library"
     best = min(times, key=times.get)
@@ -201,6 +195,20 @@ def choose(key: str, device: torch.device, runs: Dict[str, Callable[[], None]]) 
         if not errors:
             _save()
     return best
+
+
+def _time_candidates(device: torch.device, runs: Dict[str, Callable[[], None]]
+                     ) -> Tuple[Dict[str, float], Dict[str, str]]:
+    """(times in ms, errors) of the candidates that ran and of those that raised."""
+    times: Dict[str, float] = {}
+    errors: Dict[str, str] = {}
+    with _isolated(device):
+        for name, fn in runs.items():
+            try:
+                times[name] = _time_ms(fn, device)
+            except Exception as exc:  # e.g. out of memory: that candidate loses
+                errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+    return times, errors
 
 
 def entries() -> Dict[str, Dict]:

@@ -198,6 +198,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = _device(parser, args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads or available_cores())
+    else:  # the timing events, Triton launches and peak-memory counters use the current device
+        torch.cuda.set_device(device)
     from .._backend import unavailable_reason
     from .workloads import resfused_backend
 

@@ -50,6 +50,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._backend import on_device
+
 # --------------------------------------------------------------------------------------
 # variants: everything the launchers can compile lives here (aot.py iterates over it)
 # --------------------------------------------------------------------------------------
@@ -550,7 +552,8 @@ def variants() -> List[Tuple[KernelSpec, torch.dtype, Dict[str, int]]]:
 def _launch(name: str, grid, args, geo: Optional["_Geom"] = None) -> None:
     spec = KERNELS[name]
     cx = tile_constexprs(spec.layout, geo.block, geo.dtype) if spec.layout is not None else FIN_CONSTEXPRS
-    spec.fn[grid](*args, **cx, num_warps=spec.num_warps)
+    with on_device(args[0].device):  # Triton launches on the current device
+        spec.fn[grid](*args, **cx, num_warps=spec.num_warps)
 
 
 # --------------------------------------------------------------------------------------

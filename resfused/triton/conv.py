@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._backend import on_device
 from ..ops.conv import out_size
 from .bn_act import _cast_out
 
@@ -415,7 +416,8 @@ def _pick_config(kernel: str, dtype: torch.dtype, rows: int, cols: int, t: Tenso
 def _launch(kernel: str, grid, args, dtype: torch.dtype, config: str, mode: str, tf32: int) -> None:
     cx = variant_constexprs(kernel, dtype, config, mode, tf32)
     cfg = CONFIGS[kernel][width_key(dtype)][config]
-    KERNELS[kernel].fn[grid](*args, **cx, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    with on_device(args[0].device):  # Triton launches on the current device
+        KERNELS[kernel].fn[grid](*args, **cx, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _check_operand(name: str, t: Tensor, dtype: torch.dtype, device: torch.device) -> None:

@@ -218,6 +218,55 @@ struct K {
     m2 = std::max(0.0, sd2 - sd1 * sd1 / dn);
   }
 
+  // B-blocks per chunk of channels that the channels_last reductions keep in registers
+  static constexpr int kChunkB = NV == 1 ? 4 : 2;
+  // channels_last channel counts up to which those reductions run chunk by chunk (rows
+  // strided); above it, row after row, which reads memory sequentially
+  static constexpr int64_t kChunkMaxC = 128;
+
+  // channels_last statistics of channels [c, c + NB*B) over rows [rb, re) (row stride C),
+  // in registers: pass 1 the sums, pass 2 the deviations about the block mean (the rows
+  // still cached). Writes s, m (sum / cnt), d1 (sum of deviations), d2 (of their squares).
+  template <int NB>
+  static inline void cl_stats_chunk(const scalar_t* x, int64_t C, int64_t rb, int64_t re, int64_t c, acc_t cnt,
+                                    acc_t* s, acc_t* m, acc_t* d1, acc_t* d2) {
+    constexpr int W = NB * NV;
+    V sum[W], v[NV];
+    for (int q = 0; q < W; ++q) sum[q] = V(acc_t(0));
+    const scalar_t* xc = x + c;
+    for (int64_t r = rb; r < re; ++r) {
+      const scalar_t* xr = xc + r * C;
+      for (int b = 0; b < NB; ++b) {
+        io::load(xr + b * B, v);
+        for (int j = 0; j < NV; ++j) sum[b * NV + j] = sum[b * NV + j] + v[j];
+      }
+    }
+    V mv[W], e1[W], e2[W];
+    const V cv(cnt);
+    for (int q = 0; q < W; ++q) {
+      sum[q].store(s + c + q * L);
+      mv[q] = sum[q] / cv;
+      mv[q].store(m + c + q * L);
+      e1[q] = e2[q] = V(acc_t(0));
+    }
+    for (int64_t r = rb; r < re; ++r) {
+      const scalar_t* xr = xc + r * C;
+      for (int b = 0; b < NB; ++b) {
+        io::load(xr + b * B, v);
+        for (int j = 0; j < NV; ++j) {
+          const int q = b * NV + j;
+          const V d = v[j] - mv[q];
+          e1[q] = e1[q] + d;
+          e2[q] = at::vec::fmadd(d, d, e2[q]);
+        }
+      }
+    }
+    for (int q = 0; q < W; ++q) {
+      e1[q].store(d1 + c + q * L);
+      e2[q].store(d2 + c + q * L);
+    }
+  }
+
   static void stats(const BnArgs& a) {
     const int64_t C = a.C, HW = a.HW, total = a.N * C * HW;
     const int64_t nslots = num_slots(total);
@@ -262,40 +311,60 @@ struct K {
       for (int64_t rb = r0; rb < r1; rb += blk) {
         const int64_t re = std::min(r1, rb + blk);
         const acc_t cnt = static_cast<acc_t>(re - rb);
-        std::fill(s, s + C, acc_t(0));
-        std::fill(d1, d1 + 2 * C, acc_t(0));
-        V v[NV];
-        for (int64_t r = rb; r < re; ++r) {
-          const scalar_t* xr = x + r * C;
+        if (C <= kChunkMaxC) {
+          // few channels: chunks of them held in registers over the block's rows
           int64_t c = 0;
-          for (; c < Cv; c += B) {
-            io::load(xr + c, v);
-            for (int j = 0; j < NV; ++j) (V::loadu(s + c + j * L) + v[j]).store(s + c + j * L);
+          for (; c + kChunkB * B <= Cv; c += kChunkB * B) cl_stats_chunk<kChunkB>(x, C, rb, re, c, cnt, s, m, d1, d2);
+          for (; c < Cv; c += B) cl_stats_chunk<1>(x, C, rb, re, c, cnt, s, m, d1, d2);
+          for (; c < C; ++c) {
+            acc_t sc = 0;
+            for (int64_t r = rb; r < re; ++r) sc += io::ld(x + r * C + c);
+            s[c] = sc;
+            m[c] = sc / cnt;
+            acc_t e1 = 0, e2 = 0;
+            for (int64_t r = rb; r < re; ++r) {
+              const acc_t d = io::ld(x + r * C + c) - m[c];
+              e1 += d;
+              e2 += d * d;
+            }
+            d1[c] = e1;
+            d2[c] = e2;
           }
-          for (; c < C; ++c) s[c] += io::ld(xr + c);
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          m[c] = s[c] / cnt;
-          Ps[c] += static_cast<double>(s[c]);
-        }
-        for (int64_t r = rb; r < re; ++r) {
-          const scalar_t* xr = x + r * C;
-          int64_t c = 0;
-          for (; c < Cv; c += B) {
-            io::load(xr + c, v);
-            for (int j = 0; j < NV; ++j) {
-              const int64_t cc = c + j * L;
-              V d = v[j] - V::loadu(m + cc);
-              (V::loadu(d1 + cc) + d).store(d1 + cc);
-              at::vec::fmadd(d, d, V::loadu(d2 + cc)).store(d2 + cc);
+        } else {
+          // many channels: row after row (sequential reads), the sums in memory
+          std::fill(s, s + C, acc_t(0));
+          std::fill(d1, d1 + 2 * C, acc_t(0));
+          V v[NV];
+          for (int64_t r = rb; r < re; ++r) {
+            const scalar_t* xr = x + r * C;
+            int64_t c = 0;
+            for (; c < Cv; c += B) {
+              io::load(xr + c, v);
+              for (int j = 0; j < NV; ++j) (V::loadu(s + c + j * L) + v[j]).store(s + c + j * L);
+            }
+            for (; c < C; ++c) s[c] += io::ld(xr + c);
+          }
+          for (int64_t c = 0; c < C; ++c) m[c] = s[c] / cnt;
+          for (int64_t r = rb; r < re; ++r) {
+            const scalar_t* xr = x + r * C;
+            int64_t c = 0;
+            for (; c < Cv; c += B) {
+              io::load(xr + c, v);
+              for (int j = 0; j < NV; ++j) {
+                const int64_t cc = c + j * L;
+                V d = v[j] - V::loadu(m + cc);
+                (V::loadu(d1 + cc) + d).store(d1 + cc);
+                at::vec::fmadd(d, d, V::loadu(d2 + cc)).store(d2 + cc);
+              }
+            }
+            for (; c < C; ++c) {
+              const acc_t d = io::ld(xr + c) - m[c];
+              d1[c] += d;
+              d2[c] += d * d;
             }
           }
-          for (; c < C; ++c) {
-            const acc_t d = io::ld(xr + c) - m[c];
-            d1[c] += d;
-            d2[c] += d * d;
-          }
         }
+        for (int64_t cc = 0; cc < C; ++cc) Ps[cc] += static_cast<double>(s[cc]);
         // Chan merge of this block into the slot, with the count-only factors hoisted.
         const double nb = static_cast<double>(re - rb);
         const double nn = nslot + nb;
@@ -498,6 +567,73 @@ struct K {
     if constexpr (RST) a2 += dz * ((rs - p.v[8]) * p.v[9]);
   }
 
+  // channels_last backward sums of channels [c, c + NB*B) over rows [rb, re), in
+  // registers: acc[c..], acc[C + c..], acc[2C + c..] (see bwd_reduce).
+  template <int NB, int MASK, bool RES, bool RST, bool WDZ>
+  static inline void cl_red_chunk(const BnArgs& al, const scalar_t* g, const scalar_t* x, const scalar_t* r,
+                                  const scalar_t* oin, scalar_t* dzo, int64_t C, int64_t xrs, int64_t rb,
+                                  int64_t re, int64_t c, acc_t* acc) {
+    constexpr bool NEED_R = RES || RST;
+    constexpr unsigned kUsed = (MASK == 2 ? (0x3u | (NEED_R ? 0xCu : 0u)) : 0u) | 0x30u | (RST ? 0x300u : 0u);
+    ParV pv[NB];
+    V a0[NB][NV], a1[NB][NV], a2[NB][NV];
+    for (int b = 0; b < NB; ++b) {
+      par_load_used<kUsed>(al, c + b * B, pv[b]);
+      for (int j = 0; j < NV; ++j) a0[b][j] = a1[b][j] = a2[b][j] = V(acc_t(0));
+    }
+    for (int64_t row = rb; row < re; ++row) {
+      const int64_t o = row * C + c, xo = row * xrs + c;
+      for (int b = 0; b < NB; ++b) {
+        const int64_t d = b * B;
+        red_vec<MASK, RES, RST, WDZ>(g + o + d, x + xo + d, NEED_R ? r + o + d : nullptr,
+                                     MASK == 1 ? oin + o + d : nullptr, WDZ ? dzo + o + d : nullptr, pv[b], a0[b],
+                                     a1[b], a2[b]);
+      }
+    }
+    for (int b = 0; b < NB; ++b) {
+      for (int j = 0; j < NV; ++j) {
+        const int64_t cc = c + b * B + j * L;
+        a0[b][j].store(acc + cc);
+        a1[b][j].store(acc + C + cc);
+        if constexpr (RST) a2[b][j].store(acc + 2 * C + cc);
+      }
+    }
+  }
+
+  // channels_last backward sums of channels [0, C / B * B) over rows [rb, re), row after
+  // row, accumulated in acc (see bwd_reduce).
+  template <int MASK, bool RES, bool RST, bool WDZ>
+  static inline void cl_red_rows(const BnArgs& al, const scalar_t* g, const scalar_t* x, const scalar_t* r,
+                                 const scalar_t* oin, scalar_t* dzo, int64_t C, int64_t xrs, int64_t rb, int64_t re,
+                                 acc_t* acc, ParV& pv) {
+    constexpr bool NEED_R = RES || RST;
+    constexpr unsigned kUsed = (MASK == 2 ? (0x3u | (NEED_R ? 0xCu : 0u)) : 0u) | 0x30u | (RST ? 0x300u : 0u);
+    const int64_t Cv = C / B * B;
+    std::fill(acc, acc + 3 * C, acc_t(0));
+    for (int64_t row = rb; row < re; ++row) {
+      const int64_t o = row * C;
+      const scalar_t *gr = g + o, *xr = x + row * xrs, *rr = NEED_R ? r + o : nullptr;
+      const scalar_t* orr = MASK == 1 ? oin + o : nullptr;
+      scalar_t* dr = WDZ ? dzo + o : nullptr;
+      for (int64_t c = 0; c < Cv; c += B) {
+        par_load_used<kUsed>(al, c, pv);
+        V a0[NV], a1[NV], a2[NV];
+        for (int j = 0; j < NV; ++j) {
+          a0[j] = V::loadu(acc + c + j * L);
+          a1[j] = V::loadu(acc + C + c + j * L);
+          if constexpr (RST) a2[j] = V::loadu(acc + 2 * C + c + j * L);
+        }
+        red_vec<MASK, RES, RST, WDZ>(gr + c, xr + c, NEED_R ? rr + c : nullptr, MASK == 1 ? orr + c : nullptr,
+                                     WDZ ? dr + c : nullptr, pv, a0, a1, a2);
+        for (int j = 0; j < NV; ++j) {
+          a0[j].store(acc + c + j * L);
+          a1[j].store(acc + C + c + j * L);
+          if constexpr (RST) a2[j].store(acc + 2 * C + c + j * L);
+        }
+      }
+    }
+  }
+
   // WDZ: also writes dz (exact: grad_out or 0) to a.y, in x's layout.
   template <int MASK, bool RES, bool RST, bool WDZ>
   static void bwd_reduce(const BnArgs& a) {
@@ -559,47 +695,35 @@ struct K {
       }
       const int64_t rows = al.N * HW, Cv = C / B * B;
       const int64_t flush = 256;  // rows accumulated in the compute dtype before going to double
+      const int64_t xrs = C + xdr;  // x's row stride
       int64_t r0, r1;
       slot_range(rows, nslots, k, 1, r0, r1);
       std::vector<acc_t> acc_buf(static_cast<size_t>(3 * C));
-      std::vector<double> tacc_buf(static_cast<size_t>(3 * C));
       acc_t* const acc = acc_buf.data();
-      double* const tacc = tacc_buf.data();
       for (int64_t rb = r0; rb < r1; rb += flush) {
         const int64_t re = std::min(r1, rb + flush);
-        std::fill(acc, acc + 3 * C, acc_t(0));
-        std::fill(tacc, tacc + 3 * C, 0.0);
-        for (int64_t row = rb; row < re; ++row) {
-          const int64_t o = row * C;
-          const scalar_t *gr = g + o, *xr = x + o + row * xdr, *rr = NEED_R ? r + o : nullptr;
-          const scalar_t* orr = MASK == 1 ? oin + o : nullptr;
-          scalar_t* dr = WDZ ? dzo + o : nullptr;
+        if (C > kChunkMaxC) {  // many channels: row after row (sequential reads), the sums in memory
+          cl_red_rows<MASK, RES, RST, WDZ>(al, g, x, r, oin, dzo, C, xrs, rb, re, acc, pv);
+        } else {  // few: chunks of them whose sums (and per-channel values) stay in registers
           int64_t c = 0;
-          for (; c < Cv; c += B) {
-            constexpr unsigned kUsed = (MASK == 2 ? (0x3u | (NEED_R ? 0xCu : 0u)) : 0u) | 0x30u |
-                                       (RST ? 0x300u : 0u);
-            par_load_used<kUsed>(al, c, pv);
-            V a0[NV], a1[NV], a2[NV];
-            for (int j = 0; j < NV; ++j) {
-              a0[j] = V::loadu(acc + c + j * L);
-              a1[j] = V::loadu(acc + C + c + j * L);
-              if constexpr (RST) a2[j] = V::loadu(acc + 2 * C + c + j * L);
-            }
-            red_vec<MASK, RES, RST, WDZ>(gr + c, xr + c, NEED_R ? rr + c : nullptr, MASK == 1 ? orr + c : nullptr,
-                                         WDZ ? dr + c : nullptr, pv, a0, a1, a2);
-            for (int j = 0; j < NV; ++j) {
-              a0[j].store(acc + c + j * L);
-              a1[j].store(acc + C + c + j * L);
-              if constexpr (RST) a2[j].store(acc + 2 * C + c + j * L);
-            }
-          }
-          for (; c < C; ++c) {
-            par_one(al, c, ps);
-            red_one<MASK, RES, RST, WDZ>(gr + c, xr + c, NEED_R ? rr + c : nullptr, MASK == 1 ? orr + c : nullptr,
-                                         WDZ ? dr + c : nullptr, ps, tacc[c], tacc[C + c], tacc[2 * C + c]);
-          }
+          for (; c + kChunkB * B <= Cv; c += kChunkB * B)
+            cl_red_chunk<kChunkB, MASK, RES, RST, WDZ>(al, g, x, r, oin, dzo, C, xrs, rb, re, c, acc);
+          for (; c < Cv; c += B) cl_red_chunk<1, MASK, RES, RST, WDZ>(al, g, x, r, oin, dzo, C, xrs, rb, re, c, acc);
         }
-        for (int64_t i = 0; i < 3 * C; ++i) Q[i] += static_cast<double>(acc[i]) + tacc[i];
+        for (int64_t c = Cv; c < C; ++c) {
+          par_one(al, c, ps);
+          double t0 = 0, t1 = 0, t2 = 0;
+          for (int64_t row = rb; row < re; ++row) {
+            const int64_t o = row * C + c;
+            red_one<MASK, RES, RST, WDZ>(g + o, x + row * xrs + c, NEED_R ? r + o : nullptr,
+                                         MASK == 1 ? oin + o : nullptr, WDZ ? dzo + o : nullptr, ps, t0, t1, t2);
+          }
+          Q[c] += t0;  // (the tail channels sum in double)
+          Q[C + c] += t1;
+          Q[2 * C + c] += t2;
+        }
+        for (int j = 0; j < (RST ? 3 : 2); ++j)
+          for (int64_t cc = 0; cc < Cv; ++cc) Q[j * C + cc] += static_cast<double>(acc[j * C + cc]);
       }
     });
     acc_t* out = static_cast<acc_t*>(a.red);

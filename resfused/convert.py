@@ -17,8 +17,8 @@ from torchvision.models.densenet import _DenseBlock, _DenseLayer, _Transition
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .nn.bn_act import BatchNormAct2d, _exporting
-from .nn.block import (FusedBasicBlock, FusedBottleneck, _autocast_dtype, _bn_args, _no_autocast, conv_key,
-                       conv_tf32, select_conv, triton_conv_reason)
+from .nn.block import (FusedBasicBlock, FusedBottleneck, _autocast_dtype, _bn_args, _bn_supported, _no_autocast,
+                       conv_key, conv_tf32, select_conv, triton_conv_reason)
 from .nn.dense import FusedDenseBlock, FusedDenseLayer, FusedTransition
 from .ops import bn_act as ops
 from .ops import conv as conv_ops
@@ -148,9 +148,12 @@ class FoldedBlock(nn.Module):
             if not (isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d)):
                 raise ValueError("fold: only the standard conv-BN downsample branch can be folded")
             self.down, down_bias = _folded_conv(ds[0], ds[1], keep_bias=False)
-        one = torch.ones_like(last_bias, dtype=torch.float32)
-        self.register_buffer("affine", torch.stack([one, last_bias.float()]))
-        self.register_buffer("res_affine", None if down_bias is None else torch.stack([one, down_bias.float()]))
+        # (scale, shift) of the join in the kernels' accumulation dtype: float64 for a float64
+        # block, else float32
+        acc = torch.float64 if last_bias.dtype == torch.float64 else torch.float32
+        one = torch.ones_like(last_bias, dtype=acc)
+        self.register_buffer("affine", torch.stack([one, last_bias.to(acc)]))
+        self.register_buffer("res_affine", None if down_bias is None else torch.stack([one, down_bias.to(acc)]))
 
     def forward(self, x: Tensor) -> Tensor:
         if not _exporting() and self._conv_path(x) == "triton":
@@ -230,8 +233,11 @@ def fold(model: nn.Module) -> nn.Module:
     A block that is not the standard kind (another activation or norm layer, a custom
     downsample, a BN without running statistics) is kept unfolded, in eval mode."""
     folded = copy.deepcopy(model).eval()
+    if (type(folded) in _FUSED or type(folded) in _PLAIN) and _foldable(folded):
+        return FoldedBlock(folded).eval()  # a block on its own
     _fold_children(folded)
-    if isinstance(folded, ResNet) and isinstance(folded.bn1, nn.BatchNorm2d):
+    if isinstance(folded, ResNet) and type(folded.conv1) is nn.Conv2d and _bn_supported(folded.bn1) \
+            and _bn_args(folded.bn1)[0] is not None:  # (a stem BN without running statistics stays)
         folded.conv1 = _folded_conv(folded.conv1, folded.bn1)[0]
         folded.bn1 = nn.Identity()
     return folded

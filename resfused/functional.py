@@ -83,11 +83,19 @@ def check_not_inference(name: str, x: Tensor, *params: Optional[Tensor]) -> None
                            f"torch.no_grad(), or give it a tensor made outside inference mode (x.clone())")
 
 
-def _check_number(name: str, value, positive: bool = False) -> None:
+def _check_number(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise TypeError(f"{name} must be a number, got {value!r}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
+
+
+def check_eps(name: str, eps, batch_stats: bool) -> None:
+    """A BN's eps as ``F.batch_norm`` takes it: a number, positive where the BN normalises
+    with batch statistics (training), non-negative where it uses running statistics."""
+    _check_number(name, eps)
+    if batch_stats and eps <= 0:
+        raise ValueError(f"{name} must be positive when normalising with batch statistics (training), got {eps!r}")
+    if eps < 0:
+        raise ValueError(f"{name} must be non-negative, got {eps!r}")
 
 
 def _check_bn_tuple(name: str, value) -> Sequence[Optional[Tensor]]:
@@ -124,7 +132,7 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     """
     relu = _check_activation(activation)
     _check_number("momentum", momentum)
-    _check_number("eps", eps, positive=True)
+    check_eps("eps", eps, training)
     check_bn_input(x, running_mean, running_var, weight, bias, training, synced=sync_group is not None)
     if residual is not None:
         check_residual(x, residual)
@@ -158,8 +166,10 @@ def dual_batch_norm_act(x: Tensor, residual: Tensor, bn_x: Sequence[Optional[Ten
     rrm, rrv, rw, rb = _check_bn_tuple("bn_residual", bn_residual)
     rmom = momentum if residual_momentum is None else residual_momentum
     reps = eps if residual_eps is None else residual_eps
-    for arg, value in (("momentum", momentum), ("eps", eps), ("residual_momentum", rmom), ("residual_eps", reps)):
-        _check_number(arg, value, positive=arg.endswith("eps"))
+    for arg, value in (("momentum", momentum), ("residual_momentum", rmom)):
+        _check_number(arg, value)
+    check_eps("eps", eps, training)
+    check_eps("residual_eps", reps, training)
     check_bn_input(x, rm, rv, w, b, training, prefix="bn_x: ")
     check_residual(x, residual, optional=False)
     check_bn_input(residual, rrm, rrv, rw, rb, training, prefix="bn_residual: ", name="residual")

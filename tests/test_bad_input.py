@@ -47,7 +47,9 @@ BAD_MODULE_CALLS = {
                                    "the input is an inference tensor"),
     # settings changed on the module after construction: refused before its batch counter moves
     "eps set to zero": (lambda m, d: _set(m, eps=0.0)(torch.randn(2, 4, 3, 3, device=d)), ValueError,
-                        "eps must be positive"),
+                        "eps must be positive when normalising with batch statistics"),
+    "eps negative in eval": (lambda m, d: _set(m.eval(), eps=-1e-3)(torch.randn(2, 4, 3, 3, device=d)), ValueError,
+                             "eps must be non-negative"),
     "momentum set to a string": (lambda m, d: _set(m, momentum="0.1")(torch.randn(2, 4, 3, 3, device=d)), TypeError,
                                  "momentum must be a number"),
     "activation set to an unknown one": (lambda m, d: _set(m, activation="gelu")(torch.randn(2, 4, 3, 3, device=d)),
@@ -165,3 +167,21 @@ def test_unsupported_dtype_for_backend_is_named():
         assert torch.equal(rm, torch.zeros(4))
     finally:
         resfused._backend.SUPPORTED_DTYPES["eager"] = saved
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_eps_zero_with_running_statistics_is_accepted_as_by_f_batch_norm(case):
+    """F.batch_norm refuses eps <= 0 only where it normalises with batch statistics: with
+    running statistics (eval) eps = 0 runs, in the module and in the function alike."""
+    backend, device = case
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, 3, device=device)
+    m = _module(device).eval()
+    m.eps = 0.0
+    want = torch.relu(torch.nn.functional.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False,
+                                                     0.1, 0.0))
+    with resfused.use_backend(backend), torch.no_grad():
+        got_module = m(x)
+        got_fn = RF.batch_norm_act(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.1, 0.0)
+    torch.testing.assert_close(got_module, want)
+    torch.testing.assert_close(got_fn, want)

@@ -175,20 +175,39 @@ def test_cumulative_momentum_and_a_frozen_bn(case, monkeypatch):
 
 @pytest.mark.parametrize("bad", ["no_downsample", "no_downsample_stride2", "downsample_stride", "too_small",
                                  "empty_height", "one_value_inner", "one_value_downsample", "forced_backend",
-                                 "conv_dtype", "bn_dtype", "custom_downsample_stride"])
+                                 "conv_dtype", "bn_dtype", "bias_dtype", "bias_size", "bn_size", "eps_zero_training",
+                                 "eps_negative_eval", "custom_downsample_stride"])
 def test_misbuilt_block_raises_before_anything_moves(bad):
     """A block whose branches cannot be joined (built without the downsample it needs, or a
     downsample of the wrong stride), whose input is too small for its convolutions (an
     empty spatial size included), whose inner or downsample BN would see one value per
-    channel in training (torchvision's error), or forced onto a backend that cannot run
-    raises a clear error naming the block before any running statistic moves."""
-    if bad in ("conv_dtype", "bn_dtype"):
+    channel in training (torchvision's error), whose convs or BNs do not fit (a dtype, a
+    bias or BN buffer of the wrong size, an eps ``F.batch_norm`` refuses: zero in training,
+    negative in eval), or forced onto a backend that cannot run raises a clear error naming
+    the block before any running statistic moves."""
+    misfits = {"conv_dtype": (TypeError, "conv2's weight dtype torch.float64"),
+               "bn_dtype": (TypeError, "bn2's tensors are torch.float64 but the block runs in torch.float32"),
+               "bias_dtype": (TypeError, "conv2's bias dtype torch.float64"),
+               "bias_size": (ValueError, r"conv2's bias must have one value per output channel \(4\), got shape \(3,\)"),
+               "bn_size": (ValueError, r"bn3's weight, bias and running statistics must have one value per channel "
+                                       r"\(16\), got shape \(15,\)"),
+               "eps_zero_training": (ValueError, r"bn2.eps must be positive when normalising with batch statistics"),
+               "eps_negative_eval": (ValueError, r"bn2.eps must be non-negative, got -0.001")}
+    if bad in misfits:
         block = FusedBottleneck(16, 4).train()
-        (block.conv2 if bad == "conv_dtype" else block.bn2).double()
+        if bad in ("conv_dtype", "bn_dtype"):
+            (block.conv2 if bad == "conv_dtype" else block.bn2).double()
+        elif bad.startswith("bias"):
+            block.conv2.bias = nn.Parameter(torch.zeros(4 if bad == "bias_dtype" else 3,
+                                                        dtype=torch.float64 if bad == "bias_dtype" else None))
+        elif bad == "bn_size":
+            block.bn3.running_mean = torch.zeros(15)
+        else:
+            block.bn2.eps = 0.0 if bad == "eps_zero_training" else -1e-3
+            block.train(bad == "eps_zero_training")
         before = {k: v.clone() for k, v in block.state_dict().items()}
-        text = "conv2's weight dtype torch.float64" if bad == "conv_dtype" else \
-            "bn2's tensors are torch.float64 but the block runs in torch.float32"
-        with pytest.raises(TypeError, match=r"FusedBottleneck\(in_channels=16, .*" + text):
+        exc, text = misfits[bad]
+        with pytest.raises(exc, match=r"FusedBottleneck\(in_channels=16, .*" + text):
             block(torch.randn(2, 16, 5, 5))
         for k, v in block.state_dict().items():
             assert torch.equal(v, before[k]), f"{k} changed by a call that raised"

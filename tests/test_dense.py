@@ -310,7 +310,9 @@ def test_densenet121_saved_bytes_below_torchvision():
 @pytest.mark.parametrize("which,bad", [(which, bad) for which in ("block", "layer", "transition")
                                        for bad in ("channels", "ndim", "device", "dtype", "single_value",
                                                    "empty_height", "empty_width")]
-                         + [("block", "layer_dtype"), ("block", "norm_dtype"), ("transition", "pool_too_small")])
+                         + [("block", "layer_dtype"), ("block", "norm_dtype"), ("transition", "pool_too_small"),
+                            ("block", "norm_eps"), ("transition", "norm_eps"), ("block", "norm_size"),
+                            ("transition", "bias_size")])
 def test_rejects_bad_input_and_changes_nothing(which, bad):
     if which == "block":
         _, module = make_block_pair(num_layers=2, c0=8)
@@ -326,16 +328,24 @@ def test_rejects_bad_input_and_changes_nothing(which, bad):
         module.denselayer2.conv1.double()
     if bad == "norm_dtype":
         module.denselayer2.norm1.double()
+    if bad == "norm_eps":  # F.batch_norm's rule: positive in training
+        (module.denselayer2.norm2 if which == "block" else module.norm).eps = 0.0
+    if bad == "norm_size":
+        module.denselayer2.norm1.running_var = torch.ones(10)
+    if bad == "bias_size":
+        module.conv.bias = torch.nn.Parameter(torch.zeros(3))
     before = {k: v.clone() for k, v in module.state_dict().items()}
     x = {"channels": torch.randn(2, 6, 5, 5), "ndim": torch.randn(8, 5, 5),
          "device": torch.randn(2, 8, 5, 5, device="meta"), "dtype": torch.randn(2, 8, 5, 5, dtype=torch.float64),
          "single_value": torch.randn(1, 8, 1, 1), "empty_height": torch.randn(2, 8, 0, 5),
          "empty_width": torch.randn(2, 8, 5, 0), "layer_dtype": torch.randn(2, 8, 5, 5),
-         "norm_dtype": torch.randn(2, 8, 5, 5),
+         "norm_dtype": torch.randn(2, 8, 5, 5), "norm_eps": torch.randn(2, 8, 5, 5),
+         "norm_size": torch.randn(2, 8, 5, 5), "bias_size": torch.randn(2, 8, 5, 5),
          "pool_too_small": torch.randn(2, 8, 1, 4)}[bad]
     exc = {"channels": ValueError, "ndim": ValueError, "device": RuntimeError, "dtype": TypeError,
            "single_value": ValueError, "empty_height": ValueError, "empty_width": ValueError,
-           "layer_dtype": TypeError, "norm_dtype": TypeError, "pool_too_small": ValueError}[bad]
+           "layer_dtype": TypeError, "norm_dtype": TypeError, "pool_too_small": ValueError, "norm_eps": ValueError,
+           "norm_size": ValueError, "bias_size": ValueError}[bad]
     text = {"channels": r": expected input of shape \[N, 8, H, W\]", "ndim": r": expected 4-D input \[N, 8, H, W\]",
             "device": ": input is on meta", "dtype": ": input dtype torch.float64",
             "single_value": ": expected more than 1 value per channel",
@@ -344,7 +354,12 @@ def test_rejects_bad_input_and_changes_nothing(which, bad):
             "layer_dtype": r": input dtype torch.float32 does not match denselayer2.conv1's weight dtype "
                            r"torch.float64",
             "norm_dtype": r": denselayer2.norm1's tensors are torch.float64 but the block runs in torch.float32",
-            "pool_too_small": r": input of spatial size \(1, 4\) is too small for the transition's average pool"}[bad]
+            "pool_too_small": r": input of spatial size \(1, 4\) is too small for the transition's average pool",
+            "norm_eps": (r": denselayer2.norm2.eps" if which == "block" else r": norm.eps") +
+                        r" must be positive when normalising with batch statistics \(training\), got 0.0",
+            "norm_size": r": denselayer2.norm1's weight, bias and running statistics must have one value per "
+                         r"channel \(11\), got shape \(10,\)",
+            "bias_size": r": conv's bias must have one value per output channel \(4\), got shape \(3,\)"}[bad]
     with pytest.raises(exc, match=name + text):
         module(x)
     for k, v in module.state_dict().items():

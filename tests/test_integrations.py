@@ -13,7 +13,7 @@ import torch
 import torch.nn.utils.prune as prune
 import torchvision
 from torch import nn
-from torchvision.models.densenet import DenseNet, _DenseBlock, _DenseLayer
+from torchvision.models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Transition
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
@@ -256,6 +256,76 @@ def test_fold_keeps_blocks_it_cannot_fold_and_gives_gradients():
         grads.append((xx.grad, m.fc.weight.grad))
     assert_close(grads[1][0], grads[0][0], 1e-4 * grads[0][0].abs().max().item(), 1e-4, "input gradient")
     assert_close(grads[1][1], grads[0][1], 1e-4 * grads[0][1].abs().max().item(), 1e-4, "fc gradient")
+
+
+class _ScaledBN(nn.BatchNorm2d):
+    """A BN subclass computing something else than BN."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+class _ClampReLU(nn.ReLU):
+    def forward(self, x):
+        return x.clamp(0, 0.1)
+
+
+def _with_subclass(which: str) -> nn.Module:
+    if which == "block_bn":
+        return BasicBlock(4, 4, norm_layer=_ScaledBN)
+    if which == "block_bn_act":  # resfused's own BN with its activation, as a block's norm layer
+        return BasicBlock(4, 4, norm_layer=resfused.BatchNormAct2d)
+    if which == "block_relu":
+        m = BasicBlock(4, 4)
+        m.relu = _ClampReLU()
+        return m
+    if which == "dense_relu":
+        m = _DenseBlock(2, 4, 2, 2, 0.0, False)
+        m.denselayer1.relu2 = _ClampReLU()
+        return m
+    m = _Transition(4, 2)
+    m.relu = _ClampReLU()
+    return m
+
+
+@pytest.mark.parametrize("which", ["block_bn", "block_bn_act", "block_relu", "dense_relu", "transition_relu"])
+@pytest.mark.parametrize("training", [False, True])
+def test_subclasses_with_their_own_forward_run_torchvisions_forward(which, training):
+    """A BN or ReLU subclass that overrides forward is not the op a fused module applies
+    in its place: such a module runs torchvision's forward (the same numbers, running
+    statistics included), as for any other non-standard layer."""
+    torch.manual_seed(0)
+    tv = randomise_bns(_with_subclass(which)).double().train(training)
+    fused = resfused.convert(copy.deepcopy(tv))
+    assert type(fused) is not type(tv)  # converted: the fused module decides per call
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64) * 5
+    assert_close(fused(x), tv(x), 1e-12, 1e-12, "output")  # (a dense block fuses its other layers)
+    for (k, a), b in zip(fused.state_dict().items(), tv.state_dict().values()):
+        assert_close(a, b, 1e-12, 1e-12, k)
+
+
+def test_fold_is_exact_in_float64_and_folds_a_block_or_a_stem_it_can():
+    """In float64 a folded block equals the eval block to float64 rounding (its join's bias
+    is kept in float64); ``fold`` of a block on its own gives a FoldedBlock; a ResNet whose
+    stem BN has no running statistics keeps that BN and folds its blocks."""
+    torch.manual_seed(0)
+    block = randomise_bns(Bottleneck(8, 2, stride=2, downsample=nn.Sequential(nn.Conv2d(8, 8, 1, 2, bias=False),
+                                                                               nn.BatchNorm2d(8))))
+    block = block.double().eval()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    folded = resfused.fold(block)
+    assert isinstance(folded, FoldedBlock) and folded.affine.dtype == torch.float64
+    with torch.no_grad():
+        assert_close(folded(x), block(x), 1e-12, 1e-12, "folded float64 block")
+    model = randomise_bns(torchvision.models.resnet18(num_classes=3))
+    model.bn1 = nn.BatchNorm2d(64, track_running_stats=False)
+    model.eval()
+    folded = resfused.fold(model)
+    assert isinstance(folded.bn1, nn.BatchNorm2d)
+    assert sum(isinstance(m, FoldedBlock) for m in folded.modules()) == 8
+    xs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(folded(xs), model(xs), 1e-4, 1e-4, "stem kept")
 
 
 def test_standalone_dense_layer_returns_its_own_contiguous_features():

@@ -22,11 +22,11 @@ from .._backend import unavailable_reason
 from ..autograd.block import (TENSORS_PER_UNIT, BlockSpec, BNSpec, ConvSpec, ResidualBlockFunction,
                               check_join_shapes)
 from ..distributed import resolve_group
-from ..functional import bn_dtype_allowed, check_not_inference
+from ..functional import bn_dtype_allowed, check_eps, check_not_inference
 from ..ops import bn_act as ops
 from ..ops.bn_act import _compiling, _trace_time_constant
 from .bn_act import (SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norms, batch_norm_args,
-                     module_attr, runs_unfused)
+                     module_attr, plain_relu, runs_unfused)
 
 try:  # torchvision's frozen BN (detection backbones): an eval-only affine BN with buffers
     from torchvision.ops.misc import FrozenBatchNorm2d
@@ -41,8 +41,17 @@ def _conv_spec(conv: nn.Module) -> Optional[ConvSpec]:
 
 
 def _bn_supported(bn: nn.Module) -> bool:
-    return isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) or (FrozenBatchNorm2d != () and
-                                                                 isinstance(bn, FrozenBatchNorm2d))
+    """A BatchNorm2d, SyncBatchNorm or FrozenBatchNorm2d whose forward is that class's
+    own (a subclass computing something else, such as resfused's ``BatchNormAct2d`` with
+    its activation, is not the plain BN the fused block would apply)."""
+    for kind in _BN_KINDS:
+        if isinstance(bn, kind):
+            return type(bn).forward is kind.forward
+    return False
+
+
+#: the BN kinds a fused block applies itself (the first one a module is an instance of counts)
+_BN_KINDS = (nn.SyncBatchNorm, nn.BatchNorm2d) + ((FrozenBatchNorm2d,) if FrozenBatchNorm2d != () else ())
 
 
 def _bn_args(bn: nn.Module):
@@ -74,30 +83,48 @@ def check_module_input(name: str, x: Tensor, expected_c: int, weight: Tensor, ba
                          f"{tuple(x.shape)}")
 
 
-def check_units(name: str, x: Tensor, conv_weights: Sequence[Tensor], bns: Sequence[Sequence[Optional[Tensor]]],
-                cast: Optional[torch.dtype], labels: Callable[[int], Tuple[str, str]]) -> None:
-    """Every conv weight on x's device and in x's dtype (any dtype under autocast), and
-    every BN tensor on x's device in the dtype the convs run in (``cast`` or x's), or
-    float32 when that is float16/bfloat16 (``F.batch_norm``'s rule): raised before
-    anything runs, where the library call would fail (or mix dtypes) after statistics moved.
-    ``conv_weights``/``bns``: per unit, the conv's weight / the BN's tensors;
-    ``labels(i)``: (conv name, BN name) of unit i in the module, for the error."""
+def check_units(name: str, x: Tensor, convs: Sequence[nn.Module], bns: Sequence[nn.Module],
+                bn_args: Sequence[Sequence], bn_channels: Sequence[int], cast: Optional[torch.dtype],
+                labels: Callable[[int], Tuple[str, str]]) -> None:
+    """A fused module's convolutions and BNs, checked before anything runs or is updated
+    (where the library call or a kernel would fail after batch counters moved):
+    * every conv weight and bias on x's device and in x's dtype (any dtype under
+      autocast), a bias with one value per output channel;
+    * every BN tensor (``bn_args[i][:4]``) on x's device, with ``bn_channels[i]`` values,
+      in the dtype the convs run in (``cast`` or x's), or float32 when that is
+      float16/bfloat16 (``F.batch_norm``'s rule);
+    * every BN's eps as ``F.batch_norm`` takes it: positive where it normalises with batch
+      statistics (``bn_args[i][4]``), non-negative otherwise.
+    ``labels(i)``: (conv name, BN name) of unit i in the module, for the errors."""
     run = cast or x.dtype
     dev = x.device
-    for i, w in enumerate(conv_weights):
-        if w.device != dev:
-            raise RuntimeError(f"{name}: input is on {dev} but {labels(i)[0]}'s weight is on {w.device}")
-        if cast is None and w.dtype != x.dtype:
-            raise TypeError(f"{name}: input dtype {x.dtype} does not match {labels(i)[0]}'s weight dtype {w.dtype}")
-    for i, tensors in enumerate(bns):
-        for t in tensors:
+    for i, conv in enumerate(convs):
+        w, b = module_attr(conv, "weight"), module_attr(conv, "bias")
+        label = labels(i)[0]
+        for what, t in (("weight", w), ("bias", b)):
             if t is None:
                 continue
             if t.device != dev:
-                raise RuntimeError(f"{name}: input is on {dev} but {labels(i)[1]}'s tensors are on {t.device}")
+                raise RuntimeError(f"{name}: input is on {dev} but {label}'s {what} is on {t.device}")
+            if cast is None and t.dtype != x.dtype:
+                raise TypeError(f"{name}: input dtype {x.dtype} does not match {label}'s {what} dtype {t.dtype}")
+        if b is not None and tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"{name}: {label}'s bias must have one value per output channel ({w.shape[0]}), got "
+                             f"shape {tuple(b.shape)}")
+    for i, (bn, args, c) in enumerate(zip(bns, bn_args, bn_channels)):
+        label = labels(i)[1]
+        for t in args[:4]:
+            if t is None:
+                continue
+            if t.device != dev:
+                raise RuntimeError(f"{name}: input is on {dev} but {label}'s tensors are on {t.device}")
+            if t.dim() != 1 or t.numel() != c:
+                raise ValueError(f"{name}: {label}'s weight, bias and running statistics must have one value per "
+                                 f"channel ({c}), got shape {tuple(t.shape)}")
             if not bn_dtype_allowed(t.dtype, run):
-                raise TypeError(f"{name}: {labels(i)[1]}'s tensors are {t.dtype} but the block runs in {run} (a BN "
+                raise TypeError(f"{name}: {label}'s tensors are {t.dtype} but the block runs in {run} (a BN "
                                 f"takes the input's dtype, or float32 for a float16/bfloat16 input)")
+        check_eps(f"{name}: {label}.eps", bn.eps, args[4])
 
 
 class _FusedBlockMixin(SyncBNMixin):
@@ -131,7 +158,7 @@ class _FusedBlockMixin(SyncBNMixin):
                 f"out_channels={last_conv.out_channels}, stride={self.stride})")
 
     def _fusable(self, units: Optional[List[Tuple[nn.Module, nn.Module]]] = None) -> bool:
-        if not isinstance(module_attr(self, "relu"), nn.ReLU):
+        if not plain_relu(module_attr(self, "relu")):
             return False
         for conv, bn in units or self._units():
             if _conv_spec(conv) is None or not _bn_supported(bn):
@@ -164,7 +191,7 @@ class _FusedBlockMixin(SyncBNMixin):
         conv_specs = [_conv_spec(c) for c in convs]
         args = [_bn_args(bn) for bn in bns]
         cast = _autocast_dtype(x)
-        check_units(name, x, weights, [a[:4] for a in args], cast,
+        check_units(name, x, convs, bns, args, [w.shape[0] for w in weights], cast,
                     lambda i: ((f"conv{i + 1}", f"bn{i + 1}") if i < n else ("downsample.0", "downsample.1")))
         why = check_conv_path(name, x, convs, cast or x.dtype)
         backend = ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))  # a forced one that cannot run

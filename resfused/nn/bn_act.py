@@ -72,6 +72,12 @@ def _functorch_active() -> bool:
     return bool(active is not None and active())
 
 
+def plain_relu(m: nn.Module) -> bool:
+    """An ``nn.ReLU`` whose forward is ReLU's own (what a fused module applies in its
+    place; a subclass computing something else keeps the module on its own forward)."""
+    return isinstance(m, nn.ReLU) and type(m).forward is nn.ReLU.forward
+
+
 def runs_unfused(module: nn.Module, x) -> bool:
     """Whether a fused module must run torchvision's own forward, calling its submodules
     one by one, for this call: under FX symbolic tracing (``x`` a Proxy:
@@ -151,7 +157,7 @@ class BatchNormAct2d(SyncBNMixin, nn.BatchNorm2d):
         relu = RF._check_activation(self.activation)
         if self.momentum is not None:
             RF._check_number("momentum", self.momentum)
-        RF._check_number("eps", self.eps, positive=True)
+        RF.check_eps("eps", self.eps, bn_training)
         group = self._group(bn_training)
         RF.check_bn_input(x, running_mean, running_var, weight, bias, bn_training, synced=group is not None)
         if residual is not None:

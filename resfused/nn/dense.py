@@ -26,7 +26,7 @@ from ..ops import bn_act as ops
 from .block import (_autocast_dtype, _conv_spec, _no_autocast, check_conv_path, check_module_input, check_units,
                     conv_key, conv_tf32, select_conv, timing_runs)
 from .bn_act import (SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norm, advance_batch_norms,
-                     batch_norm_args, module_attr, runs_unfused)
+                     batch_norm_args, module_attr, plain_relu, runs_unfused)
 
 
 def _keeps_size(conv: nn.Conv2d) -> bool:
@@ -52,8 +52,8 @@ def _layer_fusable(layer: nn.Module, parts: Optional[Tuple[Optional[nn.Module], 
     if not isinstance(layer, _DenseLayer):
         return False
     norm1, relu1, conv1, norm2, relu2, conv2 = parts or _parts(layer)
-    return (type(norm1) is nn.BatchNorm2d and type(norm2) is nn.BatchNorm2d and isinstance(relu1, nn.ReLU)
-            and isinstance(relu2, nn.ReLU) and _keeps_size(conv1) and _keeps_size(conv2)
+    return (type(norm1) is nn.BatchNorm2d and type(norm2) is nn.BatchNorm2d and plain_relu(relu1)
+            and plain_relu(relu2) and _keeps_size(conv1) and _keeps_size(conv2)
             and norm1.num_features == conv1.in_channels and norm2.num_features == conv1.out_channels)
 
 
@@ -74,7 +74,10 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: Sync
     check_module_input(name, x, bns[0].num_features, weights[0],
                        any(a[4] for a in args) and group is None)  # (synchronized: the merged count)
     cast = _autocast_dtype(x)
-    check_units(name, x, weights, [a[:4] for a in args], cast,
+    # norm1 of a layer normalises its input (conv1's input channels), norm2 conv1's output
+    bn_channels = [w.shape[1] * c.groups if j % 2 == 0 else weights[j - 1].shape[0]
+                   for j, (w, c) in enumerate(zip(weights, convs))]
+    check_units(name, x, convs, bns, args, bn_channels, cast,
                 lambda j: (f"denselayer{j // 2 + 1}.conv{j % 2 + 1}", f"denselayer{j // 2 + 1}.norm{j % 2 + 1}"))
     conv_specs = [_conv_spec(c) for c in convs]
     checked = set()
@@ -193,7 +196,7 @@ class FusedTransition(SyncBNMixin, _Transition):
         if names != ["norm", "relu", "conv", "pool"]:
             return False
         pool = self.pool
-        return (type(self.norm) is nn.BatchNorm2d and isinstance(self.relu, nn.ReLU)
+        return (type(self.norm) is nn.BatchNorm2d and plain_relu(self.relu)
                 and _conv_spec(self.conv) is not None and type(pool) is nn.AvgPool2d)
 
     def _name(self) -> str:
@@ -208,6 +211,8 @@ class FusedTransition(SyncBNMixin, _Transition):
         group = self._group(training)
         check_module_input(name, x, self.norm.num_features, self.conv.weight, training and group is None)
         check_bn_input(x, rm, rv, w, b, training, prefix=f"{name}: ", name="input", synced=group is not None)
+        check_units(name, x, [self.conv], [self.norm], [(rm, rv, w, b, training)], [x.shape[1]],
+                    _autocast_dtype(x), lambda _: ("conv", "norm"))
         cast = _autocast_dtype(x)
         ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))
         why = check_conv_path(name, x, [self.conv], cast or x.dtype)

@@ -241,8 +241,12 @@ def _stats_finalize(ws_ptr, mean_ptr, var_ptr, P, C, count,
         s2 += tl.load(ws_ptr + offs + C, mask=m, other=0)
     pivot = tl.load(ws_ptr + 2 * C + cols, mask=cmask, other=0)
     cnt = count.to(acc_ty)
-    d = tl.sum(s1, axis=0) / cnt
-    var = tl.sum(s2, axis=0) / cnt - d * d
+    if acc_ty == tl.float32:  # correctly rounded (the default fp32 division lowering approximates)
+        d = tl.math.div_rn(tl.sum(s1, axis=0), cnt)
+        var = tl.math.div_rn(tl.sum(s2, axis=0), cnt) - d * d
+    else:  # float64 division is correctly rounded
+        d = tl.sum(s1, axis=0) / cnt
+        var = tl.sum(s2, axis=0) / cnt - d * d
     var = tl.where(var < 0, 0, var)  # keeps NaN (tl.maximum would drop it)
     tl.store(mean_ptr + cols, pivot + d, mask=cmask)
     tl.store(var_ptr + cols, var, mask=cmask)

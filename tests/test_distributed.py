@@ -205,3 +205,48 @@ def test_one_value_per_channel_per_rank(sizes, tmp_path):
         assert_close(g["out"], mine, *rel_tol(mine, 1e-9), f"rank {rank} output")
         for k, v in ref.state_dict().items():
             assert_close(g["state"][k].double(), v.double(), *rel_tol(v.double(), 1e-9), f"rank {rank} {k}")
+
+
+def _no_running_stats_model():
+    """A block, a dense block with its transition and a BatchNormAct2d, synchronized, every
+    BN without running statistics (so in eval each normalises with batch statistics)."""
+    from torchvision.models.densenet import _DenseBlock, _Transition
+
+    torch.manual_seed(0)
+    model = nn.Sequential(BasicBlock(4, 4), _DenseBlock(1, 4, 2, 2, 0.0), _Transition(6, 6))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    model = resfused.convert(model, sync_bn=True)
+    model.append(resfused.BatchNormAct2d(6, track_running_stats=False, sync_bn=True))
+    return model.double().eval()
+
+
+def _eval_alone_worker(rank, init_file, result_dir):
+    import datetime
+
+    # (a collective rank 1 never joins fails after the timeout instead of hanging the test)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        if rank == 0:  # evaluates on its own, as a validation loop on rank 0 does
+            model = _no_running_stats_model()
+            torch.manual_seed(1)
+            out = model(torch.randn(3, 4, 6, 6, dtype=torch.float64))
+            torch.save(out.detach(), os.path.join(result_dir, "eval-alone.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_eval_without_running_stats_normalises_each_rank_alone(tmp_path):
+    """As nn.SyncBatchNorm: statistics are synchronized in training only. In eval a BN
+    without running statistics normalises with its own rank's batch and joins no
+    collective, so one rank can evaluate alone."""
+    _spawn(_eval_alone_worker, str(tmp_path))
+    model = _no_running_stats_model()
+    for m in model.modules():  # the same model, nothing synchronized
+        m.__dict__.pop("sync_bn", None)
+    torch.manual_seed(1)
+    expected = model(torch.randn(3, 4, 6, 6, dtype=torch.float64)).detach()
+    assert_close(torch.load(tmp_path / "eval-alone.pt"), expected, *rel_tol(expected, 1e-12), "rank 0 output")

@@ -195,7 +195,7 @@ class _FusedBlockMixin(SyncBNMixin):
                     lambda i: ((f"conv{i + 1}", f"bn{i + 1}") if i < n else ("downsample.0", "downsample.1")))
         why = check_conv_path(name, x, convs, cast or x.dtype)
         backend = ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))  # a forced one that cannot run
-        groups = [self._sync_group(bn) if a[4] else None for a, bn in zip(args, bns)]
+        groups = [self._sync_group(bn) if a[4] and bn.training else None for a, bn in zip(args, bns)]
         shapes = [(w.shape, cs) for w, cs in zip(weights, conv_specs)]
         # A custom downsample module runs eagerly (its output is the plain identity), before
         # the join's shape check: its BNs are put back if that check fails.

@@ -22,7 +22,10 @@ class SyncBNMixin:
     process_group = None
 
     def _group(self, training: bool):
-        """The resolved group when statistics are synchronized (batch statistics only)."""
+        """The resolved group when statistics are synchronized: batch statistics in
+        training only (``training``: the BN normalises with batch statistics and is in
+        training mode; as ``nn.SyncBatchNorm``, a BN without running statistics in eval
+        normalises with its own rank's batch)."""
         return resolve_group(self.process_group) if (self.sync_bn and training) else None
 
 
@@ -158,7 +161,7 @@ class BatchNormAct2d(SyncBNMixin, nn.BatchNorm2d):
         if self.momentum is not None:
             RF._check_number("momentum", self.momentum)
         RF.check_eps("eps", self.eps, bn_training)
-        group = self._group(bn_training)
+        group = self._group(bn_training and self.training)
         RF.check_bn_input(x, running_mean, running_var, weight, bias, bn_training, synced=group is not None)
         if residual is not None:
             RF.check_residual(x, residual)

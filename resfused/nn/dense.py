@@ -68,11 +68,13 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: Sync
     parts = [_parts(layer) for layer in layers]
     bns = [bn for p in parts for bn in (p[0], p[3])]
     args = [batch_norm_args(bn) for bn in bns]
-    group = owner._group(any(a[4] for a in args))
+    synced = [a[4] and bn.training for a, bn in zip(args, bns)]  # (as nn.SyncBatchNorm: training only)
+    group = owner._group(any(synced))
     convs = [c for p in parts for c in (p[2], p[5])]
     weights = [module_attr(c, "weight") for c in convs]
     check_module_input(name, x, bns[0].num_features, weights[0],
-                       any(a[4] for a in args) and group is None)  # (synchronized: the merged count)
+                       any(a[4] and not (s and group is not None) for a, s in zip(args, synced)))
+    # (a synchronized BN checks the merged count of values per channel, once gathered)
     cast = _autocast_dtype(x)
     # norm1 of a layer normalises its input (conv1's input channels), norm2 conv1's output
     bn_channels = [w.shape[1] * c.groups if j % 2 == 0 else weights[j - 1].shape[0]
@@ -95,9 +97,10 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: Sync
         n1, n2 = bns[2 * j], bns[2 * j + 1]
         conv1, conv2 = convs[2 * j], convs[2 * j + 1]
         drop = layer.drop_rate if (layer.training and layer.drop_rate > 0) else 0.0
-        layer_specs.append(DenseLayerSpec(BNSpec(t1, momenta[2 * j], n1.eps, group if t1 else None),
+        layer_specs.append(DenseLayerSpec(BNSpec(t1, momenta[2 * j], n1.eps, group if synced[2 * j] else None),
                                           conv_specs[2 * j],
-                                          BNSpec(t2, momenta[2 * j + 1], n2.eps, group if t2 else None),
+                                          BNSpec(t2, momenta[2 * j + 1], n2.eps,
+                                                 group if synced[2 * j + 1] else None),
                                           conv_specs[2 * j + 1],
                                           conv2.out_channels, float(drop)))
         cw1, cb1 = weights[2 * j], module_attr(conv1, "bias")
@@ -208,7 +211,7 @@ class FusedTransition(SyncBNMixin, _Transition):
             return super().forward(x)
         name = self._name()
         rm, rv, w, b, training = batch_norm_args(self.norm)
-        group = self._group(training)
+        group = self._group(training and self.norm.training)
         check_module_input(name, x, self.norm.num_features, self.conv.weight, training and group is None)
         check_bn_input(x, rm, rv, w, b, training, prefix=f"{name}: ", name="input", synced=group is not None)
         check_units(name, x, [self.conv], [self.norm], [(rm, rv, w, b, training)], [x.shape[1]],

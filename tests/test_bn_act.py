@@ -721,7 +721,7 @@ def test_bn_coef_matches_oracle(case, dtype, weight, bias, update, c):
     mean, var, w, b, rm, rv = vec(), vec(0.1, 2.0), vec(), vec(), vec(), vec(0.5, 2.0)
     args = [t.to(dtype) for t in (mean, var)] + [w.to(dtype) if weight else None, b.to(dtype) if bias else None]
     run_rm, run_rv = (rm.to(dtype, copy=True), rv.to(dtype, copy=True)) if update else (None, None)
-    affine, stats = RF_ops.bn_coef(*args, run_rm, run_rv, 0.1, 1e-5, 1.25, backend)
+    affine, stats = RF_ops.bn_coef(*args, run_rm, run_rv, 0.1, 1e-5, 5, backend)  # over 5 values: unbias 5/4
     inv = 1 / torch.sqrt(var + 1e-5)
     scale = w * inv if weight else inv
     shift = (b if bias else 0) - mean * scale
@@ -743,7 +743,7 @@ def test_bn_coef_updates_running_stats_of_another_dtype(case):
     rm, rv = torch.randn(5, device=device).bfloat16(), (torch.rand(5, device=device) + 0.5).bfloat16()
     want_rm = (0.1 * mean + 0.9 * rm.float()).bfloat16()
     want_rv = (0.1 * (var * 2.0) + 0.9 * rv.float()).bfloat16()
-    RF_ops.bn_coef(mean, var, None, None, rm, rv, 0.1, 1e-5, 2.0, backend)
+    RF_ops.bn_coef(mean, var, None, None, rm, rv, 0.1, 1e-5, 2, backend)  # over 2 values: unbias 2
     assert rm.dtype == rv.dtype == torch.bfloat16
     assert torch.equal(rm, want_rm) and torch.equal(rv, want_rv)
 

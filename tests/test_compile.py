@@ -134,6 +134,48 @@ def test_cuda_prefix_view_rule_traces():
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_training_compiles_once_per_symbolic_size(case, dynamic):
+    """In training too, new batch and spatial sizes reuse symbolic graphs: the fused
+    modules compile no more often than torchvision's (BN statistics counts stay integers,
+    which torch.compile keeps symbolic, rather than floats made from the sizes, which it
+    specialises: one recompilation per size, and ``fullgraph=True`` failing at the
+    recompile limit). Outputs, gradients and running statistics equal the uncompiled
+    module's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torchvision.models.densenet import _DenseBlock, _Transition
+
+    backend, device = case
+    torch.manual_seed(0)
+    tv = torch.nn.Sequential(Bottleneck(8, 2), _DenseBlock(2, 8, 2, 2, 0.0), _Transition(12, 8),
+                             torch.nn.Sequential(torch.nn.BatchNorm2d(8), torch.nn.ReLU()))
+    tv = randomise_bns(tv).to(device).train()
+    model = resfused.convert(copy.deepcopy(tv))
+    eager = copy.deepcopy(model)
+    sizes = ((2, 6), (3, 6), (4, 6), (5, 8), (3, 10))
+    counts = []
+    for m in (tv, model):
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("eager")
+        compiled = torch.compile(m, fullgraph=True, backend=counter, dynamic=dynamic)
+        with resfused.use_backend(backend):
+            for n, hw in sizes:
+                x = torch.randn(n, 8, hw, hw, device=device)
+                out = compiled(x)
+                if m is model:
+                    want = eager(x)
+                    assert_close(out, want, 1e-5, 1e-5, f"batch {n}, {hw}x{hw}")
+                    want.square().mean().backward()
+                out.square().mean().backward()
+        counts.append(counter.frame_count)
+    assert counts[1] <= counts[0], f"compiled {counts[1]} times, torchvision's modules {counts[0]}"
+    for (k, a), b in zip(model.state_dict().items(), eager.state_dict().values()):
+        assert_close(a.float(), b.float(), 1e-5, 1e-5, k)
+    for (k, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert_close(p.grad, q.grad, 1e-4, 1e-4, f"grad {k}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("name", ["resnet18", "densenet"])
 def test_batch_size_changes_recompile_with_dynamic_shapes(case, name):
     """A new batch size makes torch.compile recompile with a symbolic batch dimension

@@ -175,17 +175,27 @@ def _modules_for_double_backward():
 
 
 @pytest.mark.parametrize("kind", ["bottleneck", "dense_block", "transition", "batch_norm_act"])
-def test_double_backward_raises_instead_of_a_wrong_gradient(kind):
-    """A second derivative through a fused node (a gradient penalty) raises autograd's
-    once-differentiable error: the fused backward is not itself differentiable, and a
-    silently disconnected graph would give zeros."""
+@pytest.mark.parametrize("how", ["penalty", "constant_cotangent", "penalty_plus_loss", "functional_jvp"])
+def test_double_backward_raises_instead_of_a_wrong_gradient(kind, how):
+    """A fused node's backward is not itself differentiable: run with create_graph=True
+    (a gradient penalty, whatever its cotangent; torch.autograd.functional.jvp, which
+    differentiates a vector-Jacobian product) it raises, where a disconnected graph would
+    silently give zeros or drop the penalty's share of the gradients."""
     module, c = _modules_for_double_backward()[kind]
     fused = resfused.nn.BatchNormAct2d(c) if module is None else resfused.convert(module)
     fused.double()
     x = torch.randn(2, c, 6, 6, dtype=torch.float64, requires_grad=True)
-    g, = torch.autograd.grad(fused(x).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
-        g.square().sum().backward()
+    with pytest.raises(RuntimeError, match="is once differentiable: its backward cannot run with create_graph=True"):
+        if how == "functional_jvp":
+            torch.autograd.functional.jvp(fused, x.detach(), torch.randn_like(x))
+        out = fused(x)
+        loss = out.sum() if how in ("constant_cotangent", "penalty_plus_loss") else out.square().sum()
+        g, = torch.autograd.grad(loss, x, create_graph=True)
+        (g.square().sum() + (out.square().mean() if how == "penalty_plus_loss" else 0)).backward()
+    # first derivatives as usual
+    x.grad = None
+    fused(x).square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_bias_gradients_are_separate_tensors():

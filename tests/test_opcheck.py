@@ -34,7 +34,7 @@ def samples(device, layout, residual_bn):
         # else eval: running statistics as mean/var, no weight)
         "bn_coef": (stats[0], stats[1], None if not residual_bn else torch.rand(3, device=device), affine[1],
                     torch.randn(3, device=device) if residual_bn else None,
-                    torch.rand(3, device=device) + 0.5 if residual_bn else None, 0.1, 1e-5, 1.5),
+                    torch.rand(3, device=device) + 0.5 if residual_bn else None, 0.1, 1e-5, 3),
     }
 
 

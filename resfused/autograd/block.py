@@ -29,13 +29,12 @@ from typing import Any, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ..distributed import sync_active, sync_batch_stats, sync_grad_sums
 from ..ops import bn_act as ops
 from ..ops import conv as conv_ops
 from . import bn_act as _bn_act
-from .bn_act import bn_act_backward, bn_coefficients, channel_count, grad_coefficients
+from .bn_act import bn_act_backward, bn_coefficients, channel_count, first_order, grad_coefficients
 
 TENSORS_PER_UNIT = 6  # conv weight, conv bias, bn weight, bn bias, running mean, running var
 
@@ -382,7 +381,7 @@ class ResidualBlockFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out):
         spec: BlockSpec = ctx.spec
         backend = ctx.backend

@@ -9,6 +9,7 @@ dgamma, and dgamma_r for a BN'd residual) and one apply pass (dx, dresidual).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Optional, Tuple
 
 import torch
@@ -25,6 +26,28 @@ from ..ops.eager import acc_dtype
 #: name of its own: tests and scripts/host_time.py turn the composites off through it)
 _COMPOSITE_BACKENDS = ops.NATIVE_BACKENDS
 
+
+
+def first_order(backward):
+    """A fused node's backward, once-differentiable (``@once_differentiable`` inside): it
+    refuses to run with ``create_graph=True``. Autograd's own once-differentiable error
+    fires only where the incoming gradient requires grad; with a constant one (a gradient
+    penalty on ``grad(out.sum(), x, create_graph=True)``, ``torch.autograd.functional.jvp``)
+    the second derivative would silently be zero or missing."""
+    inner = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"resfused: {type(ctx).__name__.removesuffix('Backward')} is once differentiable: its backward "
+                f"cannot run with create_graph=True (double backward, a gradient penalty, "
+                f"torch.autograd.functional.jvp/hessian) without giving a wrong second derivative (autograd "
+                f"would differentiate twice a function that was marked with @once_differentiable). For higher "
+                f"derivatives run torchvision's modules: resfused.revert(model), or torch.func transforms, under "
+                f"which the fused modules run torchvision's ops.")
+        return inner(ctx, *grads)
+    return wrapper
 
 def _composite(backend: str, x: Tensor) -> bool:
     """Whether this BN's sequence can run as one call to a composite of resfused._C: a
@@ -69,7 +92,7 @@ def bn_coefficients(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     w = None if weight is None else _plain(weight, acc)
     b = None if bias is None else _plain(bias, acc)
     if not training:
-        return ops.bn_coef(_plain(running_mean, acc), _plain(running_var, acc), w, b, None, None, 0.0, eps, 1.0,
+        return ops.bn_coef(_plain(running_mean, acc), _plain(running_var, acc), w, b, None, None, 0.0, eps, 1,
                            backend)
     if batch_stats is not None:
         mean, var = batch_stats
@@ -81,7 +104,7 @@ def bn_coefficients(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     update = running_mean is not None and count > 0
     with torch.no_grad():
         return ops.bn_coef(mean, var, w, b, running_mean if update else None, running_var if update else None,
-                           momentum, eps, count / max(count - 1, 1), backend)
+                           momentum, eps, count, backend)
 
 
 def _grad_coefficients(stats: Tensor, affine: Tensor, sum_dz: Tensor, sum_dz_xhat: Tensor,
@@ -93,7 +116,7 @@ def _grad_coefficients(stats: Tensor, affine: Tensor, sum_dz: Tensor, sum_dz_xha
         return torch.stack([mean, scale, zero, zero])
     coef = torch.stack([mean, scale, sum_dz, sum_dz_xhat])
     coef[3].mul_(stats[1])
-    coef[2:].div_(float(max(count, 1)))
+    coef[2:].div_(max(count, 1))  # (an integer: kept symbolic under torch.compile)
     return coef
 
 
@@ -209,7 +232,7 @@ class BatchNormActFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out):
         training, res_training, res_bn, relu, backend = ctx.settings
         x, residual, out, affine, stats, res_affine, res_stats = ctx.saved_tensors

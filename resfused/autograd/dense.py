@@ -49,7 +49,6 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ..distributed import sync_batch_stats
 from ..ops import bn_act as ops
@@ -57,7 +56,7 @@ from ..ops import conv as conv_ops
 from ..ops.eager import acc_dtype
 from .block import (BNSpec, ConvSpec, _bn_input_grad, _conv, _conv_backward, _fused_conv,
                     _fused_conv_backward, _hashable, cast_native_grads, conv_chain_shapes, runs_native)
-from .bn_act import bn_act_backward, bn_coefficients
+from .bn_act import bn_act_backward, bn_coefficients, first_order
 
 # norm1 weight, bias, running mean, running var, conv1 weight, bias,
 # norm2 weight, bias, running mean, running var, conv2 weight, bias
@@ -303,7 +302,7 @@ class DenseBlockFunction(torch.autograd.Function):
         return fwd.buf
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out):
         spec: DenseBlockSpec = ctx.spec
         backend = ctx.backend
@@ -508,7 +507,7 @@ class TransitionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out):
         spec: TransitionSpec = ctx.spec
         x, affine, stats, cw, cb = ctx.saved_tensors

@@ -300,12 +300,15 @@ def _(acc, grad_out, x, affine, coef, out, relu, backend="auto"):
 
 def _bn_coef_impl(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                   running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float, eps: float,
-                  unbias: float, backend: str = "auto") -> Tuple[Tensor, Tensor]:
-    """(affine, stats) of one BN from its per-channel mean and (biased) variance, in
-    mean's dtype (the accumulation dtype); with running statistics (training), first
-    updates them in place (``eager.bn_coef``: ``unbias`` scales the variance that goes into
-    running_var). Running statistics of another dtype are updated through a copy in
-    mean's dtype."""
+                  count: int, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """(affine, stats) of one BN from its per-channel mean and (biased) variance over
+    ``count`` values per channel, in mean's dtype (the accumulation dtype); with running
+    statistics (training), first updates them in place (``eager.bn_coef``: the variance
+    that goes into running_var is unbiased, ``var * count / (count - 1)``). Running
+    statistics of another dtype are updated through a copy in mean's dtype. (``count`` is
+    an integer so that torch.compile keeps it symbolic: a float made from the batch size
+    would be specialised, one recompilation per batch size.)"""
+    unbias = count / max(count - 1, 1)
     name = resolve(backend, mean)
     acc = mean.dtype
     if (running_mean is None) != (running_var is None):
@@ -328,7 +331,7 @@ bn_coef_op = torch.library.custom_op("resfused::bn_coef",
 
 
 @bn_coef_op.register_fake
-def _(mean, var, weight, bias, running_mean, running_var, momentum, eps, unbias, backend="auto"):
+def _(mean, var, weight, bias, running_mean, running_var, momentum, eps, count, backend="auto"):
     c = mean.shape[0]
     return mean.new_empty((2, c)), mean.new_empty((2, c))
 

@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 import resfused
-from utils import assert_low_precision, assert_model_low_precision, backend_cases, case_id, interpreted, randomise_bns
+from utils import assert_low_precision, assert_model_low_precision, backend_cases, interpreted, randomise_bns
 
 CASES = [c for c in backend_cases() if not interpreted(*c)]
 AMP = [(b, d, dt) for (b, d) in CASES for dt in ([torch.bfloat16] if d == "cpu" else [torch.bfloat16, torch.float16])]

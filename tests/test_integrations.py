@@ -198,6 +198,31 @@ def test_double_backward_raises_instead_of_a_wrong_gradient(kind, how):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("kind", ["bottleneck", "dense_block", "transition", "batch_norm_act"])
+@pytest.mark.parametrize("backend", ["cpu", "eager"])
+@pytest.mark.parametrize("training", [True, False])
+def test_vectorized_jacobian_matches_torchvision(kind, backend, training):
+    """A backward under vmap (``jacobian(vectorize=True)``, ``grad(..., is_grads_batched=True)``)
+    gets a batch of output gradients: the fused nodes take their Python path (the one-call
+    block composites have no batching rule) and add a dense layer's input gradient out of
+    place, giving torchvision's Jacobian."""
+    module, c = _modules_for_double_backward()[kind]
+    torch.manual_seed(0)
+    if module is None:
+        ref = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU())
+        fused = resfused.nn.BatchNormAct2d(c)
+        fused.load_state_dict(ref[0].state_dict())
+    else:
+        ref = randomise_bns(module)
+        fused = resfused.convert(copy.deepcopy(ref))
+    ref, fused = ref.double().train(training), fused.double().train(training)
+    x = torch.randn(2, c, 3, 3, dtype=torch.float64)
+    with resfused.use_backend(backend):
+        got = torch.autograd.functional.jacobian(fused, x, vectorize=True)
+    want = torch.autograd.functional.jacobian(ref, x, vectorize=True)
+    assert_close(got, want, 1e-12, 1e-12, "jacobian")
+
+
 def test_bias_gradients_are_separate_tensors():
     """The join's two BNs (bn3 and the downsample's) both get Σdy as their bias gradient:
     each parameter's ``.grad`` is its own tensor, so accumulation over two backward calls,

@@ -34,7 +34,7 @@ from ..distributed import sync_active, sync_batch_stats, sync_grad_sums
 from ..ops import bn_act as ops
 from ..ops import conv as conv_ops
 from . import bn_act as _bn_act
-from .bn_act import bn_act_backward, bn_coefficients, channel_count, first_order, grad_coefficients
+from .bn_act import _batched, bn_act_backward, bn_coefficients, channel_count, first_order, grad_coefficients
 
 TENSORS_PER_UNIT = 6  # conv weight, conv bias, bn weight, bn bias, running mean, running var
 
@@ -395,7 +395,7 @@ class ResidualBlockFunction(torch.autograd.Function):
         weights = rest[3 * n + n_acts:3 * n + n_acts + n_weights]
         bias_iter = iter(rest[3 * n + n_acts + n_weights:])
         conv_biases = [next(bias_iter) if has else None for has in ctx.has_conv_bias]
-        if _native(spec, backend):
+        if _native(spec, backend) and not _batched(grad_out):
             return _native_backward(ctx, grad_out, x, out, ys, affines, stats, kept_acts, y_d, aff_d, st_d, weights,
                                     conv_biases)
 

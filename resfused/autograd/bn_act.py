@@ -28,6 +28,15 @@ _COMPOSITE_BACKENDS = ops.NATIVE_BACKENDS
 
 
 
+def _batched(t: Tensor) -> bool:
+    """Whether t is a functorch batched tensor (a backward under vmap: ``is_grads_batched``,
+    ``jacobian(vectorize=True)``), which the whole-block composites (TensorList arguments)
+    have no batching rule for."""
+    functorch = getattr(torch._C, "_functorch", None)
+    return any(bool(f(t)) for f in (getattr(functorch, name, None) for name in
+                                    ("is_batchedtensor", "is_legacy_batchedtensor")) if f is not None)
+
+
 def first_order(backward):
     """A fused node's backward, once-differentiable (``@once_differentiable`` inside): it
     refuses to run with ``create_graph=True``. Autograd's own once-differentiable error
@@ -188,9 +197,13 @@ def bn_act_backward(grad_out: Tensor, x: Tensor, out: Optional[Tensor], affine: 
         res_arg = residual if res_bn else (grad_out if plain_residual_grad else None)
         if relu and out is None and res_arg is not None and not res_bn:
             raise ValueError("bn_act_backward: a plain residual needs `out` for the relu mask")
-        if acc is not None:
+        if acc is not None and not _batched(acc):
             if need_dx:
                 ops.bn_act_bwd_apply_acc(acc, grad_out, x, affine, coef, out, relu, backend)
+            return None, None, sums
+        if acc is not None:  # a batch of gradients (vmap): the apply pass, then the add
+            if need_dx:
+                acc.add_(ops.bn_act_bwd_apply(grad_out, x, affine, coef, None, None, None, out, relu, backend)[0])
             return None, None, sums
         dx, dres = ops.bn_act_bwd_apply(grad_out, x, affine, coef, res_arg, res_affine, res_coef, out, relu,
                                         backend)

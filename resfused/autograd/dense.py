@@ -56,7 +56,7 @@ from ..ops import conv as conv_ops
 from ..ops.eager import acc_dtype
 from .block import (BNSpec, ConvSpec, _bn_input_grad, _conv, _conv_backward, _fused_conv,
                     _fused_conv_backward, _hashable, cast_native_grads, conv_chain_shapes, runs_native)
-from .bn_act import bn_act_backward, bn_coefficients, first_order
+from .bn_act import _batched, bn_act_backward, bn_coefficients, first_order
 
 # norm1 weight, bias, running mean, running var, conv1 weight, bias,
 # norm2 weight, bias, running mean, running var, conv2 weight, bias
@@ -319,7 +319,7 @@ class DenseBlockFunction(torch.autograd.Function):
         bias_iter = iter(rest)
         conv_biases = [next(bias_iter) if has else None for has in ctx.has_conv_bias]
 
-        if _native(spec, backend):
+        if _native(spec, backend) and not _batched(grad_out):
             return _native_backward(ctx, grad_out, buf, y1s, aff1s, st1s, aff2s, st2s, masks, weights, conv_biases)
         needs = ctx.needs_input_grad  # (spec, x, *tensors)
         need_x = bool(needs[1])
@@ -334,8 +334,8 @@ class DenseBlockFunction(torch.autograd.Function):
                 grads[layer * TENSORS_PER_LAYER + j] = value if value.dtype == dtype else value.to(dtype)
 
         fmt = ops.memory_format_of(buf)
-        gbuf = torch.empty_like(buf, memory_format=fmt)
-        gbuf.copy_(grad_out)
+        # (under vmap, a batch of output gradients: the gradient buffer is batched too)
+        gbuf = grad_out.clone() if _batched(grad_out) else torch.empty_like(buf, memory_format=fmt).copy_(grad_out)
         widths = prefix_widths(ctx.c0, spec)
         scratch = _prefix_scratch(buf, widths, backend) if spec.conv == "library" else None
         for i in range(n - 1, -1, -1):

@@ -223,6 +223,31 @@ def test_vectorized_jacobian_matches_torchvision(kind, backend, training):
     assert_close(got, want, 1e-12, 1e-12, "jacobian")
 
 
+@pytest.mark.parametrize("kind", ["bottleneck", "dense_block", "transition", "batch_norm_act"])
+def test_forward_mode_ad_matches_torchvision(kind):
+    """Forward-mode AD (dual tensors under ``torch.autograd.forward_ad.dual_level``): the
+    fused modules run torchvision's ops, whose jvp rules give the tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    module, c = _modules_for_double_backward()[kind]
+    torch.manual_seed(0)
+    if module is None:
+        ref = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU())
+        fused = resfused.nn.BatchNormAct2d(c)
+    else:
+        ref = randomise_bns(module)
+        fused = resfused.convert(copy.deepcopy(ref))
+    ref, fused = ref.double().train(), fused.double().train()
+    x = torch.randn(2, c, 5, 5, dtype=torch.float64)
+    t = torch.randn_like(x)
+    tangents = []
+    for m in (fused, ref):
+        with fwAD.dual_level():
+            tangents.append(fwAD.unpack_dual(m(fwAD.make_dual(x, t))).tangent)
+    assert_close(tangents[0], tangents[1], 1e-12, 1e-12, "tangent")
+    fused(x).sum().backward()  # and the fused path again outside it
+
+
 def test_bias_gradients_are_separate_tensors():
     """The join's two BNs (bn3 and the downsample's) both get Σdy as their bias gradient:
     each parameter's ``.grad`` is its own tensor, so accumulation over two backward calls,

@@ -87,13 +87,16 @@ def runs_unfused(module: nn.Module, x) -> bool:
     ``create_feature_extractor``, ``symbolic_trace``) and ``torch.jit.trace``, which record
     the submodules' ops; under torch.export and ONNX export (a portable program of
     standard ops, which autograd can also differentiate: ``fold`` gives the folded
-    deployment graph); inside torch.func transforms; on the meta device (shape
+    deployment graph); inside torch.func transforms and forward-mode AD
+    (``torch.autograd.forward_ad.dual_level``); on the meta device (shape
     inference); and whenever a hook would otherwise not fire — one registered on any
     submodule (forward, pre-forward or backward: feature taps, ``torch.nn.utils.prune``'s
     mask, applied by a pre-forward hook on the conv) or a global module hook. The fused
     path reads the submodules' parameters directly and calls none of them."""
     xs = x if isinstance(x, (list, tuple)) else (x,)
     if torch.jit.is_tracing() or any(isinstance(t, torch.fx.Proxy) for t in xs) or _functorch_active():
+        return True
+    if torch.autograd.forward_ad._current_level >= 0:  # forward-mode AD (dual tensors): torchvision's ops have a jvp
         return True
     if _exporting():
         return True

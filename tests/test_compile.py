@@ -192,3 +192,34 @@ def test_batch_size_changes_recompile_with_dynamic_shapes(case, name):
             for n in (2, 3, 5):
                 x = torch.randn(n, 3, 32, 32, device=device)
                 assert_close(compiled(x), model(x), 1e-5, 1e-5, f"batch {n}, dynamic={dynamic}")
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_compiled_torch_func_transforms_run_torchvisions_ops(transform):
+    """torch.compile of a torch.func transform over a fused block (in eval: in training a
+    transform cannot update the captured running statistics, torchvision's neither)
+    traces torchvision's ops, as the transform does uncompiled (the fused autograd nodes
+    have no functorch rules), with no graph break, and gives the uncompiled results."""
+    training = False
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    block = randomise_bns(resfused.convert(torch.nn.Sequential(Bottleneck(8, 2)))[0]).train(training)
+    x = torch.randn(2, 8, 5, 5)
+    if transform == "grad":
+        params = dict(block.named_parameters())
+        fn = grad(lambda p, xx: functional_call(block, p, (xx,)).square().sum())
+        args = (params, x)
+    else:
+        fn = vmap(lambda xx: block(xx.unsqueeze(0)).squeeze(0))
+        args = (x,)
+    state = copy.deepcopy(block.state_dict())
+    want = fn(*args)
+    block.load_state_dict(state)
+    torch._dynamo.reset()
+    got = torch.compile(fn, fullgraph=True, backend="eager")(*args)
+    if transform == "grad":
+        for k in want:
+            assert_close(got[k], want[k], 1e-5, 1e-5, f"grad {k}")
+    else:
+        assert_close(got, want, 1e-5, 1e-5, "vmap output")

@@ -32,6 +32,8 @@ def _batched(t: Tensor) -> bool:
     """Whether t is a functorch batched tensor (a backward under vmap: ``is_grads_batched``,
     ``jacobian(vectorize=True)``), which the whole-block composites (TensorList arguments)
     have no batching rule for."""
+    if _compiling():  # (the queries are not traceable; a compiled backward is not vmapped here)
+        return False
     functorch = getattr(torch._C, "_functorch", None)
     return any(bool(f(t)) for f in (getattr(functorch, name, None) for name in
                                     ("is_batchedtensor", "is_legacy_batchedtensor")) if f is not None)

@@ -9,7 +9,6 @@ from torch import Tensor, nn
 
 from .. import functional as RF
 from ..distributed import resolve_group
-from ..ops.bn_act import _compiling
 from ..ops.bn_act import resolve as resolve_backend
 
 
@@ -68,9 +67,8 @@ _GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_gl
 
 def _functorch_active() -> bool:
     """Inside a torch.func transform (grad, vjp, jacrev, vmap...), which the fused
-    autograd Functions do not support (they save what backward needs in forward)."""
-    if _compiling():
-        return False
+    autograd Functions do not support (they save what backward needs in forward).
+    torch.compile folds the query to a constant while tracing, inside a transform or not."""
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(active is not None and active())
 

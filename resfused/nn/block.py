@@ -22,7 +22,7 @@ from .._backend import unavailable_reason
 from ..autograd.block import (TENSORS_PER_UNIT, BlockSpec, BNSpec, ConvSpec, ResidualBlockFunction,
                               check_join_shapes)
 from ..distributed import resolve_group
-from ..functional import bn_dtype_allowed, check_eps, check_not_inference
+from ..functional import check_eps, check_not_inference
 from ..ops import bn_act as ops
 from ..ops.bn_act import _compiling, _trace_time_constant
 from .bn_act import (SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norms, batch_norm_args,
@@ -83,9 +83,9 @@ def check_module_input(name: str, x: Tensor, expected_c: int, weight: Tensor, ba
                          f"{tuple(x.shape)}")
 
 
-def check_units(name: str, x: Tensor, convs: Sequence[nn.Module], bns: Sequence[nn.Module],
-                bn_args: Sequence[Sequence], bn_channels: Sequence[int], cast: Optional[torch.dtype],
-                labels: Callable[[int], Tuple[str, str]]) -> None:
+def check_units(name: str, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
+                bns: Sequence[nn.Module], bn_args: Sequence[Sequence], bn_channels: Sequence[int],
+                cast: Optional[torch.dtype], labels: Callable[[int], Tuple[str, str]]) -> None:
     """A fused module's convolutions and BNs, checked before anything runs or is updated
     (where the library call or a kernel would fail after batch counters moved):
     * every conv weight and bias on x's device and in x's dtype (any dtype under
@@ -95,36 +95,49 @@ def check_units(name: str, x: Tensor, convs: Sequence[nn.Module], bns: Sequence[
       float16/bfloat16 (``F.batch_norm``'s rule);
     * every BN's eps as ``F.batch_norm`` takes it: positive where it normalises with batch
       statistics (``bn_args[i][4]``), non-negative otherwise.
-    ``labels(i)``: (conv name, BN name) of unit i in the module, for the errors."""
+    ``labels(i)``: (conv name, BN name) of unit i in the module, for the errors (worked
+    out only when one is raised: this runs on every call)."""
     run = cast or x.dtype
-    dev = x.device
-    for i, conv in enumerate(convs):
-        w, b = module_attr(conv, "weight"), module_attr(conv, "bias")
-        label = labels(i)[0]
-        for what, t in (("weight", w), ("bias", b)):
-            if t is None:
-                continue
-            if t.device != dev:
-                raise RuntimeError(f"{name}: input is on {dev} but {label}'s {what} is on {t.device}")
-            if cast is None and t.dtype != x.dtype:
-                raise TypeError(f"{name}: input dtype {x.dtype} does not match {label}'s {what} dtype {t.dtype}")
-        if b is not None and tuple(b.shape) != (w.shape[0],):
-            raise ValueError(f"{name}: {label}'s bias must have one value per output channel ({w.shape[0]}), got "
-                             f"shape {tuple(b.shape)}")
+    dev, xdt = x.device, x.dtype
+    # (the common case in one expression per tensor; the messages only where one fails)
+    low = run in (torch.float16, torch.bfloat16)
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        if w.device != dev or (cast is None and w.dtype != xdt) or (
+                b is not None and (b.device != dev or (cast is None and b.dtype != xdt) or b.shape != (w.shape[0],))):
+            _conv_error(name, labels(i)[0], w, b, dev, xdt, cast)
     for i, (bn, args, c) in enumerate(zip(bns, bn_args, bn_channels)):
-        label = labels(i)[1]
         for t in args[:4]:
-            if t is None:
-                continue
-            if t.device != dev:
-                raise RuntimeError(f"{name}: input is on {dev} but {label}'s tensors are on {t.device}")
-            if t.dim() != 1 or t.numel() != c:
-                raise ValueError(f"{name}: {label}'s weight, bias and running statistics must have one value per "
-                                 f"channel ({c}), got shape {tuple(t.shape)}")
-            if not bn_dtype_allowed(t.dtype, run):
-                raise TypeError(f"{name}: {label}'s tensors are {t.dtype} but the block runs in {run} (a BN "
-                                f"takes the input's dtype, or float32 for a float16/bfloat16 input)")
-        check_eps(f"{name}: {label}.eps", bn.eps, args[4])
+            if t is not None and (t.device != dev or t.shape != (c,) or
+                                  (t.dtype != run and not (low and t.dtype == torch.float32))):
+                _bn_tensor_error(name, labels(i)[1], t, dev, c, run)
+        eps = bn.eps
+        if not (type(eps) is float and (eps > 0 or (eps == 0 and not args[4]))):
+            check_eps(f"{name}: {labels(i)[1]}.eps", eps, args[4])
+
+
+def _conv_error(name: str, label: str, w: Tensor, b: Optional[Tensor], dev: torch.device, xdt: torch.dtype,
+                cast: Optional[torch.dtype]) -> None:
+    """Raises check_units' error for a conv whose weight or bias does not fit."""
+    for what, t in (("weight", w), ("bias", b)):
+        if t is None:
+            continue
+        if t.device != dev:
+            raise RuntimeError(f"{name}: input is on {dev} but {label}'s {what} is on {t.device}")
+        if cast is None and t.dtype != xdt:
+            raise TypeError(f"{name}: input dtype {xdt} does not match {label}'s {what} dtype {t.dtype}")
+    raise ValueError(f"{name}: {label}'s bias must have one value per output channel ({w.shape[0]}), got shape "
+                     f"{tuple(b.shape)}")
+
+
+def _bn_tensor_error(name: str, label: str, t: Tensor, dev: torch.device, c: int, run: torch.dtype) -> None:
+    """Raises check_units' error for a BN tensor that does not fit."""
+    if t.device != dev:
+        raise RuntimeError(f"{name}: input is on {dev} but {label}'s tensors are on {t.device}")
+    if t.shape != (c,):
+        raise ValueError(f"{name}: {label}'s weight, bias and running statistics must have one value per channel "
+                         f"({c}), got shape {tuple(t.shape)}")
+    raise TypeError(f"{name}: {label}'s tensors are {t.dtype} but the block runs in {run} (a BN takes the input's "
+                    f"dtype, or float32 for a float16/bfloat16 input)")
 
 
 class _FusedBlockMixin(SyncBNMixin):
@@ -191,7 +204,8 @@ class _FusedBlockMixin(SyncBNMixin):
         conv_specs = [_conv_spec(c) for c in convs]
         args = [_bn_args(bn) for bn in bns]
         cast = _autocast_dtype(x)
-        check_units(name, x, convs, bns, args, [w.shape[0] for w in weights], cast,
+        biases = [module_attr(c, "bias") for c in convs]
+        check_units(name, x, weights, biases, bns, args, [w.shape[0] for w in weights], cast,
                     lambda i: ((f"conv{i + 1}", f"bn{i + 1}") if i < n else ("downsample.0", "downsample.1")))
         why = check_conv_path(name, x, convs, cast or x.dtype)
         backend = ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))  # a forced one that cannot run
@@ -218,8 +232,7 @@ class _FusedBlockMixin(SyncBNMixin):
                          (conv_specs[n], bn_specs[n]) if fused_ds else None, self.memory_efficient, backend,
                          checked=True)
         tensors: List[Optional[Tensor]] = []
-        for conv, cw, (rm, rv, w, b, _) in zip(convs, weights, args):
-            cb = module_attr(conv, "bias")
+        for cw, cb, (rm, rv, w, b, _) in zip(weights, biases, args):
             if cast is not None:
                 cw = cw.to(cast)
                 cb = None if cb is None else cb.to(cast)

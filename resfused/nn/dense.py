@@ -79,7 +79,8 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: Sync
     # norm1 of a layer normalises its input (conv1's input channels), norm2 conv1's output
     bn_channels = [w.shape[1] * c.groups if j % 2 == 0 else weights[j - 1].shape[0]
                    for j, (w, c) in enumerate(zip(weights, convs))]
-    check_units(name, x, convs, bns, args, bn_channels, cast,
+    biases = [module_attr(c, "bias") for c in convs]
+    check_units(name, x, weights, biases, bns, args, bn_channels, cast,
                 lambda j: (f"denselayer{j // 2 + 1}.conv{j % 2 + 1}", f"denselayer{j // 2 + 1}.norm{j % 2 + 1}"))
     conv_specs = [_conv_spec(c) for c in convs]
     checked = set()
@@ -95,16 +96,15 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: Sync
     for j, layer in enumerate(layers):
         (rm1, rv1, w1, b1, t1), (rm2, rv2, w2, b2, t2) = args[2 * j], args[2 * j + 1]
         n1, n2 = bns[2 * j], bns[2 * j + 1]
-        conv1, conv2 = convs[2 * j], convs[2 * j + 1]
         drop = layer.drop_rate if (layer.training and layer.drop_rate > 0) else 0.0
         layer_specs.append(DenseLayerSpec(BNSpec(t1, momenta[2 * j], n1.eps, group if synced[2 * j] else None),
                                           conv_specs[2 * j],
                                           BNSpec(t2, momenta[2 * j + 1], n2.eps,
                                                  group if synced[2 * j + 1] else None),
                                           conv_specs[2 * j + 1],
-                                          conv2.out_channels, float(drop)))
-        cw1, cb1 = weights[2 * j], module_attr(conv1, "bias")
-        cw2, cb2 = weights[2 * j + 1], module_attr(conv2, "bias")
+                                          weights[2 * j + 1].shape[0], float(drop)))
+        cw1, cb1 = weights[2 * j], biases[2 * j]
+        cw2, cb2 = weights[2 * j + 1], biases[2 * j + 1]
         if cast is not None:
             cw1, cw2 = cw1.to(cast), cw2.to(cast)
             cb1 = None if cb1 is None else cb1.to(cast)
@@ -214,9 +214,10 @@ class FusedTransition(SyncBNMixin, _Transition):
         group = self._group(training and self.norm.training)
         check_module_input(name, x, self.norm.num_features, self.conv.weight, training and group is None)
         check_bn_input(x, rm, rv, w, b, training, prefix=f"{name}: ", name="input", synced=group is not None)
-        check_units(name, x, [self.conv], [self.norm], [(rm, rv, w, b, training)], [x.shape[1]],
-                    _autocast_dtype(x), lambda _: ("conv", "norm"))
         cast = _autocast_dtype(x)
+        # (the BN's tensors are checked above: here the conv's bias and the BN's eps)
+        check_units(name, x, [self.conv.weight], [self.conv.bias], [self.norm], [(None,) * 4 + (training,)],
+                    [x.shape[1]], cast, lambda _: ("conv", "norm"))
         ops.resolve("auto", x if cast is None else x.new_empty(0, dtype=cast))
         why = check_conv_path(name, x, [self.conv], cast or x.dtype)
         pool = self.pool

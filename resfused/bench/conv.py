@@ -201,7 +201,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if device.type not in ("cuda", "cpu"):
         p.error(f"argument --device: {dev_name!r} (choose from cuda, cuda:N, cpu)")
     if device.type == "cuda":
-        if device.index is not None and device.index >= torch.cuda.device_count():
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
             p.error(f"argument --device: {dev_name!r} does not exist; this machine has {torch.cuda.device_count()} "
                     f"CUDA device(s)")
         torch.cuda.set_device(device)  # the timing events record on the current device

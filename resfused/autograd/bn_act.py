@@ -27,12 +27,11 @@ from ..ops.eager import acc_dtype
 _COMPOSITE_BACKENDS = ops.NATIVE_BACKENDS
 
 
-
 def _batched(t: Tensor) -> bool:
     """Whether t is a functorch batched tensor (a backward under vmap: ``is_grads_batched``,
     ``jacobian(vectorize=True)``), which the whole-block composites (TensorList arguments)
     have no batching rule for."""
-    if _compiling():  # (the queries are not traceable; a compiled backward is not vmapped here)
+    if _compiling():  # (a compiled backward: no batched gradients reach it here)
         return False
     functorch = getattr(torch._C, "_functorch", None)
     return any(bool(f(t)) for f in (getattr(functorch, name, None) for name in
@@ -42,9 +41,11 @@ def _batched(t: Tensor) -> bool:
 def first_order(backward):
     """A fused node's backward, once-differentiable (``@once_differentiable`` inside): it
     refuses to run with ``create_graph=True``. Autograd's own once-differentiable error
-    fires only where the incoming gradient requires grad; with a constant one (a gradient
-    penalty on ``grad(out.sum(), x, create_graph=True)``, ``torch.autograd.functional.jvp``)
-    the second derivative would silently be zero or missing."""
+    sits on detached aliases of the backward's outputs, so it fires only when a later
+    backward happens to reach them: with a constant incoming gradient (a gradient
+    penalty on ``grad(out.sum(), x, create_graph=True)``), or when the second derivative
+    is taken with ``torch.autograd.grad(..., inputs=params)`` (``functional.jvp``, a
+    MAML-style outer step), it is silently zero or missing."""
     inner = once_differentiable(backward)
 
     @functools.wraps(backward)
@@ -53,12 +54,13 @@ def first_order(backward):
             raise RuntimeError(
                 f"resfused: {type(ctx).__name__.removesuffix('Backward')} is once differentiable: its backward "
                 f"cannot run with create_graph=True (double backward, a gradient penalty, "
-                f"torch.autograd.functional.jvp/hessian) without giving a wrong second derivative (autograd "
+                f"torch.autograd.functional.jvp/hessian) without risking a wrong second derivative (autograd "
                 f"would differentiate twice a function that was marked with @once_differentiable). For higher "
                 f"derivatives run torchvision's modules: resfused.revert(model), or torch.func transforms, under "
                 f"which the fused modules run torchvision's ops.")
         return inner(ctx, *grads)
     return wrapper
+
 
 def _composite(backend: str, x: Tensor) -> bool:
     """Whether this BN's sequence can run as one call to a composite of resfused._C: a

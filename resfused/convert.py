@@ -236,8 +236,10 @@ def fold(model: nn.Module) -> nn.Module:
     if (type(folded) in _FUSED or type(folded) in _PLAIN) and _foldable(folded):
         return FoldedBlock(folded).eval()  # a block on its own
     _fold_children(folded)
-    if isinstance(folded, ResNet) and type(folded.conv1) is nn.Conv2d and _bn_supported(folded.bn1) \
-            and _bn_args(folded.bn1)[0] is not None:  # (a stem BN without running statistics stays)
+    stem_bn = isinstance(folded, ResNet) and (_bn_supported(folded.bn1) or (  # (convert(sync_bn=True)'s stem BN)
+        type(folded.bn1) is BatchNormAct2d and folded.bn1.activation == "identity"))
+    if stem_bn and type(folded.conv1) is nn.Conv2d and _bn_args(folded.bn1)[0] is not None:
+        # (a stem BN without running statistics stays)
         folded.conv1 = _folded_conv(folded.conv1, folded.bn1)[0]
         folded.bn1 = nn.Identity()
     return folded

@@ -390,6 +390,12 @@ def test_fold_is_exact_in_float64_and_folds_a_block_or_a_stem_it_can():
     xs = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert_close(folded(xs), model(xs), 1e-4, 1e-4, "stem kept")
+    # convert(sync_bn=True) makes the stem BN a BatchNormAct2d(activation="identity"): folded too
+    synced = resfused.convert(randomise_bns(torchvision.models.resnet18(num_classes=3)), sync_bn=True).eval()
+    folded = resfused.fold(synced)
+    assert isinstance(folded.bn1, nn.Identity)
+    with torch.no_grad():
+        assert_close(folded(xs), synced(xs), 1e-4, 1e-4, "synced model's stem folded")
 
 
 def test_standalone_dense_layer_returns_its_own_contiguous_features():

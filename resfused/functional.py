@@ -8,6 +8,7 @@ statistic untouched.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -84,7 +85,7 @@ def check_not_inference(name: str, x: Tensor, *params: Optional[Tensor]) -> None
 
 
 def _check_number(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:  # (numpy scalars too)
         raise TypeError(f"{name} must be a number, got {value!r}")
 
 

@@ -185,3 +185,29 @@ def test_eps_zero_with_running_statistics_is_accepted_as_by_f_batch_norm(case):
         got_fn = RF.batch_norm_act(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.1, 0.0)
     torch.testing.assert_close(got_module, want)
     torch.testing.assert_close(got_fn, want)
+
+
+@pytest.mark.parametrize("eps", [0.0, "numpy"])
+def test_fused_modules_take_the_eps_torchvision_takes(eps):
+    """The blocks' eps check follows F.batch_norm: eps = 0 runs with running statistics
+    (eval), and any real number (a numpy scalar too) is taken as torchvision takes it."""
+    import copy
+
+    import numpy as np
+    from torch import nn
+    from torchvision.models.densenet import _DenseBlock, _Transition
+    from torchvision.models.resnet import BasicBlock
+
+    torch.manual_seed(0)
+    value = 0.0 if eps == 0.0 else np.float32(1e-3)
+    tv = nn.Sequential(BasicBlock(4, 4), _DenseBlock(2, 4, 2, 2, 0.0), _Transition(8, 4)).double()
+    for m in tv.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = value
+            with torch.no_grad():
+                m.running_var.uniform_(0.5, 1.5)
+    fused = resfused.convert(copy.deepcopy(tv))
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    for training in ([False] if eps == 0.0 else [True, False]):
+        tv.train(training), fused.train(training)
+        torch.testing.assert_close(fused(x), tv(x), rtol=1e-10, atol=1e-10)

@@ -369,6 +369,7 @@ class ResidualBlockFunction(torch.autograd.Function):
             out, y_d, aff_d, st_d, ys, affines, stats, acts = _forward(spec, backend, x, identity, units)
         ctx.spec = spec
         ctx.backend = backend
+        ctx.triton = backend == "triton" or spec.conv != "library"  # (see first_order)
         ctx.identity_given = identity is not None
         kept_acts = [] if spec.memory_efficient else acts
         weights = [u[0] for u in units]

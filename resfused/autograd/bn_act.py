@@ -50,6 +50,12 @@ def first_order(backward):
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
+        if getattr(ctx, "triton", False) and any(g is not None and _batched(g) for g in grads):
+            raise RuntimeError(
+                f"resfused: {type(ctx).__name__.removesuffix('Backward')}: a backward under vmap (a batch of "
+                f"gradients: jacobian(vectorize=True), is_grads_batched=True) runs on the cpu, cuda and eager "
+                f"backends with the library convolutions; this forward ran Triton kernels. Run it under "
+                f"resfused.use_backend('eager') and resfused.use_conv('library'), or vectorize=False.")
         if torch.is_grad_enabled():
             raise RuntimeError(
                 f"resfused: {type(ctx).__name__.removesuffix('Backward')} is once differentiable: its backward "
@@ -239,6 +245,7 @@ class BatchNormActFunction(torch.autograd.Function):
         out = ops.bn_act_fwd(x, affine, residual, res_affine, relu, backend)
 
         ctx.settings = (training, res_training, res_bn, relu, backend)
+        ctx.triton = backend == "triton"  # (see first_order)
         ctx.group = group
         ctx.has_residual = residual is not None
         ctx.param_dtypes = tuple(None if t is None else t.dtype for t in (weight, bias, res_weight, res_bias))

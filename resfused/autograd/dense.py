@@ -292,6 +292,7 @@ class DenseBlockFunction(torch.autograd.Function):
         conv_biases = [t[b] for t in layers for b in (_C1B, _C2B)]
         ctx.spec = spec
         ctx.backend = fwd.backend
+        ctx.triton = fwd.backend == "triton" or spec.conv != "library"  # (see first_order)
         ctx.c0 = x.shape[1]
         ctx.has_mask = [m is not None for m in fwd.masks]
         ctx.has_conv_bias = [b is not None for b in conv_biases]
@@ -499,6 +500,7 @@ class TransitionFunction(torch.autograd.Function):
         out, y, affine, stats, backend = transition_forward(spec, x, w, b, rm, rv, cw, cb)
         ctx.spec = spec
         ctx.backend = backend
+        ctx.triton = backend == "triton" or spec.conv_path != "library"  # (see first_order)
         ctx.y_shape = tuple(y.shape)
         ctx.y_format = ops.memory_format_of(y)
         ctx.has_conv_bias = cb is not None

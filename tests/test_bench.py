@@ -178,6 +178,8 @@ def test_time_budget_marks_the_record_incomplete(capsys, tmp_path):
     with open(tmp_path / "latest-cpu-tiny-incomplete.json") as f:
         record = json.load(f)
     assert record["complete"] is False and "--max-time" in record["incomplete_reason"]
+    with open(tmp_path / "latest-cpu-tiny-incomplete.md") as f:
+        assert "**INCOMPLETE RUN (" in f.read()  # the markdown says so in the file, not only in its name
     assert not os.path.exists(tmp_path / "latest-cpu-tiny.json")
     # a whole run under the same name removes the incomplete leftovers
     assert cli.main(TINY + ["--level", "op", "--case", "apply", "--out", str(tmp_path), "--no-plot"]) == 0

@@ -143,6 +143,10 @@ def report_text(record: dict, markdown: bool = False) -> str:
             f"triton {ctx['triton']}, CUDA {ctx['cuda']}, commit {ctx['commit']}"
             f"{' (modified)' if ctx.get('commit_dirty') else ''}, {ctx['date']}")
     parts.append(("**" + head + "**") if markdown else "# " + head)
+    if not record.get("complete", True):  # (the file name says so too: <name>-incomplete.*)
+        mark = (f"INCOMPLETE RUN ({record.get('incomplete_reason')}): "
+                f"{len(record.get('cases_not_run', []))} case(s) not run")
+        parts.append(("\n**" + mark + "**") if markdown else "# " + mark)
     for level in ("op", "block", "model"):
         rows = [r for r in record["results"] if r["level"] == level]
         if not rows:

@@ -3,7 +3,7 @@
 Importing resfused never fails because a backend is missing; a call that needs
 one says what is missing and how to build it (``python -m resfused.info``).
 """
-from . import functional, nn, ops
+from . import functional, memory, nn, ops
 from ._backend import BACKENDS, select_backend, use_backend
 from .conv_select import use_conv
 from .convert import convert, fold, revert
@@ -15,4 +15,4 @@ __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "BatchNormAct2d", "FusedBasicBlock", "FusedBottleneck", "FusedDenseBlock",
            "FusedDenseLayer", "FusedTransition", "convert", "fold", "functional",
-           "models", "nn", "ops", "revert", "select_backend", "use_backend", "use_conv"]
+           "memory", "models", "nn", "ops", "revert", "select_backend", "use_backend", "use_conv"]

@@ -9,7 +9,7 @@ dtype and train/eval mode stay exactly as they were, and state_dicts are bit-ide
 from __future__ import annotations
 
 import copy
-from typing import Dict, Tuple, Type
+from typing import Dict, Optional, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -263,13 +263,24 @@ def _foldable(block: nn.Module) -> bool:
         block.__class__ = plain
 
 
-def _fold_children(module: nn.Module) -> None:
-    for name, child in module.named_children():
-        if type(child) in _FUSED or type(child) in _PLAIN:
-            if _foldable(child):
-                setattr(module, name, FoldedBlock(child))
-        else:
-            _fold_children(child)
+def _fold_children(module: nn.Module, memo: Optional[Dict[int, Tuple[nn.Module, nn.Module]]] = None) -> None:
+    """Every foldable block below ``module`` becomes a FoldedBlock, in every slot that holds
+    it: a block held twice (tied) becomes one FoldedBlock held twice. ``memo``: id of a
+    module seen -> (it, what replaces it)."""
+    memo = {} if memo is None else memo
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        seen = memo.get(id(child))
+        if seen is None:
+            if type(child) in _FUSED or type(child) in _PLAIN:
+                seen = (child, FoldedBlock(child) if _foldable(child) else child)
+            else:
+                seen = (child, child)
+                _fold_children(child, memo)
+            memo[id(child)] = seen
+        if seen[1] is not child:
+            setattr(module, name, seen[1])
 
 
 __all__ = ["convert", "revert", "fold", "FoldedBlock"]

@@ -396,6 +396,14 @@ def test_fold_is_exact_in_float64_and_folds_a_block_or_a_stem_it_can():
     xs = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert_close(folded(xs), model(xs), 1e-4, 1e-4, "stem kept")
+    # a block held twice (tied) is folded in both slots, still one module
+    tied = randomise_bns(Bottleneck(8, 2)).double().eval()
+    pair = nn.Sequential(tied, tied)
+    folded = resfused.fold(pair)
+    assert isinstance(folded[0], FoldedBlock) and folded[1] is folded[0]
+    xt = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(folded(xt), pair(xt), 1e-12, 1e-12, "tied blocks")
     # convert(sync_bn=True) makes the stem BN a BatchNormAct2d(activation="identity"): folded too
     synced = resfused.convert(randomise_bns(torchvision.models.resnet18(num_classes=3)), sync_bn=True).eval()
     folded = resfused.fold(synced)

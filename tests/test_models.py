@@ -73,6 +73,20 @@ def test_fp32_model_error_within_twice_eagers_own(case, name):
     assert_model_low_precision(triples[2:], case_id(case), floor_rel=1e-6)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "densenet121"])
+def test_builders_take_torchvisions_positional_arguments(name):
+    """Positional weights/progress (and the legacy pretrained flag), which torchvision's
+    builders still take with a deprecation warning, reach them unchanged."""
+    import warnings
+
+    for args in ((None,), (None, False), (False,)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tv = getattr(torchvision.models, name)(*args)
+            mine = getattr(resfused.models, name)(*args)
+        assert type(mine) is type(tv) and list(mine.state_dict()) == list(tv.state_dict())
+
+
 def test_state_dict_loads_both_ways_and_keeps_keys():
     tv = torchvision.models.resnet50()
     mine = resfused.models.resnet50()

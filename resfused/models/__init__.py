@@ -31,10 +31,12 @@ _DENSE_NAMES = ["densenet121", "densenet161", "densenet169", "densenet201"]
 def _builder(name: str, doc: str, takes_memory_efficient: bool):
     tv_builder = getattr(tvm, name)
 
-    def build(**kwargs) -> nn.Module:
+    def build(*args, **kwargs) -> nn.Module:
+        # (positional arguments go to torchvision's builder as they are: weights, progress,
+        # or the legacy pretrained flag, which it still takes with a deprecation warning)
         fused = {"memory_efficient": kwargs.pop("memory_efficient", True)} if takes_memory_efficient else {}
         fused.update(sync_bn=kwargs.pop("sync_bn", False), process_group=kwargs.pop("process_group", None))
-        return convert(tv_builder(**kwargs), **fused)
+        return convert(tv_builder(*args, **kwargs), **fused)
 
     build.__name__ = name
     build.__qualname__ = name

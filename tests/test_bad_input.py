@@ -178,8 +178,10 @@ def test_eps_zero_with_running_statistics_is_accepted_as_by_f_batch_norm(case):
     x = torch.randn(2, 4, 3, 3, device=device)
     m = _module(device).eval()
     m.eps = 0.0
-    want = torch.relu(torch.nn.functional.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False,
-                                                     0.1, 0.0))
+    # (written out: F.batch_norm of older torch (2.11 on the GPU machine) refuses eps = 0 even in eval)
+    shape = (1, -1, 1, 1)
+    want = torch.relu((x - m.running_mean.view(shape)) / m.running_var.view(shape).sqrt() * m.weight.view(shape)
+                      + m.bias.view(shape))
     with resfused.use_backend(backend), torch.no_grad():
         got_module = m(x)
         got_fn = RF.batch_norm_act(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.1, 0.0)
@@ -210,4 +212,9 @@ def test_fused_modules_take_the_eps_torchvision_takes(eps):
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     for training in ([False] if eps == 0.0 else [True, False]):
         tv.train(training), fused.train(training)
-        torch.testing.assert_close(fused(x), tv(x), rtol=1e-10, atol=1e-10)
+        try:
+            want = tv(x)
+        except ValueError:  # older torch (2.11) refuses eps = 0 even in eval: nothing to compare with
+            assert eps == 0.0
+            continue
+        torch.testing.assert_close(fused(x), want, rtol=1e-10, atol=1e-10)

@@ -22,7 +22,7 @@ from .._backend import unavailable_reason
 from ..autograd.block import (TENSORS_PER_UNIT, BlockSpec, BNSpec, ConvSpec, ResidualBlockFunction,
                               check_join_shapes)
 from ..distributed import resolve_group
-from ..functional import check_eps, check_not_inference
+from ..functional import bn_dtype_allowed, check_eps, check_not_inference
 from ..ops import bn_act as ops
 from ..ops.bn_act import _compiling, _trace_time_constant
 from .bn_act import (SyncBNMixin, _restore_on_error, _snapshot, advance_batch_norms, batch_norm_args,
@@ -100,15 +100,13 @@ def check_units(name: str, x: Tensor, weights: Sequence[Tensor], biases: Sequenc
     run = cast or x.dtype
     dev, xdt = x.device, x.dtype
     # (the common case in one expression per tensor; the messages only where one fails)
-    low = run in (torch.float16, torch.bfloat16)
     for i, (w, b) in enumerate(zip(weights, biases)):
         if w.device != dev or (cast is None and w.dtype != xdt) or (
                 b is not None and (b.device != dev or (cast is None and b.dtype != xdt) or b.shape != (w.shape[0],))):
             _conv_error(name, labels(i)[0], w, b, dev, xdt, cast)
     for i, (bn, args, c) in enumerate(zip(bns, bn_args, bn_channels)):
         for t in args[:4]:
-            if t is not None and (t.device != dev or t.shape != (c,) or
-                                  (t.dtype != run and not (low and t.dtype == torch.float32))):
+            if t is not None and (t.device != dev or t.shape != (c,) or not bn_dtype_allowed(t.dtype, run)):
                 _bn_tensor_error(name, labels(i)[1], t, dev, c, run)
         eps = bn.eps
         if not (type(eps) is float and (eps > 0 or (eps == 0 and not args[4]))):

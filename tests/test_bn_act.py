@@ -779,7 +779,9 @@ NATIVE_CASES = [c for c in CASES if c[0] in ("cpu", "cuda")]
 @pytest.mark.parametrize("c", [1, 7, 300])
 def test_bn_grad_coef_matches_the_python_sequence(case, dtype, training, row, c):
     """resfused_C.bn_grad_coef (one launch) gives the backward's coefficients that
-    _grad_coefficients' three tensor ops give: (mean, scale, sum_dz/n, sum_dz_xhat*invstd/n)."""
+    _grad_coefficients' three tensor ops give, bit for bit on the tensors' device:
+    (mean, scale, sum_dz/n, sum_dz_xhat*invstd/n). (On a GPU ATen divides by a scalar as a
+    product with its reciprocal; the CUDA kernel does the same.)"""
     from resfused.autograd.bn_act import _grad_coefficients
 
     backend, device = case
@@ -789,11 +791,58 @@ def test_bn_grad_coef_matches_the_python_sequence(case, dtype, training, row, c)
     got = torch.ops.resfused_C.bn_grad_coef(stats, affine, sums, row, training, count)
     want = _grad_coefficients(stats, affine, sums[0], sums[row], training, count)
     assert got.shape == (4, c) and got.dtype == dtype
-    torch.testing.assert_close(got, want, rtol=2e-7 if dtype == torch.float32 else 1e-15, atol=0)
-    with pytest.raises(RuntimeError, match="row must be 1 or 2"):
-        torch.ops.resfused_C.bn_grad_coef(stats, affine, sums, 3, training, count)
-    with pytest.raises(RuntimeError, match="stats' dtype"):
-        torch.ops.resfused_C.bn_grad_coef(stats, affine.to(torch.float16), sums, row, training, count)
+    assert torch.equal(got, want)  # bit for bit: the native blocks' gradients rest on it
+    # (its argument checks: test_native_argument_checks_raise_and_do_not_crash)
+
+
+_NATIVE_ERRORS = [  # (call, the exception's type, words its message must hold), on device d
+    ("C_.bn_stats(x[0])", "RuntimeError", "4-D"),
+    ("C_.bn_act_fwd(x, torch.randn(2, 4, device=d), None, None, True)", "RuntimeError", "affine"),
+    ("C_.bn_act_fwd(x, aff, x[:1], None, True)", "RuntimeError", "residual"),
+    ("C_.bn_act_bwd_apply_acc(x[:1], x, x, aff, torch.randn(4, 3, device=d), None, True)", "RuntimeError",
+     "acc must match x"),
+    ("C_.bn_coef(st[0], st[1].half(), None, None, None, None, 0.1, 1e-5, 1.0)", "RuntimeError", "dtype"),
+    ("C_.bn_grad_coef(st, aff, sums, 3, True, 5)", "RuntimeError", "row must be 1 or 2"),
+    ("C_.bn_grad_coef(st, aff.half(), sums, 1, True, 5)", "RuntimeError", "stats' dtype"),
+    ("C_.bn_stats_coef(x, None, None, torch.zeros(3, device=d), None, True, 0.1, 1e-5)", "ValueError",
+     "go together"),
+]
+_NATIVE_ERROR_SCRIPT = """
+import sys, torch, resfused
+resfused._backend.load_extension()
+C_, d = torch.ops.resfused_C, sys.argv[1]
+x = torch.randn(2, 3, 4, 4, device=d)
+aff, st = C_.bn_stats_coef(x, None, None, None, None, True, 0.1, 1e-5)
+sums = torch.randn(3, 3, device=d)
+for call in sys.argv[2:]:
+    try:
+        eval(call)
+        print("returned", flush=True)
+    except (RuntimeError, ValueError) as e:
+        print(type(e).__name__, str(e).splitlines()[0], flush=True)
+"""
+
+
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
+def test_native_argument_checks_raise_and_do_not_crash(case):
+    """Each native op's own argument checks raise a Python exception that says what is
+    wrong, on every device, in a process of its own so that a crash is a failure naming
+    the call, not the end of the test run."""
+    import os
+    import subprocess
+    import sys
+
+    backend, device = case
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _NATIVE_ERROR_SCRIPT, device,
+                           *(call for call, _, _ in _NATIVE_ERRORS)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0, f"exit status {proc.returncode} after {lines}:\n{proc.stderr[-4000:]}"
+    assert len(lines) == len(_NATIVE_ERRORS), lines
+    for (call, kind, words), line in zip(_NATIVE_ERRORS, lines):
+        assert line.startswith(kind + " ") and words in line, (call, line)
 
 
 def _with_and_without_composites(monkeypatch, fn):

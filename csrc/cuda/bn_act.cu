@@ -866,17 +866,21 @@ __global__ void __launch_bounds__(kThreads)
 
 // The backward's per-channel step between its reduction and apply passes (resfused/autograd/
 // bn_act.py: _grad_coefficients): coef = (mean, scale, sum_dz / n, sum_dz_xhat * invstd / n), the
-// last two zero for running statistics (eval), in one launch instead of three.
+// last two zero for running statistics (eval), in one launch instead of three. "/ n" is a
+// product with inv_n = 1 / n, rounded as ATen's CUDA division by a scalar rounds (it multiplies
+// by the reciprocal), so that this op and the Python sequence give the same bits on a GPU.
 template <typename A>
 __global__ void __launch_bounds__(kThreads)
     bn_grad_coef_kernel(const A* __restrict__ stats, const A* __restrict__ affine, const A* __restrict__ sum_dz,
-                        const A* __restrict__ sum_dz_xhat, A* __restrict__ coef, int64_t C, bool training, A n) {
+                        const A* __restrict__ sum_dz_xhat, A* __restrict__ coef, int64_t C, bool training,
+                        A inv_n) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   coef[c] = stats[c];
   coef[C + c] = affine[c];
-  coef[2 * C + c] = training ? sum_dz[c] / n : A(0);
-  coef[3 * C + c] = training ? (sum_dz_xhat[c] * stats[C + c]) / n : A(0);
+  const A p = sum_dz_xhat[c] * stats[C + c];  // (rounded here: the Python sequence's mul_)
+  coef[2 * C + c] = training ? sum_dz[c] * inv_n : A(0);
+  coef[3 * C + c] = training ? p * inv_n : A(0);
 }
 
 // ---- kernels end
@@ -1479,7 +1483,7 @@ at::Tensor bn_grad_coef_cuda(const at::Tensor& stats, const at::Tensor& affine, 
     const A* s = sums.const_data_ptr<A>();
     bn_grad_coef_kernel<A><<<static_cast<unsigned>(ceil_div(C, kThreads)), kThreads, 0, stream>>>(
         stats.const_data_ptr<A>(), affine.const_data_ptr<A>(), s, s + row * C, coef.mutable_data_ptr<A>(), C,
-        training, static_cast<A>(std::max<int64_t>(count, 1)));
+        training, A(1) / static_cast<A>(std::max<int64_t>(count, 1)));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return coef;

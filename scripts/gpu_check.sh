@@ -76,14 +76,32 @@ echo "build: $(( $(date +%s) - t0 )) s"
 #    are listed and the JUnit XML is written. --durations: where the time went, for next time.
 #    -v: one line per test as it ends, so a run cut short still names its failures.
 gpu_tests() {  # name, -k expression, minimum seconds worth starting, seconds to keep for what follows
-  local t; t=$(cap 300 "$4")
-  if (( t >= $3 )); then
-    timeout -k 15 "$t" "$PY" -m pytest -v -rf -p no:cacheprovider -k "$2" --durations=25 \
-      --junitxml="$OUT/tests-$1.xml" > "$OUT/tests-$1.log" 2>&1 || status=1
-    grep -E "(FAILED|ERROR)" "$OUT/tests-$1.log" | tail -n 40; tail -n 30 "$OUT/tests-$1.log"
-  else
-    echo "tests ($1) skipped: $t s left of the ${BUDGET} s budget" | tee "$OUT/tests-$1.log"; status=1
-  fi
+  # A test that crashes the process (a signal, not a failure) is recorded in crashes-NAME.txt
+  # and the run goes on after it (tests/conftest.py: RESFUSED_TEST_TRACE / _AFTER), up to 3
+  # times, in tests-NAME.log, tests-NAME-2.log, ...
+  local t rc part=1 log xml after="" trace="$OUT/trace-$1.txt"
+  : > "$trace"
+  while :; do
+    log="$OUT/tests-$1.log"; xml="$OUT/tests-$1.xml"
+    (( part > 1 )) && { log="$OUT/tests-$1-$part.log"; xml="$OUT/tests-$1-$part.xml"; }
+    t=$(cap 300 "$4")
+    if (( t < $3 )); then
+      echo "tests ($1, part $part) skipped: $t s left of the ${BUDGET} s budget" | tee "$log"; status=1; return
+    fi
+    RESFUSED_TEST_TRACE="$trace" RESFUSED_TEST_AFTER="$after" timeout -k 15 "$t" "$PY" -X faulthandler -m pytest \
+      -v -rf -p no:cacheprovider -k "$2" --durations=25 --junitxml="$xml" > "$log" 2>&1
+    rc=$?
+    (( rc != 0 )) && status=1
+    grep -E "(FAILED|ERROR)" "$log" | tail -n 40; tail -n 30 "$log"
+    # 124/137: timeout's own exit; above 128 otherwise: killed by a signal (139: SIGSEGV)
+    if (( rc > 128 && rc != 137 && part < 4 )) && [ -s "$trace" ]; then
+      after=$(tail -n 1 "$trace")
+      echo "CRASH (exit status $rc) in $after" | tee -a "$OUT/crashes-$1.txt"
+      part=$(( part + 1 ))
+    else
+      return
+    fi
+  done
 }
 want tests && gpu_tests gpu "cuda and not test_compile and not test_cuda_sim" 30 130  # (the simulator: CPU work, CI runs it)
 echo "gpu tests: $(( $(date +%s) - t0 )) s"

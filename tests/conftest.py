@@ -8,7 +8,13 @@ cuBLAS gets the workspace setting that ``torch.use_deterministic_algorithms(True
 requires (without it every matmul on a CUDA tensor raises in deterministic mode).
 
 SIGTERM (``timeout``, a job's time limit) stops the run as Ctrl-C does, so the failures
-so far are still reported and ``--junitxml`` is still written."""
+so far are still reported and ``--junitxml`` is still written.
+
+A crash (a signal that kills the process) must not cost the rest of a run either: with
+``RESFUSED_TEST_TRACE=FILE`` each test's id is appended to FILE as it starts, so the last
+line names the test that crashed, and ``RESFUSED_TEST_AFTER=ID`` deselects every test up
+to and including ID in collection order, so a rerun goes on after it
+(scripts/gpu_check.sh does both)."""
 import os
 import random
 import signal
@@ -42,3 +48,24 @@ def _seed():
     torch.manual_seed(0)
     random.seed(0)
     yield
+
+
+_TRACE = os.environ.get("RESFUSED_TEST_TRACE")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if _TRACE:
+        with open(_TRACE, "a") as f:  # (closed, so written through to the OS, at once)
+            f.write(nodeid + "\n")
+
+
+def pytest_collection_modifyitems(config, items):
+    after = os.environ.get("RESFUSED_TEST_AFTER")
+    if not after:
+        return
+    ids = [item.nodeid for item in items]
+    if after not in ids:
+        raise pytest.UsageError(f"RESFUSED_TEST_AFTER={after!r} is not among the collected tests")
+    cut = ids.index(after) + 1
+    config.hook.pytest_deselected(items=items[:cut])
+    items[:] = items[cut:]

@@ -89,12 +89,16 @@ def _eager_dgrad(grad_out, weight, input_shape, stride, padding, dilation, bn_in
 
 
 def _eager_wgrad(grad_out, x, weight_shape, stride, padding, dilation, prologue):
-    # NCHW operands: torch's CPU bf16 weight gradient in channels_last returns NaN from
-    # uninitialized memory for some shapes (torch 2.14, e.g. width 1, stride 2); the
-    # reference's result does not depend on the operands' layout
+    # NCHW operands, and fp32 ones on the CPU: torch's CPU bf16 weight gradient returns NaN
+    # from uninitialized memory for some shapes (width 1, stride 2: torch 2.14 in
+    # channels_last, torch 2.11 in NCHW too). The result is fp32 either way, accumulated in
+    # fp32 as on a GPU, and does not depend on the operands' layout.
     a = _activation(x, prologue).contiguous()
-    w = grad_out.new_empty(weight_shape)
-    dw = torch.ops.aten.convolution_backward(grad_out.contiguous(), a, w, None, list(stride), list(padding),
+    g = grad_out.contiguous()
+    if a.device.type == "cpu" and a.dtype in (torch.bfloat16, torch.float16):
+        a, g = a.float(), g.float()
+    w = g.new_empty(weight_shape)
+    dw = torch.ops.aten.convolution_backward(g, a, w, None, list(stride), list(padding),
                                              list(dilation), False, [0, 0], 1, [False, True, False])[1]
     return dw.float().contiguous(memory_format=torch.channels_last)
 

@@ -38,7 +38,10 @@ void nhwc_block(int64_t Cv, int& bdx, int& bdy, int64_t& gx) {
 constexpr int64_t kMaxGridY = 65535;
 template <typename Op, int V>
 void launch_ew_flat(const Op& op, int64_t numel, int64_t HW, int64_t C, int64_t xgap, int dev) {
-  auto kernel = ew_nchw_kernel<Op, V>;
+  auto kernel = ew_nchw_kernel<Op, V, true>;
+  if constexpr (V > 1) {
+    if (HW % V != 0) kernel = ew_nchw_kernel<Op, V, false>;
+  }
   const int64_t nvec = numel / V;
   const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(nvec, kThreads), resident_blocks(kernel, kThreads, dev)));
   launch(dim3(blocks), dim3(kThreads), [&] { kernel(op, numel, HW, static_cast<int>(C), xgap); });
@@ -457,7 +460,7 @@ template <typename A> void check_grad_coef() {
     ++g_cases;
     launch(dim3(static_cast<unsigned>(ceil_div(C, kThreads))), dim3(kThreads), [&] {
       bn_grad_coef_kernel<A>(st.data(), aff.data(), sums.data(), sums.data() + row * C, coef.data(), C, training,
-                             A(count)); });
+                             A(1) / A(count)); });  // (the launch passes 1 / count, rounded in A)
     for (int64_t c = 0; c < C; ++c) {
       const double want[4] = {double(st[c]), double(aff[c]), training ? double(sums[c]) / count : 0.0,
                               training ? double(sums[row * C + c]) * double(st[C + c]) / count : 0.0};

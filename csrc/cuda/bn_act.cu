@@ -2,14 +2,16 @@
 // executable contract in resfused/ops/eager.py).
 //
 // Kernels
-//   ew_nchw_kernel<Op, V>   flat grid-stride elementwise pass (forward apply or
+//   ew_nchw_kernel<Op, V, kChanPerVec>
+//                           flat grid-stride elementwise pass (forward apply or
 //                           backward apply). Serves NCHW (channel = (i / HW) % C)
 //                           and, with HW = 1, channels_last tensors whose C is not
 //                           a multiple of the vector width. The (image, channel,
 //                           row offset) of a thread's position is tracked
 //                           incrementally: a few 64-bit divisions per thread, none
 //                           per element; per-channel parameters are reloaded only
-//                           when the channel changes.
+//                           when the channel changes, and looked up once per vector
+//                           where HW % V == 0.
 //   ew_nhwc_kernel<Op, V>   channels_last elementwise pass, 2-D blocks: threads
 //                           along C own V channels each (parameters in registers,
 //                           loaded once per thread), rows split over threads.y and
@@ -291,7 +293,12 @@ struct ApplyOp {
 // every other tensor here (op.xs is not used), or, in NCHW, a channel-prefix view
 // whose images are C*HW + xgap elements apart: element i of x is at i + n*xgap,
 // n = i / (C*HW); then a vector never straddles two images (C*HW % V == 0).
-template <typename Op, int V>
+//
+// kChanPerVec (HW % V == 0, always so for V == 1): no vector straddles two channels, so a
+// channel's params are looked up once per vector and the per-element work is the op's
+// arithmetic alone (for 16-bit types, 8 elements per vector, the per-element channel
+// tracking costs more issue slots than the memory traffic leaves).
+template <typename Op, int V, bool kChanPerVec>
 __global__ void __launch_bounds__(kThreads) ew_nchw_kernel(Op op, int64_t numel, int64_t HW, int C, int64_t xgap) {
   using Chan = typename Op::Chan;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -337,6 +344,14 @@ __global__ void __launch_bounds__(kThreads) ew_nchw_kernel(Op op, int64_t numel,
   Chan cur{};
   // channel params for elements e, e+1, ... starting at (o, cc); reloaded on change
   auto run = [&](int64_t e, int64_t xe, const typename Op::template Regs<V>& R, int64_t o, int cc) {
+    if constexpr (kChanPerVec) {
+      if (cc != cur_c) {
+        cur = op.chan(cc);
+        cur_c = cc;
+      }
+      op.template finish<V>(e, xe, R, [&](int) -> Chan { return cur; });
+      return;
+    }
     op.template finish<V>(e, xe, R, [&](int) -> Chan {
       if (cc != cur_c) {
         cur = op.chan(cc);
@@ -1060,7 +1075,10 @@ constexpr int64_t kMaxGridY = 65535;
 
 template <typename Op, int V>
 void launch_ew_flat(const Op& op, int64_t numel, int64_t HW, int64_t C, int64_t xgap, int dev, cudaStream_t stream) {
-  auto kernel = ew_nchw_kernel<Op, V>;
+  auto kernel = ew_nchw_kernel<Op, V, true>;
+  if constexpr (V > 1) {
+    if (HW % V != 0) kernel = ew_nchw_kernel<Op, V, false>;
+  }
   const int64_t nvec = numel / V;
   const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(nvec, kThreads), resident_blocks(kernel, kThreads, dev)));
   kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(op, numel, HW, static_cast<int>(C), xgap);

@@ -5,7 +5,7 @@ torch.profiler's table of the busiest ops and kernels.
     python scripts/profile_host.py [--device cuda] [--tiny] > OUT/profile.txt
 
 The cases are the benchmark's own (resfused.bench workloads): on CUDA the quick preset's
-join and BN-ReLU ops (bf16, channels_last, 64x256x56x56) and the stage-2 Bottleneck
+join and BN-ReLU ops (bf16, channels_last, 64x256x56x56), the forward apply pass in NCHW and the stage-2 Bottleneck
 (batch 64), eager beside resfused's backends; ``--tiny`` runs toy shapes (any device)."""
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ def cases(tiny: bool):
     return [
         (Case("op", "join", "fwd_bwd", dt, "channels_last", op), ops),
         (Case("op", "bn_relu", "fwd_bwd", dt, "channels_last", op), ops),
+        (Case("op", "apply", "fwd", dt, "nchw", op), ops),
         (Case("block", "bottleneck", "fwd_bwd", dt, "channels_last", blk, variant=variant),
          ["eager_cl"] + ops[1:]),
     ]

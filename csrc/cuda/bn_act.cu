@@ -199,8 +199,10 @@ struct FwdOp {
 };
 
 // ACC: no residual; dx has x's strides (stored at x's offset xe) and dx is added to what
-// it holds, rounded once.
-template <typename T, typename A, bool ACC = false>
+// it holds, rounded once. RBN: the residual may be a BN's input (res_aff, has_rcoef); when
+// false those are taken as false at compile time and their per-channel parameters take no
+// registers.
+template <typename T, typename A, bool ACC = false, bool RBN = true>
 struct ApplyOp {
   const T* g;
   const T* x;
@@ -216,9 +218,12 @@ struct ApplyOp {
   int64_t xs;  // x's row stride in the channels_last kernel (C unless x is a prefix view)
   bool relu, use_out, has_res, res_aff, has_rcoef, need_r;
 
-  // 12 parameters per owned channel live in registers in the channels_last
-  // kernel: 8-byte accesses for 16-bit types keep it under ~90 registers.
+  // 12 parameters per owned channel (6 without RBN) live in registers in the
+  // channels_last kernel: 8-byte accesses for 16-bit types keep it under ~110 registers
+  // with RBN, ~80 without (16-byte ones would take 130: one block per SM).
   static constexpr int kNhwcVec = sizeof(T) == 2 ? 4 : vec16<T>();
+  __device__ __forceinline__ bool rbn_aff() const { return RBN && res_aff; }
+  __device__ __forceinline__ bool rbn_coef() const { return RBN && has_rcoef; }
 
   struct Chan {
     A sc, sh, rsc, rsh, mean, k, mdz, p, rmean, rk, rmdz, rp;
@@ -230,7 +235,7 @@ struct ApplyOp {
     q.sh = affine[C + c];
     q.rsc = A(1);
     q.rsh = A(0);
-    if (res_aff) {
+    if (rbn_aff()) {
       q.rsc = res_affine[c];
       q.rsh = res_affine[C + c];
     }
@@ -239,7 +244,7 @@ struct ApplyOp {
     q.mdz = coef[2 * C + c];
     q.p = coef[3 * C + c];
     q.rmean = q.rk = q.rmdz = q.rp = A(0);
-    if (has_rcoef) {
+    if (rbn_coef()) {
       q.rmean = res_coef[c];
       q.rk = res_coef[C + c];
       q.rmdz = res_coef[2 * C + c];
@@ -275,13 +280,13 @@ struct ApplyOp {
       A dz = static_cast<A>(R.g.v[j]);
       if (relu) {
         const bool m = relu_keeps(use_out ? static_cast<A>(R.o.v[j])
-                                          : preact(xj, rj, q.sc, q.sh, q.rsc, q.rsh, has_res, res_aff));
+                                          : preact(xj, rj, q.sc, q.sh, q.rsc, q.rsh, has_res, rbn_aff()));
         dz = m ? dz : A(0);
       }
       A d = ((dz - q.mdz) - x_term(xj, q.mean, q.p)) * q.k;
       if constexpr (ACC) d = static_cast<A>(R.d.v[j]) + d;
       dxv.v[j] = static_cast<T>(d);
-      drv.v[j] = static_cast<T>(has_rcoef ? ((dz - q.rmdz) - x_term(rj, q.rmean, q.rp)) * q.rk : dz);
+      drv.v[j] = static_cast<T>(rbn_coef() ? ((dz - q.rmdz) - x_term(rj, q.rmean, q.rp)) * q.rk : dz);
     }
     store_pack<V>(dx, ACC ? xe : e, dxv);
     if (has_res) store_pack<V>(dres, e, drv);
@@ -687,7 +692,9 @@ struct RedChan {
   A mean, inv, sc, sh, rsc, rsh, rmean, rinv;
 };
 
-template <typename T, typename A>
+// RBN (as ApplyOp's): the residual may be a BN's input (res_aff, has_rstats); when false
+// those are false at compile time and take no registers.
+template <typename T, typename A, bool RBN>
 __device__ __forceinline__ RedChan<T, A> red_chan(const RedArgs<T, A>& a, int64_t c) {
   RedChan<T, A> q;
   const int64_t C = a.C;
@@ -697,12 +704,12 @@ __device__ __forceinline__ RedChan<T, A> red_chan(const RedArgs<T, A>& a, int64_
   q.sh = a.affine[C + c];
   q.rsc = A(1);
   q.rsh = A(0);
-  if (a.res_aff) {
+  if (RBN && a.res_aff) {
     q.rsc = a.res_affine[c];
     q.rsh = a.res_affine[C + c];
   }
   q.rmean = q.rinv = A(0);
-  if (a.has_rstats) {
+  if (RBN && a.has_rstats) {
     q.rmean = a.res_stats[c];
     q.rinv = a.res_stats[C + c];
   }
@@ -710,23 +717,23 @@ __device__ __forceinline__ RedChan<T, A> red_chan(const RedArgs<T, A>& a, int64_
 }
 
 // Accumulate one element into (s0, s1, s2); returns dz.
-template <typename T, typename A>
+template <typename T, typename A, bool RBN>
 __device__ __forceinline__ A red_elem(const RedArgs<T, A>& a, const RedChan<T, A>& q, A g, A x, A r, A o, A& s0,
                                       A& s1, A& s2) {
   A dz = g;
   if (a.relu) {
-    const bool m = relu_keeps(a.use_out ? o : preact(x, r, q.sc, q.sh, q.rsc, q.rsh, a.has_res, a.res_aff));
+    const bool m = relu_keeps(a.use_out ? o : preact(x, r, q.sc, q.sh, q.rsc, q.rsh, a.has_res, RBN && a.res_aff));
     dz = m ? dz : A(0);
   }
   s0 += dz;
   s1 += dz * ((x - q.mean) * q.inv);
-  if (a.has_rstats) s2 += dz * ((r - q.rmean) * q.rinv);
+  if (RBN && a.has_rstats) s2 += dz * ((r - q.rmean) * q.rinv);
   return dz;
 }
 
 // Same partition as stats_nchw_kernel; ws is [3, S, C] (row 2 zero when unused).
 // x's image n at n * a.xb.
-template <typename T, typename A, int V>
+template <typename T, typename A, int V, bool RBN>
 __global__ void __launch_bounds__(kThreads)
     reduce_nchw_kernel(RedArgs<T, A> a, int64_t HW, int64_t nvc, int64_t chunk, A* __restrict__ ws) {
   const int C = a.C;
@@ -739,7 +746,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t v0 = static_cast<int64_t>(s) * chunk;
   const int64_t v1 = min(nvc, v0 + chunk);
   const int64_t q = kThreads / HWv, r = kThreads % HWv;
-  const RedChan<T, A> cp = red_chan(a, c);
+  const RedChan<T, A> cp = red_chan<T, A, RBN>(a, c);
   A acc[3] = {A(0), A(0), A(0)};
   int64_t v = v0 + threadIdx.x;
   int64_t n = v / HWv, hv = v - n * HWv;
@@ -753,7 +760,7 @@ __global__ void __launch_bounds__(kThreads)
     Pack<T, V> dzv;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      dzv.v[j] = static_cast<T>(red_elem(a, cp, static_cast<A>(gv.v[j]), static_cast<A>(xv.v[j]),
+      dzv.v[j] = static_cast<T>(red_elem<T, A, RBN>(a, cp, static_cast<A>(gv.v[j]), static_cast<A>(xv.v[j]),
                                          static_cast<A>(rv.v[j]), static_cast<A>(ov.v[j]), acc[0], acc[1], acc[2]));
     }
     if (a.dz) store_pack<V>(a.dz, e, dzv);
@@ -774,10 +781,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// channels_last, same block shape as stats_nhwc_kernel; x's row m at m * a.xs.
-template <typename T, typename A, int V>
+// channels_last, same block shape as stats_nhwc_kernel; x's row m at m * a.xs. ws as
+// reduce_nchw_kernel's (row 2 not written without RBN: the finalize reads K = 2 rows).
+template <typename T, typename A, int V, bool RBN>
 __global__ void __launch_bounds__(kThreads) reduce_nhwc_kernel(RedArgs<T, A> a, int64_t M, A* __restrict__ ws) {
-  __shared__ A sm[3][kThreads * V];
+  constexpr int K = RBN ? 3 : 2;
+  __shared__ A sm[K][kThreads * V];
   const int C = a.C;
   const int tx = threadIdx.x, ty = threadIdx.y, bdx = blockDim.x, bdy = blockDim.y;
   const int Cv = C / V;
@@ -790,7 +799,7 @@ __global__ void __launch_bounds__(kThreads) reduce_nhwc_kernel(RedArgs<T, A> a, 
   if (active) {
     RedChan<T, A> ps[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) ps[j] = red_chan(a, c0 + j);
+    for (int j = 0; j < V; ++j) ps[j] = red_chan<T, A, RBN>(a, c0 + j);
     const int64_t rstride = static_cast<int64_t>(gridDim.y) * bdy;
     for (int64_t m = static_cast<int64_t>(blockIdx.y) * bdy + ty; m < M; m += rstride) {
       const int64_t e = m * C + c0;
@@ -802,7 +811,7 @@ __global__ void __launch_bounds__(kThreads) reduce_nhwc_kernel(RedArgs<T, A> a, 
       Pack<T, V> dzv;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        dzv.v[j] = static_cast<T>(red_elem(a, ps[j], static_cast<A>(gv.v[j]), static_cast<A>(xv.v[j]),
+        dzv.v[j] = static_cast<T>(red_elem<T, A, RBN>(a, ps[j], static_cast<A>(gv.v[j]), static_cast<A>(xv.v[j]),
                                            static_cast<A>(rv.v[j]), static_cast<A>(ov.v[j]), s0[j], s1[j], s2[j]));
       }
       if (a.dz) store_pack<V>(a.dz, e, dzv);
@@ -813,14 +822,14 @@ __global__ void __launch_bounds__(kThreads) reduce_nhwc_kernel(RedArgs<T, A> a, 
   for (int j = 0; j < V; ++j) {
     sm[0][t * V + j] = s0[j];
     sm[1][t * V + j] = s1[j];
-    sm[2][t * V + j] = s2[j];
+    if constexpr (RBN) sm[K - 1][t * V + j] = s2[j];
   }
   __syncthreads();
   for (int off = pow2_ceil(bdy) >> 1; off > 0; off >>= 1) {
     if (ty < off && ty + off < bdy) {
       const int u = (ty + off) * bdx + tx;
 #pragma unroll
-      for (int k = 0; k < 3; ++k) {
+      for (int k = 0; k < K; ++k) {
 #pragma unroll
         for (int j = 0; j < V; ++j) sm[k][t * V + j] += sm[k][u * V + j];
       }
@@ -834,7 +843,7 @@ __global__ void __launch_bounds__(kThreads) reduce_nhwc_kernel(RedArgs<T, A> a, 
     for (int j = 0; j < V; ++j) {
       ws[o + j] = sm[0][t * V + j];
       ws[SC + o + j] = sm[1][t * V + j];
-      ws[2 * SC + o + j] = sm[2][t * V + j];
+      if constexpr (RBN) ws[2 * SC + o + j] = sm[K - 1][t * V + j];
     }
   }
 }
@@ -905,6 +914,11 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+struct TypeTag {  // a type as a value (a generic lambda's argument)
+  using type = T;
+};
 
 struct Shape {
   int64_t N, C, HW, numel;
@@ -1171,14 +1185,14 @@ void stats_impl(const at::Tensor& x, const Shape& s, at::Tensor& mean, at::Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T>
+template <typename T, bool RBN>
 void reduce_impl(const RedArgs<T, typename AccOf<T>::type>& a, const Shape& s, const at::TensorOptions& acc_opts,
                  at::Tensor& out, int K, int dev, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
   constexpr int VV = vec16<T>();
-  // channels_last keeps 8 parameters + 3 sums per owned channel in registers:
-  // 8-byte accesses for 16-bit types.
-  constexpr int VN = sizeof(T) == 2 ? 4 : VV;
+  // channels_last keeps 8 parameters + 3 sums per owned channel in registers (4 + 2
+  // without RBN): with RBN, 8-byte accesses for 16-bit types.
+  constexpr int VN = sizeof(T) == 2 && RBN ? 4 : VV;
   at::Tensor ws;
   int64_t S;
   TORCH_INTERNAL_ASSERT(s.xs == s.C || (!s.nchw && s.C % VN == 0 && s.xs % VN == 0),
@@ -1189,7 +1203,9 @@ void reduce_impl(const RedArgs<T, typename AccOf<T>::type>& a, const Shape& s, c
     const int V = (s.HW % VV == 0 && s.xb % VV == 0 && all_aligned<T>({a.g, a.x, a.res, a.out, a.dz}, VV)) ? VV
                   : (s.HW % VM == 0 && s.xb % VM == 0 && all_aligned<T>({a.g, a.x, a.res, a.out, a.dz}, VM)) ? VM
                                                                                                         : 1;
-    auto kernel = V == VV ? reduce_nchw_kernel<T, A, VV> : V == VM ? reduce_nchw_kernel<T, A, VM> : reduce_nchw_kernel<T, A, 1>;
+    auto kernel = V == VV   ? reduce_nchw_kernel<T, A, VV, RBN>
+                  : V == VM ? reduce_nchw_kernel<T, A, VM, RBN>
+                            : reduce_nchw_kernel<T, A, 1, RBN>;
     const int64_t nvc = s.N * s.HW / V;
     int64_t chunk;
     S = nchw_splits(nvc, s.C, resident_blocks(kernel, kThreads, dev), chunk);
@@ -1199,7 +1215,7 @@ void reduce_impl(const RedArgs<T, typename AccOf<T>::type>& a, const Shape& s, c
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     const bool vec = s.C % VN == 0 && all_aligned<T>({a.g, a.x, a.res, a.out, a.dz}, VN);
-    auto kernel = vec ? reduce_nhwc_kernel<T, A, VN> : reduce_nhwc_kernel<T, A, 1>;
+    auto kernel = vec ? reduce_nhwc_kernel<T, A, VN, RBN> : reduce_nhwc_kernel<T, A, 1, RBN>;
     const int V = vec ? VN : 1;
     const int64_t M = s.N * s.HW;
     int bdx, bdy;
@@ -1329,7 +1345,10 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_reduce_cuda(const at::Tensor& grad
     a.C = static_cast<int>(s.C);
     a.xs = s.xs;
     a.xb = s.xb;
-    reduce_impl<scalar_t>(a, s, acc_opts, result, K, dev, stream);
+    if (res_aff || has_rstats)
+      reduce_impl<scalar_t, true>(a, s, acc_opts, result, K, dev, stream);
+    else
+      reduce_impl<scalar_t, false>(a, s, acc_opts, result, K, dev, stream);
   });
   return std::make_tuple(result, dz);
 }
@@ -1361,26 +1380,33 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cuda(const at::Tensor& grad_
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_bwd_apply_cuda", [&] {
     using A = typename AccOf<scalar_t>::type;
-    ApplyOp<scalar_t, A> aop;
-    aop.relu = relu;
-    aop.use_out = use_out;
-    aop.has_res = has_res;
-    aop.res_aff = res_aff;
-    aop.has_rcoef = has_rcoef;
-    aop.need_r = has_res && ((relu && !use_out) || has_rcoef);
-    aop.g = grad_out.const_data_ptr<scalar_t>();
-    aop.x = xr.const_data_ptr<scalar_t>();
-    aop.res = aop.need_r ? residual->const_data_ptr<scalar_t>() : nullptr;
-    aop.out = use_out ? out->const_data_ptr<scalar_t>() : nullptr;
-    aop.dx = dx.mutable_data_ptr<scalar_t>();
-    aop.dres = has_res ? dres.mutable_data_ptr<scalar_t>() : nullptr;
-    aop.affine = affine.const_data_ptr<A>();
-    aop.res_affine = res_aff ? res_affine->const_data_ptr<A>() : nullptr;
-    aop.coef = coef.const_data_ptr<A>();
-    aop.res_coef = has_rcoef ? res_coef->const_data_ptr<A>() : nullptr;
-    aop.C = s.C;
-    aop.xs = s.xs;
-    launch_ew<scalar_t>(aop, s, {aop.g, aop.x, aop.res, aop.out, aop.dx, aop.dres}, dev, stream);
+    auto run = [&](auto op_tag) {  // (a BN'd residual or not: ApplyOp's RBN)
+      using Op = typename decltype(op_tag)::type;
+      Op aop;
+      aop.relu = relu;
+      aop.use_out = use_out;
+      aop.has_res = has_res;
+      aop.res_aff = res_aff;
+      aop.has_rcoef = has_rcoef;
+      aop.need_r = has_res && ((relu && !use_out) || has_rcoef);
+      aop.g = grad_out.const_data_ptr<scalar_t>();
+      aop.x = xr.const_data_ptr<scalar_t>();
+      aop.res = aop.need_r ? residual->const_data_ptr<scalar_t>() : nullptr;
+      aop.out = use_out ? out->const_data_ptr<scalar_t>() : nullptr;
+      aop.dx = dx.mutable_data_ptr<scalar_t>();
+      aop.dres = has_res ? dres.mutable_data_ptr<scalar_t>() : nullptr;
+      aop.affine = affine.const_data_ptr<A>();
+      aop.res_affine = res_aff ? res_affine->const_data_ptr<A>() : nullptr;
+      aop.coef = coef.const_data_ptr<A>();
+      aop.res_coef = has_rcoef ? res_coef->const_data_ptr<A>() : nullptr;
+      aop.C = s.C;
+      aop.xs = s.xs;
+      launch_ew<scalar_t>(aop, s, {aop.g, aop.x, aop.res, aop.out, aop.dx, aop.dres}, dev, stream);
+    };
+    if (res_aff || has_rcoef)
+      run(TypeTag<ApplyOp<scalar_t, A, false, true>>{});
+    else
+      run(TypeTag<ApplyOp<scalar_t, A, false, false>>{});
   });
   return {dx, dres};
 }
@@ -1421,7 +1447,7 @@ void bn_act_bwd_apply_acc_cuda(const at::Tensor& acc, const at::Tensor& grad_out
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_bwd_apply_acc_cuda", [&] {
     using A = typename AccOf<scalar_t>::type;
-    ApplyOp<scalar_t, A, true> aop;
+    ApplyOp<scalar_t, A, true, false> aop;
     aop.relu = relu;
     aop.use_out = use_out;
     aop.has_res = aop.res_aff = aop.has_rcoef = aop.need_r = false;

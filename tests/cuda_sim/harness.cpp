@@ -112,11 +112,11 @@ void stats_impl(const T* xp, const Shape& s, typename AccOf<T>::type* mean, type
   launch(dim3(ceil_div(s.C, kWarps)), dim3(kThreads), [&] {
     stats_finalize_kernel<A>(w, static_cast<int>(S), static_cast<int>(s.C), static_cast<A>(s.N * s.HW), mean, var); });
 }
-template <typename T>
+template <typename T, bool RBN>
 void reduce_impl(const RedArgs<T, typename AccOf<T>::type>& a, const Shape& s, typename AccOf<T>::type* out, int K, int dev) {
   using A = typename AccOf<T>::type;
   constexpr int VV = vec16<T>();
-  constexpr int VN = sizeof(T) == 2 ? 4 : VV;
+  constexpr int VN = sizeof(T) == 2 && RBN ? 4 : VV;
   std::vector<A> ws; int64_t S;
   SIM_ASSERT(s.xs == s.C || (!s.nchw && s.C % VN == 0 && s.xs % VN == 0), "resfused: a prefix view reached a reduction kernel that cannot read it");
   if (s.nchw) {
@@ -124,7 +124,7 @@ void reduce_impl(const RedArgs<T, typename AccOf<T>::type>& a, const Shape& s, t
     constexpr int VM = VV > 4 ? 4 : VV;
     const int V = (s.HW % VV == 0 && s.xb % VV == 0 && all_aligned<T>({a.g, a.x, a.res, a.out, a.dz}, VV)) ? VV
                   : (s.HW % VM == 0 && s.xb % VM == 0 && all_aligned<T>({a.g, a.x, a.res, a.out, a.dz}, VM)) ? VM : 1;
-    auto kernel = V == VV ? reduce_nchw_kernel<T, A, VV> : V == VM ? reduce_nchw_kernel<T, A, VM> : reduce_nchw_kernel<T, A, 1>;
+    auto kernel = V == VV ? reduce_nchw_kernel<T, A, VV, RBN> : V == VM ? reduce_nchw_kernel<T, A, VM, RBN> : reduce_nchw_kernel<T, A, 1, RBN>;
     const int64_t nvc = s.N * s.HW / V;
     int64_t chunk;
     S = nchw_splits(nvc, s.C, resident_blocks(kernel, kThreads, dev), chunk);
@@ -133,7 +133,7 @@ void reduce_impl(const RedArgs<T, typename AccOf<T>::type>& a, const Shape& s, t
     launch(dim3(s.C, S), dim3(kThreads), [&] { kernel(a, s.HW, nvc, chunk, w); });
   } else {
     const bool vec = s.C % VN == 0 && all_aligned<T>({a.g, a.x, a.res, a.out, a.dz}, VN);
-    auto kernel = vec ? reduce_nhwc_kernel<T, A, VN> : reduce_nhwc_kernel<T, A, 1>;
+    auto kernel = vec ? reduce_nhwc_kernel<T, A, VN, RBN> : reduce_nhwc_kernel<T, A, 1, RBN>;
     g_rpath = vec ? 5 : 6;
     const int V = vec ? VN : 1;
     const int64_t M = s.N * s.HW;
@@ -305,7 +305,8 @@ fwd_done:
     a.res_stats = has_r2 ? rst.data() : nullptr; a.dz = write_dz ? bdz.p<T>() : nullptr; a.C = (int)C; a.xs = s.xs; a.xb = s.xb;
     int K = has_r2 ? 3 : 2;
     std::vector<A> res(K * C, A(NAN));
-    reduce_impl<T>(a, s, res.data(), K, 0);
+    if (res_aff || has_r2) reduce_impl<T, true>(a, s, res.data(), K, 0);
+    else reduce_impl<T, false>(a, s, res.data(), K, 0);
     if (pref) ++g_pathcnt[g_rpath];
     for (int64_t c = 0; c < C; ++c) {
       double s0 = 0, s1 = 0, s2 = 0, a0 = 0, a1 = 0, a2 = 0;
@@ -331,15 +332,20 @@ fwd_done:
   {
     Shape s{N, C, HW, numel, nchw, xs, xb};
     const T* xk = read_x(s, {g, has_res ? (const void*)r : nullptr, pass_out ? (const void*)o : nullptr}, 2);
-    ApplyOp<T, A> p;
     const bool has_rc = has_res && (flags & 16);
-    p.relu = relu; p.use_out = use_out; p.has_res = has_res; p.res_aff = res_aff; p.has_rcoef = has_rc;
-    p.need_r = has_res && ((relu && !use_out) || has_rc);
-    p.g = g; p.x = xk; p.res = p.need_r ? r : nullptr; p.out = use_out ? o : nullptr;
-    p.dx = bdx.p<T>(); p.dres = has_res ? bdr.p<T>() : nullptr;
-    p.affine = aff.data(); p.res_affine = res_aff ? raff.data() : nullptr; p.coef = coef.data(); p.res_coef = has_rc ? rcoef.data() : nullptr;
-    p.C = C; p.xs = s.xs;
-    launch_ew<T>(p, s, {p.g, p.x, p.res, p.out, p.dx, p.dres}, 0);
+    auto run = [&](auto op) {  // ApplyOp<T, A, false, RBN>, RBN as the entry point picks it
+      auto p = op;
+      p.relu = relu; p.use_out = use_out; p.has_res = has_res; p.res_aff = res_aff; p.has_rcoef = has_rc;
+      p.need_r = has_res && ((relu && !use_out) || has_rc);
+      p.g = g; p.x = xk; p.res = p.need_r ? r : nullptr; p.out = use_out ? o : nullptr;
+      p.dx = bdx.p<T>(); p.dres = has_res ? bdr.p<T>() : nullptr;
+      p.affine = aff.data(); p.res_affine = res_aff ? raff.data() : nullptr; p.coef = coef.data(); p.res_coef = has_rc ? rcoef.data() : nullptr;
+      p.C = C; p.xs = s.xs;
+      launch_ew<T>(p, s, {p.g, p.x, p.res, p.out, p.dx, p.dres}, 0);
+    };
+    if (res_aff || has_rc) run(ApplyOp<T, A, false, true>{});
+    else run(ApplyOp<T, A, false, false>{});
+    struct { T* dx; T* dres; } p{bdx.p<T>(), has_res ? bdr.p<T>() : nullptr};
     if (pref) ++g_pathcnt[g_path];
     for (int64_t n = 0; n < N; ++n) for (int64_t c = 0; c < C; ++c) for (int64_t k = 0; k < HW; ++k) {
       int64_t i = idx(n, c, k);
@@ -359,7 +365,7 @@ fwd_done:
   // entry point runs ApplyOp<.., true> through launch_ew where x is read in place (acc
   // included in the alignment check); else it adds a plain apply's dx (no kernel of its own)
   if (!has_res) {
-    using Op = ApplyOp<T, A, true>;
+    using Op = ApplyOp<T, A, true, false>;
     const int64_t V16 = 16 / (int64_t)sizeof(T);
     // acc has x's strides; its base is misaligned on its own when offmask has bit 8
     Buf bacc = mk<T>(xalloc, (pref ? xoff : (offmask & 1 ? 1 : 0)) + (offmask & 8 ? 1 : 0));

@@ -9,8 +9,8 @@ from torch import nn
 
 import resfused
 from resfused.memory import model_saved_bytes
-from utils import (assert_close, assert_low_precision, assert_model_low_precision, backend_cases, case_id,
-                   interpreted, paired_for_sgd, randomise_bns, rel_tol, sgd_step_against_reference)
+from utils import (LOW_PRECISION_FACTOR, TOLERANCES, assert_close, backend_cases, case_id, interpreted, max_abs_err,
+                   paired_for_sgd, randomise_bns, rel_tol, sgd_step_against_reference)
 
 CASES = [c for c in backend_cases() if not interpreted(*c)]  # whole models: native backends
 MODELS = ["resnet18", "resnet50", "resnext50_32x4d"]
@@ -40,14 +40,14 @@ def test_model_matches_torchvision_over_sgd_steps(case, name, layout):
             assert torch.equal(b.cpu(), br), f"{bn_name}: {b} != {br}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-@pytest.mark.parametrize("name", ["resnet18", "densenet121"])
-def test_fp32_model_error_within_twice_eagers_own(case, name):
-    """fp32 model (batch 2 at 64x64: BN over 8 values per channel in the last stage, badly
-    conditioned) against the fp64 oracle: our error is at most 2x eager fp32 torchvision's
-    on the same device (the same convolution algorithms: a GPU's can round differently)."""
-    backend, device = case
-    torch.manual_seed(0)
+def _fp32_error_ratios(name: str, backend: str, device: str, seed: int):
+    """One fp32 training forward and backward of torchvision's model (eager) and ours on
+    ``device`` against the float64 oracle on the CPU, BN parameters randomised with
+    ``seed``: (output, input gradient, parameter gradients) as our error, beyond the fp32
+    floor of ``assert_low_precision``, over eager's (the parameter gradients as the
+    root-sum-square of each tensor's error relative to its largest oracle value, as
+    ``assert_model_low_precision``)."""
+    torch.manual_seed(seed)
     ref = randomise_bns(getattr(torchvision.models, name)(num_classes=10), bias=0.2,
                         running_stats=False).double().train()
     state = {k: v.float() if v.is_floating_point() else v for k, v in ref.state_dict().items()}
@@ -59,18 +59,56 @@ def test_fp32_model_error_within_twice_eagers_own(case, name):
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     g = torch.randn(2, 10, dtype=torch.float64)
     results = {}
-    for name, model, dtype, dev in (("oracle", ref, torch.float64, "cpu"), ("eager", eager, torch.float32, device),
-                                    ("mine", mine, torch.float32, device)):
+    for who, model, dtype, dev in (("oracle", ref, torch.float64, "cpu"), ("eager", eager, torch.float32, device),
+                                   ("mine", mine, torch.float32, device)):
         xx = x.detach().to(dev, dtype).clone().requires_grad_()
         with resfused.use_backend(backend):
             out = model(xx)
         out.backward(g.to(dev, dtype))
-        results[name] = [out, xx.grad] + [p.grad for p in model.parameters()]
-    names = ["output", "input grad"] + [f"grad {n}" for n, _ in mine.named_parameters()]
-    triples = list(zip(names, results["mine"], results["eager"], results["oracle"]))
-    for what, m, e, o in triples[:2]:
-        assert_low_precision(m, e, o, what, floor=1e-6 * float(o.detach().abs().max()))
-    assert_model_low_precision(triples[2:], case_id(case), floor_rel=1e-6)
+        results[who] = [out.detach(), xx.grad] + [p.grad for p in model.parameters()]
+    atol, rtol = TOLERANCES[torch.float32]["bwd"]
+    ratios, sq = [], {"mine": 0.0, "eager": 0.0}
+    for k, oracle in enumerate(results["oracle"]):
+        top = float(oracle.abs().max())
+        floor = max(1e-6 * top, atol + rtol * top)
+        err = {"mine": max(max_abs_err(results["mine"][k], oracle) - floor, 0.0),
+               "eager": max_abs_err(results["eager"][k], oracle)}
+        if k < 2:
+            ratios.append(err["mine"] / err["eager"] if err["eager"] > 0 else (0.0 if err["mine"] == 0 else 1e9))
+        elif top > 0:
+            for who in sq:
+                sq[who] += (err[who] / top) ** 2
+    ratios.append((sq["mine"] / sq["eager"]) ** 0.5 if sq["eager"] > 0 else (0.0 if sq["mine"] == 0 else 1e9))
+    return ratios
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("name", ["resnet18", "densenet121"])
+def test_fp32_model_error_within_twice_eagers_own(case, name):
+    """fp32 model (batch 2 at 64x64) against the float64 oracle: our error is at most 2x
+    eager fp32 torchvision's on the same device (the same convolution algorithms: a GPU's
+    can round differently), in the median over seven seeds for the gradients, at every
+    seed for the output.
+
+    Why a median: these gradients are chaotic in fp32. The last stage normalises 8 values
+    per channel, so one relu mask that rounding flips there moves its channel's mean
+    gradient by an eighth of an element's, and the backward through DenseNet's many such
+    BNs amplifies it (eager's own input-gradient error against the oracle ranges from 3e-5
+    to 3e-2 of its largest value over seeds). Over 20 seeds on the CPU, our densenet121
+    input-gradient error was within 1.05x of eager's at 17 and 2.2-20x at 3, when one side
+    took a flip the other did not; one seed's ratio is a coin toss, the median is not
+    (every BN's eps at 2e-5 instead of 1e-5, about 1e-5 off in each normalisation, puts
+    it at 3-7x)."""
+    import statistics
+
+    backend, device = case
+    per_seed = [_fp32_error_ratios(name, backend, device, seed) for seed in range(7)]
+    for seed, (out_ratio, _, _) in enumerate(per_seed):
+        assert out_ratio <= LOW_PRECISION_FACTOR, f"{name} output, seed {seed}: {out_ratio:.3g}x eager's error"
+    for k, what in ((1, "input gradient"), (2, "parameter gradients")):
+        ratios = [r[k] for r in per_seed]
+        assert statistics.median(ratios) <= LOW_PRECISION_FACTOR, \
+            f"{name} {what}: error over eager's per seed {[round(r, 3) for r in ratios]}"
 
 
 @pytest.mark.parametrize("name", ["resnet18", "densenet121"])

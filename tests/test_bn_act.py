@@ -839,7 +839,16 @@ def test_native_argument_checks_raise_and_do_not_crash(case):
                            *(call for call, _, _ in _NATIVE_ERRORS)], env=env, capture_output=True, text=True,
                           timeout=600)
     lines = proc.stdout.splitlines()
-    assert proc.returncode == 0, f"exit status {proc.returncode} after {lines}:\n{proc.stderr[-4000:]}"
+    if proc.returncode != 0:  # a crash: the native stack, where gdb can give it
+        import shutil
+
+        stack = ""
+        if shutil.which("gdb"):
+            g = subprocess.run(["gdb", "-batch", "-ex", "run", "-ex", "bt 40", "--args", sys.executable, "-c",
+                                _NATIVE_ERROR_SCRIPT, device, *(call for call, _, _ in _NATIVE_ERRORS)], env=env,
+                               capture_output=True, text=True, timeout=600)
+            stack = g.stdout[-6000:]
+        pytest.fail(f"exit status {proc.returncode} after {lines}:\n{proc.stderr[-4000:]}\n{stack}")
     assert len(lines) == len(_NATIVE_ERRORS), lines
     for (call, kind, words), line in zip(_NATIVE_ERRORS, lines):
         assert line.startswith(kind + " ") and words in line, (call, line)

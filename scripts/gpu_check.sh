@@ -10,7 +10,8 @@
 # first (on an H200: 119 s), then the tests that run on the GPU (up to 300 s, keeping 130 s:
 # on the H200 2186 of their 2265 cases ran in 230 s), the quick benchmark (the project's main
 # job: up to 120 s; 85 s on the H200), the Triton conv kernel report (up to 60 s), a host
-# profile of the fused calls (scripts/profile_host.py, up to 40 s), the torch.compile tests, then, while time is left, up to 2 x 60 s of the cuda BN kernel tests
+# profile of the fused calls (scripts/profile_host.py, up to 40 s), densenet121's fp32 error
+# per tensor (scripts/model_error.py, up to 40 s), the torch.compile tests, then, while time is left, up to 2 x 60 s of the cuda BN kernel tests
 # under compute-sanitizer memcheck and racecheck, the CPU tests (CI runs those in full) and,
 # if at least 120 s remain, torch.compile of torchvision's resnet50 training step beside
 # resfused (compiling takes about a minute). A step that runs out of time is stopped with
@@ -21,7 +22,7 @@
 # (RESFUSED_SKIP_CUDA_BUILD=1) so the rest still runs.
 #
 # GPU_CHECK_STEPS picks steps (comma-separated; default all, in this order): tests, bench,
-# conv, profile, compile-tests, sanitizer, cpu-tests, compile-bench. The build always runs
+# conv, profile, model-error, compile-tests, sanitizer, cpu-tests, compile-bench. The build always runs
 # (a no-op when the extension is already built), so a second call on a machine still warm
 # can spend its budget on what the first did not reach, e.g.
 #   GPU_CHECK_STEPS=compile-bench,profile GPU_CHECK_BUDGET_S=280 bash scripts/gpu_check.sh OUTDIR2
@@ -34,7 +35,7 @@ PY=${PYTHON:-python3}
 export MAX_JOBS=${MAX_JOBS:-16}
 export RESFUSED_NO_INSTALL=${RESFUSED_NO_INSTALL:-1}   # the GPU machine is offline: no pip calls
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
-STEPS=",${GPU_CHECK_STEPS:-tests,bench,conv,profile,compile-tests,sanitizer,cpu-tests,compile-bench},"
+STEPS=",${GPU_CHECK_STEPS:-tests,bench,conv,profile,model-error,compile-tests,sanitizer,cpu-tests,compile-bench},"
 want() { [[ "$STEPS" == *",$1,"* ]]; }
 t0=$(date +%s)
 status=0
@@ -141,6 +142,15 @@ if want profile && (( t >= 20 )); then
   timeout -k 5 "$t" "$PY" scripts/profile_host.py --device cuda > "$OUT/profile-host.txt" 2>&1 \
     || echo "host profile: exit status $? (see profile-host.txt)"
   grep -E "^(===|#)" "$OUT/profile-host.txt"
+fi
+
+# 2d. densenet121's fp32 error against the float64 oracle per tensor, eager beside the
+#     cuda and triton backends (scripts/model_error.py; about 20 s).
+t=$(cap 40 10)
+if want model-error && (( t >= 20 )); then
+  timeout -k 5 "$t" "$PY" scripts/model_error.py --model densenet121 --device cuda --backends eager,cuda,triton \
+    > "$OUT/model-error.txt" 2>&1 || echo "model error report: exit status $? (see model-error.txt)"
+  sed -n 1,6p "$OUT/model-error.txt"
 fi
 
 # 3. The torch.compile tests on the GPU.

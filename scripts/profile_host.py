@@ -31,7 +31,7 @@ def cases(tiny: bool):
         (Case("op", "bn_relu", "fwd_bwd", dt, "channels_last", op), ops),
         (Case("op", "apply", "fwd", dt, "nchw", op), ops),
         (Case("block", "bottleneck", "fwd_bwd", dt, "channels_last", blk, variant=variant),
-         ["eager_cl"] + ops[1:]),
+         ["eager_cl"] + ops[1:] + ["resfused[tconv]"]),
     ]
 
 

@@ -22,7 +22,7 @@
 # (RESFUSED_SKIP_CUDA_BUILD=1) so the rest still runs.
 #
 # GPU_CHECK_STEPS picks steps (comma-separated; default all, in this order): tests, bench,
-# conv, profile, model-error, compile-tests, sanitizer, cpu-tests, compile-bench. The build always runs
+# conv, conv-sweep, profile, model-error, compile-tests, sanitizer, cpu-tests, compile-bench. The build always runs
 # (a no-op when the extension is already built), so a second call on a machine still warm
 # can spend its budget on what the first did not reach, e.g.
 #   GPU_CHECK_STEPS=compile-bench,profile GPU_CHECK_BUDGET_S=280 bash scripts/gpu_check.sh OUTDIR2
@@ -35,7 +35,7 @@ PY=${PYTHON:-python3}
 export MAX_JOBS=${MAX_JOBS:-16}
 export RESFUSED_NO_INSTALL=${RESFUSED_NO_INSTALL:-1}   # the GPU machine is offline: no pip calls
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
-STEPS=",${GPU_CHECK_STEPS:-tests,bench,conv,profile,model-error,compile-tests,sanitizer,cpu-tests,compile-bench},"
+STEPS=",${GPU_CHECK_STEPS:-tests,bench,conv,conv-sweep,profile,model-error,compile-tests,sanitizer,cpu-tests,compile-bench},"
 want() { [[ "$STEPS" == *",$1,"* ]]; }
 t0=$(date +%s)
 status=0
@@ -134,6 +134,15 @@ else
   echo "conv kernel report skipped: $t s left of the ${BUDGET} s budget" | tee "$OUT/bench-conv.log"
 fi
 
+
+# 2b'. The Triton forward conv per fused mode and tile config at stage1.conv1 and stage3.conv2 (what its
+#      time is spent on: scripts/conv_sweep.py; up to 60 s, most of it compiling).
+t=$(cap 60 10)
+if want conv-sweep && (( t >= 30 )); then
+  timeout -k 5 "$t" "$PY" scripts/conv_sweep.py --shape stage1.conv1 --shape stage3.conv2 --tiles 3 \
+    > "$OUT/conv-sweep.txt" 2>&1 || echo "conv sweep: exit status $? (see conv-sweep.txt)"
+  cat "$OUT/conv-sweep.txt"
+fi
 
 # 2c. Where the fused calls' time goes (host or GPU): torch.profiler tables of the join,
 #     BN-ReLU and Bottleneck cases beside eager (about 10 s on the H200).

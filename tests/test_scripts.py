@@ -105,3 +105,35 @@ def test_host_time_prints_its_table():
     assert len(rows) == 9, done.stdout
     for variant in ("| eager |", "| resfused |", "| resfused, composites off |"):
         assert sum(variant in row for row in rows) == 3, done.stdout
+
+
+def test_conv_sweep_times_each_mode_and_tile():
+    """The Triton conv sweep (for the GPU check's diagnostics) runs a toy shape under the
+    interpreter: the library conv's row, then one row per tile with a time per fused mode."""
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "conv_sweep.py"), "--device", "cpu",
+                           "--shape", "tiny.conv2", "--batch", "2", "--reps", "1", "--tiles", "1"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("tiny.conv2: library conv") for line in lines), lines
+    tiles = [line for line in lines if line.strip().startswith("tile (")]
+    assert len(tiles) == 1, lines
+    for mode in ("plain", "stats", "prologue", "prologue_stats"):
+        assert f" {mode} " in tiles[0] and "Error" not in tiles[0], tiles[0]
+
+
+def test_model_error_lists_each_tensor():
+    """The per-tensor error report runs on the CPU (resnet18 at a toy size): a row for the
+    output, the input gradient and each parameter gradient it is asked to show."""
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "model_error.py"), "--model", "resnet18",
+                           "--device", "cpu", "--backends", "eager,cpu", "--size", "32", "--show", "5"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode in (0, 1), done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("output", "input grad", "grad "))]
+    assert [r.split()[0] for r in rows[:2]] == ["output", "input"] and len(rows) >= 5, done.stdout

@@ -75,6 +75,38 @@ def test_hooks_on_inner_modules_fire_with_torchvision_values(name, training):
     assert _fused_node_count(fu(x)) == {"resnet": 8, "densenet": 3}[name]
 
 
+@pytest.mark.parametrize("name", ["resnet", "densenet"])
+def test_a_forward_replaced_on_an_inner_instance_is_called(name):
+    """A submodule whose forward was replaced on its instance (``m.forward = ...``, as
+    accelerate's hooks do) is called with it, as torchvision calls it: the block holding
+    it runs torchvision's forward, the others stay fused; a synchronized block in training
+    (which cannot call it) raises, naming it."""
+    tv, fu, taps = _pair(name)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    calls = []
+    outs = []
+    for model in (tv, fu):
+        model.double().train()
+        for t in taps:
+            m = dict(model.named_modules())[t]
+            m.forward = lambda *a, f=m.forward, t=t: calls.append(t) or f(*a) * 1.5
+        out = model(x)
+        out.sum().backward()
+        outs.append((out, model.conv1.weight.grad if name == "resnet" else model.features.conv0.weight.grad))
+    assert_close(outs[1][0], outs[0][0], 1e-9, 1e-9, "output")
+    # (training BNs over 2 values in the last stage amplify float64 rounding: 1e-8 here)
+    assert_close(outs[1][1], outs[0][1], 1e-6, 1e-6, "stem conv weight gradient")
+    assert sorted(calls[len(calls) // 2:]) == sorted(calls[:len(calls) // 2]), calls
+    assert _fused_node_count(outs[1][0]) == {"resnet": 5, "densenet": 2}[name]
+
+    from resfused.nn.bn_act import runs_unfused
+
+    block = resfused.convert(BasicBlock(8, 8), sync_bn=True).train()
+    block.bn1.forward = lambda inp, f=block.bn1.forward: f(inp)
+    with pytest.raises(RuntimeError, match="submodule 'bn1' was replaced on the instance"):
+        runs_unfused(block, torch.randn(2, 8, 5, 5))  # (as the block's forward asks it in a process group)
+
+
 def test_pruned_conv_inside_a_block_trains_as_torchvision():
     """``torch.nn.utils.prune`` applies its mask in a pre-forward hook on the conv: the
     pruned weight is what the block uses, step after step, as in torchvision."""

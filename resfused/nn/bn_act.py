@@ -89,8 +89,9 @@ def runs_unfused(module: nn.Module, x) -> bool:
     (``torch.autograd.forward_ad.dual_level``); on the meta device (shape
     inference); and whenever a hook would otherwise not fire — one registered on any
     submodule (forward, pre-forward or backward: feature taps, ``torch.nn.utils.prune``'s
-    mask, applied by a pre-forward hook on the conv) or a global module hook. The fused
-    path reads the submodules' parameters directly and calls none of them."""
+    mask, applied by a pre-forward hook on the conv) or a global module hook — or a
+    submodule's forward was replaced on its instance. The fused path reads the
+    submodules' parameters directly and calls none of them."""
     xs = x if isinstance(x, (list, tuple)) else (x,)
     if torch.jit.is_tracing() or any(isinstance(t, torch.fx.Proxy) for t in xs) or _functorch_active():
         return True
@@ -103,7 +104,14 @@ def runs_unfused(module: nn.Module, x) -> bool:
         return all(p.device.type == "meta" for p in module.parameters())
     if getattr(module, "sync_bn", False) and module.training:
         # torchvision's forward would normalise its plain BNs with local statistics: the
-        # fused path keeps them synchronized (hooks on inner modules then do not fire)
+        # fused path keeps them synchronized (hooks on inner modules then do not fire; a
+        # forward replaced on an inner module's instance cannot be honoured: an error)
+        patched = _patched_below(module)
+        if patched:
+            raise RuntimeError(f"{type(module).__name__}: the forward of its submodule {patched!r} was replaced on "
+                               "the instance, which a block synchronizing its batch statistics (sync_bn=True) "
+                               "cannot call; restore that submodule's forward, or convert the model without "
+                               "sync_bn")
         return False
     glob = nn.modules.module
     if any(getattr(glob, d, None) for d in _GLOBAL_HOOK_DICTS) and next(module.children(), None) is not None:
@@ -112,12 +120,29 @@ def runs_unfused(module: nn.Module, x) -> bool:
 
 
 def _hooked_below(module: nn.Module) -> bool:
-    """Whether a hook sits on any module below ``module`` (its own hooks do not count)."""
+    """Whether a hook sits on any module below ``module`` (its own hooks do not count), or
+    a forward replaced on a submodule's instance (``m.forward = ...``, as accelerate's
+    ``add_hook_to_module`` does), which the fused path would not call either."""
     for m in module._modules.values():
         if m is not None and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                              or getattr(m, "_backward_pre_hooks", None) or _hooked_below(m)):
+                              or getattr(m, "_backward_pre_hooks", None) or "forward" in m.__dict__
+                              or _hooked_below(m)):
             return True
     return False
+
+
+def _patched_below(module: nn.Module, prefix: str = "") -> str:
+    """The name of a submodule below ``module`` whose forward was replaced on the
+    instance ("" when none)."""
+    for name, m in module._modules.items():
+        if m is None:
+            continue
+        if "forward" in m.__dict__:
+            return prefix + name
+        found = _patched_below(m, f"{prefix}{name}.")
+        if found:
+            return found
+    return ""
 
 
 class BatchNormAct2d(SyncBNMixin, nn.BatchNorm2d):
@@ -127,6 +152,9 @@ class BatchNormAct2d(SyncBNMixin, nn.BatchNorm2d):
     ``activation`` is ``"relu"`` (default) or ``"identity"``. ``momentum=None``
     gives the cumulative moving average through ``num_batches_tracked``;
     ``affine=False`` and ``track_running_stats=False`` behave as in ``nn.BatchNorm2d``.
+    Synchronized batch statistics: ``sync_bn=True`` (or ``resfused.convert(model,
+    sync_bn=True)``), not ``nn.SyncBatchNorm.convert_sync_batchnorm``, which replaces any
+    BatchNorm subclass by a plain ``nn.SyncBatchNorm`` (activation and residual dropped).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,

@@ -69,7 +69,8 @@ def convert(model: nn.Module, memory_efficient: bool = True, sync_bn: bool = Fal
 def _sync_other_batch_norms(module: nn.Module, process_group) -> None:
     """Every BatchNorm2d outside the fused blocks (which synchronize their own) becomes a
     synchronized ``BatchNormAct2d(activation="identity")``, in place (same parameters,
-    buffers and state_dict; unlike nn.SyncBatchNorm it runs on CPU under DDP too)."""
+    buffers and state_dict; unlike nn.SyncBatchNorm it runs on CPU under DDP too); a
+    ``BatchNormAct2d`` not yet synchronized is synchronized, keeping its activation."""
     for child in module.children():
         if type(child) in _PLAIN or type(child) in _DENSE_PLAIN:
             continue
@@ -77,6 +78,10 @@ def _sync_other_batch_norms(module: nn.Module, process_group) -> None:
             child.__class__ = BatchNormAct2d
             child.activation, child.sync_bn, child.process_group = "identity", True, process_group
             child._resfused_sync_of_bn = True
+        elif isinstance(child, BatchNormAct2d):
+            if not child.sync_bn:
+                child.sync_bn, child.process_group = True, process_group
+                child._resfused_synced = True
         else:
             _sync_other_batch_norms(child, process_group)
 
@@ -88,6 +93,9 @@ def revert(model: nn.Module) -> nn.Module:
             module.__class__ = nn.BatchNorm2d  # a BatchNorm2d that convert(sync_bn=True) synchronized
             for attr in ("activation", "sync_bn", "process_group"):
                 module.__dict__.pop(attr, None)
+            continue
+        if isinstance(module, BatchNormAct2d) and module.__dict__.pop("_resfused_synced", False):
+            module.sync_bn, module.process_group = False, None  # a BatchNormAct2d it synchronized
             continue
         dense = _DENSE_PLAIN.get(type(module))
         if dense is not None:
@@ -232,7 +240,10 @@ def fold(model: nn.Module) -> nn.Module:
     equal the unfolded model's in eval within fp32 tolerance. ``model`` is not changed.
     A block that is not the standard kind (another activation or norm layer, a custom
     downsample, a BN without running statistics) is kept unfolded, in eval mode."""
-    folded = copy.deepcopy(model).eval()
+    # (process groups are shared, not copied: they cannot be, and the copy runs in eval,
+    # where nothing is synchronized)
+    groups = {id(g): g for m in model.modules() for g in (getattr(m, "process_group", None),) if g is not None}
+    folded = copy.deepcopy(model, memo=dict(groups)).eval()
     if (type(folded) in _FUSED or type(folded) in _PLAIN) and _foldable(folded):
         return FoldedBlock(folded).eval()  # a block on its own
     _fold_children(folded)

@@ -154,6 +154,45 @@ def test_wrong_process_group_and_uninitialized_are_clear_errors():
     assert all(type(m) in (nn.BatchNorm2d,) for m in fused.modules() if isinstance(m, nn.BatchNorm2d))
 
 
+def test_convert_synchronizes_a_batch_norm_act_keeping_its_activation_and_revert_restores_it():
+    """A user's ``BatchNormAct2d`` (with its ReLU) under ``convert(sync_bn=True)`` is
+    synchronized, not skipped, and keeps its activation; ``revert`` unsynchronizes it. (torch's
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` would replace it by a plain SyncBatchNorm,
+    ReLU lost: the README says so.)"""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), resfused.BatchNormAct2d(4), resfused.BatchNormAct2d(4, sync_bn=True))
+    model = resfused.convert(model, sync_bn=True)
+    assert model[1].sync_bn and model[1].activation == "relu" and type(model[1]) is resfused.BatchNormAct2d
+    assert model[2].sync_bn
+    with pytest.raises(RuntimeError, match="not initialized"):  # (synchronized: needs a process group)
+        model.train()(torch.randn(2, 3, 6, 6))
+    resfused.revert(model)
+    assert not model[1].sync_bn and model[1].process_group is None and model[1].activation == "relu"
+    assert model[2].sync_bn  # (synchronized by its owner, not by convert)
+    assert "_resfused_synced" not in model[1].__dict__
+
+
+def test_fold_shares_a_models_process_group():
+    """``fold`` copies the model; a process group (which cannot be copied or pickled) is
+    shared with the copy, not copied."""
+    import threading
+
+    from torchvision.models.densenet import DenseNet
+
+    torch.manual_seed(0)
+    group = threading.Lock()  # (a stand-in that, like a ProcessGroup, deepcopy refuses; eval never uses it)
+    for tv in (torchvision.models.resnet18(num_classes=5),
+               DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=5)):
+        model = resfused.convert(tv, sync_bn=True).eval()
+        for m in model.modules():
+            if getattr(m, "sync_bn", False):
+                m.process_group = group
+        folded = resfused.fold(model)
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    # (a DenseNet's blocks are kept as they are, synchronized, on the shared group)
+    assert any(getattr(m, "process_group", None) is group for m in folded.modules())
+
+
 def _single_value_model():
     """A block, a dense block and a BatchNormAct2d, all synchronized (float64)."""
     from torchvision.models.densenet import _DenseBlock

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torchvision
 from torch import nn
+from torchvision.models.densenet import _DenseBlock, _Transition
 from torchvision.models.resnet import BasicBlock
 
 import resfused
@@ -26,7 +27,8 @@ BATCH = 3  # per rank
 
 def _reference_and_input(how):
     """torchvision's resnet18 (convert: the whole model under DDP); for torch's own
-    convert_sync_batchnorm, two bare blocks (nn.SyncBatchNorm outside our blocks needs a GPU)."""
+    convert_sync_batchnorm, two bare blocks, a dense block and a transition (nn.SyncBatchNorm
+    outside our blocks needs a GPU)."""
     torch.manual_seed(0)
     if how == "convert":
         model = torchvision.models.resnet18(num_classes=5)
@@ -37,7 +39,8 @@ def _reference_and_input(how):
         x = torch.randn(WORLD * BATCH, 3, 32, 32)
     else:
         ds = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
-        model = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 16, stride=2, downsample=ds))
+        model = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 16, stride=2, downsample=ds),
+                              _DenseBlock(2, 16, 2, 4, 0.0), _Transition(24, 12))
         x = torch.randn(WORLD * BATCH, 8, 9, 9)
     with torch.no_grad():
         for m in model.modules():
@@ -62,6 +65,8 @@ def _worker(rank, init_file, how, result_dir):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(resfused.convert(copy.deepcopy(tv)))
             run = model
         assert any(isinstance(m, (resfused.FusedBasicBlock, resfused.FusedDenseBlock)) for m in model.modules())
+        if how == "convert_sync_batchnorm":  # (the dense block and the transition run fused on their SyncBatchNorms)
+            assert isinstance(model[2], resfused.FusedDenseBlock) and model[2]._fusable() and model[3]._fusable()
         xs = x[rank * BATCH:(rank + 1) * BATCH]
         for step in range(2):
             out = run(xs)
@@ -195,8 +200,6 @@ def test_fold_shares_a_models_process_group():
 
 def _single_value_model():
     """A block, a dense block and a BatchNormAct2d, all synchronized (float64)."""
-    from torchvision.models.densenet import _DenseBlock
-
     torch.manual_seed(0)
     model = resfused.convert(nn.Sequential(BasicBlock(4, 4), _DenseBlock(1, 4, 2, 2, 0.0)), sync_bn=True)
     model.append(resfused.BatchNormAct2d(6, sync_bn=True))

@@ -317,17 +317,49 @@ def test_bias_gradients_are_separate_tensors():
     assert_close(rb.grad, b.grad / 2, 0, 0, "the residual BN's bias gradient after doubling the other")
 
 
-@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
-def test_sync_batchnorm_inside_a_block_outside_a_process_group(kind):
-    """``nn.SyncBatchNorm.convert_sync_batchnorm`` then ``convert`` in a single process
-    without torch.distributed initialised: local statistics, as nn.SyncBatchNorm itself."""
+@pytest.mark.parametrize("kind", ["basic", "bottleneck", "dense"])
+@pytest.mark.parametrize("order", ["sync_then_convert", "convert_then_sync"])
+def test_sync_batchnorm_inside_a_block_outside_a_process_group(kind, order):
+    """``nn.SyncBatchNorm.convert_sync_batchnorm`` and ``convert``, either order, in a single
+    process without torch.distributed initialised: the blocks (ResNet, dense, transition)
+    stay fused and compute local statistics, as nn.SyncBatchNorm itself does."""
     torch.manual_seed(0)
-    block = BasicBlock(8, 8) if kind == "basic" else Bottleneck(8, 2)
-    tv = nn.SyncBatchNorm.convert_sync_batchnorm(block)
-    fu = resfused.convert(copy.deepcopy(tv))
-    x = torch.randn(2, 8, 6, 6)
-    assert_close(fu(x), tv(x), 1e-5, 1e-5, "output")
-    assert_close(fu.bn1.running_var, tv.bn1.running_var, 1e-6, 1e-6, "running_var")
+    if kind == "dense":
+        block = nn.Sequential(_DenseBlock(2, 8, 2, 4, 0.0), _Transition(16, 8))
+    else:
+        block = BasicBlock(8, 8) if kind == "basic" else Bottleneck(8, 2)
+    randomise_bns(block)
+    tv = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(block))
+    if order == "sync_then_convert":
+        fu = resfused.convert(copy.deepcopy(tv))
+    else:
+        fu = nn.SyncBatchNorm.convert_sync_batchnorm(resfused.convert(copy.deepcopy(block)))
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in fu.modules()) == \
+        sum(isinstance(m, nn.SyncBatchNorm) for m in tv.modules())
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    out_fu, out_tv = fu(x), tv(x)
+    assert _fused_node_count(out_fu) == (2 if kind == "dense" else 1)
+    assert_close(out_fu, out_tv, 1e-5, 1e-5, "output")
+    g_fu, = torch.autograd.grad(out_fu.square().sum(), x)
+    g_tv, = torch.autograd.grad(out_tv.square().sum(), x)
+    assert_close(g_fu, g_tv, 1e-4, 1e-4, "input gradient")
+    for (name, b), (_, bt) in zip(fu.named_buffers(), tv.named_buffers()):
+        assert_close(b.float(), bt.float(), 1e-6, 1e-6, name)
+
+
+def test_dense_block_refuses_norm1s_synchronized_over_different_groups(monkeypatch):
+    """A fused dense block shares one statistics cache between its layers' norm1: layers
+    synchronizing over different groups (or some not at all) are a clear error, raised
+    before any running statistic moves."""
+    torch.manual_seed(0)
+    block = resfused.convert(_DenseBlock(2, 8, 2, 4, 0.0))
+    block.denselayer2.norm1 = nn.SyncBatchNorm(12)
+    monkeypatch.setattr(type(block), "_sync_group",
+                        lambda self, bn: object() if isinstance(bn, nn.SyncBatchNorm) else None)
+    before = copy.deepcopy(block.state_dict())
+    with pytest.raises(ValueError, match="different process groups"):
+        block(torch.randn(2, 8, 5, 5))
+    assert all(torch.equal(v, before[k]) for k, v in block.state_dict().items())
 
 
 def test_fold_keeps_blocks_it_cannot_fold_and_gives_gradients():

@@ -21,7 +21,6 @@ from .. import conv_select
 from .._backend import unavailable_reason
 from ..autograd.block import (TENSORS_PER_UNIT, BlockSpec, BNSpec, ConvSpec, ResidualBlockFunction,
                               check_join_shapes)
-from ..distributed import resolve_group
 from ..functional import bn_dtype_allowed, check_eps, check_not_inference
 from ..ops import bn_act as ops
 from ..ops.bn_act import _compiling, _trace_time_constant
@@ -149,16 +148,6 @@ class _FusedBlockMixin(SyncBNMixin):
         super().__init__(*args, **kwargs)
         self.memory_efficient = memory_efficient
         self.sync_bn, self.process_group = sync_bn, process_group
-
-    def _sync_group(self, bn: nn.Module):
-        """An ``nn.SyncBatchNorm`` inside the block (``nn.SyncBatchNorm.convert_sync_batchnorm``)
-        is synchronized over its own group; any other BN as the block says."""
-        if isinstance(bn, nn.SyncBatchNorm):
-            dist = torch.distributed
-            if not (dist.is_available() and dist.is_initialized()):
-                return None  # local statistics, as nn.SyncBatchNorm itself computes outside a process group
-            return resolve_group(bn.process_group)
-        return self._group(True)
 
     def _units(self) -> List[Tuple[nn.Module, nn.Module]]:
         raise NotImplementedError

@@ -27,6 +27,18 @@ class SyncBNMixin:
         normalises with its own rank's batch)."""
         return resolve_group(self.process_group) if (self.sync_bn and training) else None
 
+    def _sync_group(self, bn: nn.Module):
+        """The group one BN of the module synchronizes its batch statistics over (the
+        caller asks only for a BN normalising with batch statistics in training): an
+        ``nn.SyncBatchNorm`` inside it (``nn.SyncBatchNorm.convert_sync_batchnorm``) over
+        its own group; any other BN as the module says."""
+        if isinstance(bn, nn.SyncBatchNorm):
+            dist = torch.distributed
+            if not (dist.is_available() and dist.is_initialized()):
+                return None  # local statistics, as nn.SyncBatchNorm itself computes outside a process group
+            return resolve_group(bn.process_group)
+        return self._group(True)
+
 
 def _snapshot(bns: Sequence[nn.Module]) -> List[Tuple[Tensor, Tensor]]:
     names = ("running_mean", "running_var", "num_batches_tracked")

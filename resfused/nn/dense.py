@@ -48,11 +48,16 @@ def _parts(layer: nn.Module) -> Tuple[Optional[nn.Module], ...]:
     return tuple(mods.get(name) for name in _LAYER_PARTS)
 
 
+#: the BN kinds a fused dense layer or transition applies itself (an nn.SyncBatchNorm, as
+#: ``nn.SyncBatchNorm.convert_sync_batchnorm`` leaves it, synchronizes over its own group)
+_DENSE_BNS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
 def _layer_fusable(layer: nn.Module, parts: Optional[Tuple[Optional[nn.Module], ...]] = None) -> bool:
     if not isinstance(layer, _DenseLayer):
         return False
     norm1, relu1, conv1, norm2, relu2, conv2 = parts or _parts(layer)
-    return (type(norm1) is nn.BatchNorm2d and type(norm2) is nn.BatchNorm2d and plain_relu(relu1)
+    return (type(norm1) in _DENSE_BNS and type(norm2) in _DENSE_BNS and plain_relu(relu1)
             and plain_relu(relu2) and _keeps_size(conv1) and _keeps_size(conv2)
             and norm1.num_features == conv1.in_channels and norm2.num_features == conv1.out_channels)
 
@@ -68,12 +73,17 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: Sync
     parts = [_parts(layer) for layer in layers]
     bns = [bn for p in parts for bn in (p[0], p[3])]
     args = [batch_norm_args(bn) for bn in bns]
-    synced = [a[4] and bn.training for a, bn in zip(args, bns)]  # (as nn.SyncBatchNorm: training only)
-    group = owner._group(any(synced))
+    # (as nn.SyncBatchNorm: batch statistics in training only)
+    groups = [owner._sync_group(bn) if a[4] and bn.training else None for a, bn in zip(args, bns)]
+    group = next((g for g in groups if g is not None), None)  # (one of them, or None when none is synchronized)
+    # the statistics cache serves every norm1 that normalises with batch statistics: one group for all of them
+    if len({id(g) for g, a, bn in zip(groups[::2], args[::2], bns[::2]) if a[4] and bn.training}) > 1:
+        raise ValueError(f"{name}: the layers' norm1 synchronize their batch statistics over different process "
+                         "groups (or some not at all); a fused dense block shares one statistics cache between "
+                         "them: give them one process group")
     convs = [c for p in parts for c in (p[2], p[5])]
     weights = [module_attr(c, "weight") for c in convs]
-    check_module_input(name, x, bns[0].num_features, weights[0],
-                       any(a[4] and not (s and group is not None) for a, s in zip(args, synced)))
+    check_module_input(name, x, bns[0].num_features, weights[0], any(a[4] and g is None for a, g in zip(args, groups)))
     # (a synchronized BN checks the merged count of values per channel, once gathered)
     cast = _autocast_dtype(x)
     # norm1 of a layer normalises its input (conv1's input channels), norm2 conv1's output
@@ -97,10 +107,9 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: Sync
         (rm1, rv1, w1, b1, t1), (rm2, rv2, w2, b2, t2) = args[2 * j], args[2 * j + 1]
         n1, n2 = bns[2 * j], bns[2 * j + 1]
         drop = layer.drop_rate if (layer.training and layer.drop_rate > 0) else 0.0
-        layer_specs.append(DenseLayerSpec(BNSpec(t1, momenta[2 * j], n1.eps, group if synced[2 * j] else None),
+        layer_specs.append(DenseLayerSpec(BNSpec(t1, momenta[2 * j], n1.eps, groups[2 * j]),
                                           conv_specs[2 * j],
-                                          BNSpec(t2, momenta[2 * j + 1], n2.eps,
-                                                 group if synced[2 * j + 1] else None),
+                                          BNSpec(t2, momenta[2 * j + 1], n2.eps, groups[2 * j + 1]),
                                           conv_specs[2 * j + 1],
                                           weights[2 * j + 1].shape[0], float(drop)))
         cw1, cb1 = weights[2 * j], biases[2 * j]
@@ -199,7 +208,7 @@ class FusedTransition(SyncBNMixin, _Transition):
         if names != ["norm", "relu", "conv", "pool"]:
             return False
         pool = self.pool
-        return (type(self.norm) is nn.BatchNorm2d and plain_relu(self.relu)
+        return (type(self.norm) in _DENSE_BNS and plain_relu(self.relu)
                 and _conv_spec(self.conv) is not None and type(pool) is nn.AvgPool2d)
 
     def _name(self) -> str:
@@ -211,7 +220,7 @@ class FusedTransition(SyncBNMixin, _Transition):
             return super().forward(x)
         name = self._name()
         rm, rv, w, b, training = batch_norm_args(self.norm)
-        group = self._group(training and self.norm.training)
+        group = self._sync_group(self.norm) if training and self.norm.training else None
         check_module_input(name, x, self.norm.num_features, self.conv.weight, training and group is None)
         check_bn_input(x, rm, rv, w, b, training, prefix=f"{name}: ", name="input", synced=group is not None)
         cast = _autocast_dtype(x)

@@ -467,13 +467,19 @@ template <typename A> void check_grad_coef() {
     launch(dim3(static_cast<unsigned>(ceil_div(C, kThreads))), dim3(kThreads), [&] {
       bn_grad_coef_kernel<A>(st.data(), aff.data(), sums.data(), sums.data() + row * C, coef.data(), C, training,
                              A(1) / A(count)); });  // (the launch passes 1 / count, rounded in A)
+    // and bit for bit against the Python sequence on a GPU, in A: coef[3] = sums[row] * invstd
+    // (rounded), then coef[2:] times 1 / count as ATen's CUDA division by a scalar rounds it
+    const A inv = A(1) / A(count);
     for (int64_t c = 0; c < C; ++c) {
       const double want[4] = {double(st[c]), double(aff[c]), training ? double(sums[c]) / count : 0.0,
                               training ? double(sums[row * C + c]) * double(st[C + c]) / count : 0.0};
+      volatile A p = sums[row * C + c] * st[C + c];  // (volatile: rounded to A, never contracted)
+      const A exact[4] = {st[c], aff[c], training ? A(sums[c] * inv) : A(0), training ? A(p * inv) : A(0)};
       for (int k = 0; k < 4; ++k)
-        if (!(std::fabs(double(coef[k * C + c]) - want[k]) <= tol * (1 + std::fabs(want[k])))) {
-          if (g_fail++ < 20) printf("GRAD COEF FAIL C%ld flags%d c%ld k%d got %g want %g\n", (long)C, fl, (long)c, k,
-                                    double(coef[k * C + c]), want[k]);
+        if (!(std::fabs(double(coef[k * C + c]) - want[k]) <= tol * (1 + std::fabs(want[k]))) ||
+            !(coef[k * C + c] == exact[k])) {
+          if (g_fail++ < 20) printf("GRAD COEF FAIL C%ld flags%d c%ld k%d got %.17g want %.17g (bits %.17g)\n", (long)C,
+                                    fl, (long)c, k, double(coef[k * C + c]), want[k], double(exact[k]));
           break;
         }
     }

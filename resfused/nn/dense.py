@@ -73,14 +73,16 @@ def _run_dense_layers(name: str, layers: List[nn.Module], x: Tensor, owner: Sync
     parts = [_parts(layer) for layer in layers]
     bns = [bn for p in parts for bn in (p[0], p[3])]
     args = [batch_norm_args(bn) for bn in bns]
-    # (as nn.SyncBatchNorm: batch statistics in training only)
-    groups = [owner._sync_group(bn) if a[4] and bn.training else None for a, bn in zip(args, bns)]
-    group = next((g for g in groups if g is not None), None)  # (one of them, or None when none is synchronized)
-    # the statistics cache serves every norm1 that normalises with batch statistics: one group for all of them
-    if len({id(g) for g, a, bn in zip(groups[::2], args[::2], bns[::2]) if a[4] and bn.training}) > 1:
-        raise ValueError(f"{name}: the layers' norm1 synchronize their batch statistics over different process "
-                         "groups (or some not at all); a fused dense block shares one statistics cache between "
-                         "them: give them one process group")
+    groups, group = [None] * len(bns), None  # (nothing synchronized: the common case, worked out in one pass)
+    if owner.sync_bn or any(type(bn) is nn.SyncBatchNorm for bn in bns):
+        # (as nn.SyncBatchNorm: batch statistics in training only)
+        groups = [owner._sync_group(bn) if a[4] and bn.training else None for a, bn in zip(args, bns)]
+        group = next((g for g in groups if g is not None), None)  # (one of them, or None when none is)
+        # the statistics cache serves every norm1 that normalises with batch statistics: one group for all
+        if len({id(g) for g, a, bn in zip(groups[::2], args[::2], bns[::2]) if a[4] and bn.training}) > 1:
+            raise ValueError(f"{name}: the layers' norm1 synchronize their batch statistics over different process "
+                             "groups (or some not at all); a fused dense block shares one statistics cache between "
+                             "them: give them one process group")
     convs = [c for p in parts for c in (p[2], p[5])]
     weights = [module_attr(c, "weight") for c in convs]
     check_module_input(name, x, bns[0].num_features, weights[0], any(a[4] and g is None for a, g in zip(args, groups)))

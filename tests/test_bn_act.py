@@ -835,17 +835,16 @@ def test_native_argument_checks_raise_and_do_not_crash(case):
     backend, device = case
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _NATIVE_ERROR_SCRIPT, device,
-                           *(call for call, _, _ in _NATIVE_ERRORS)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    argv = [sys.executable, "-X", "faulthandler", "-c", _NATIVE_ERROR_SCRIPT, device,
+            *(call for call, _, _ in _NATIVE_ERRORS)]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     lines = proc.stdout.splitlines()
     if proc.returncode != 0:  # a crash: the native stack, where gdb can give it
         import shutil
 
         stack = ""
         if shutil.which("gdb"):
-            g = subprocess.run(["gdb", "-batch", "-ex", "run", "-ex", "bt 40", "--args", sys.executable, "-c",
-                                _NATIVE_ERROR_SCRIPT, device, *(call for call, _, _ in _NATIVE_ERRORS)], env=env,
+            g = subprocess.run(["gdb", "-batch", "-ex", "run", "-ex", "bt 40", "--args", *argv], env=env,
                                capture_output=True, text=True, timeout=600)
             stack = g.stdout[-6000:]
         pytest.fail(f"exit status {proc.returncode} after {lines}:\n{proc.stderr[-4000:]}\n{stack}")

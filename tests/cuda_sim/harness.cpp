@@ -345,7 +345,8 @@ fwd_done:
     };
     if (res_aff || has_rc) run(ApplyOp<T, A, false, true>{});
     else run(ApplyOp<T, A, false, false>{});
-    struct { T* dx; T* dres; } p{bdx.p<T>(), has_res ? bdr.p<T>() : nullptr};
+    const T* got_dx = bdx.p<T>();
+    const T* got_dr = has_res ? bdr.p<T>() : nullptr;
     if (pref) ++g_pathcnt[g_path];
     for (int64_t n = 0; n < N; ++n) for (int64_t c = 0; c < C; ++c) for (int64_t k = 0; k < HW; ++k) {
       int64_t i = idx(n, c, k);
@@ -354,8 +355,8 @@ fwd_done:
       double dx = (dz - coef[2 * C + c] - xterm(X(n, c, k), coef[c], coef[3 * C + c])) * coef[C + c];
       double dr = has_rc ? (dz - rcoef[2 * C + c] - xterm(double(r[i]), rcoef[c], rcoef[3 * C + c])) * rcoef[C + c] : dz;
       double ta = tol * 20;
-      if (!close<T>(double(p.dx[i]), dx, ta) || (has_res && !close<T>(double(p.dres[i]), dr, ta))) {
-        if (g_fail++ < 20) printf("APPLY FAIL %s path%d at n%ld c%ld k%ld got %g %g want %g %g\n", desc, g_path, (long)n, (long)c, (long)k, double(p.dx[i]), has_res ? double(p.dres[i]) : 0., dx, dr);
+      if (!close<T>(double(got_dx[i]), dx, ta) || (has_res && !close<T>(double(got_dr[i]), dr, ta))) {
+        if (g_fail++ < 20) printf("APPLY FAIL %s path%d at n%ld c%ld k%ld got %g %g want %g %g\n", desc, g_path, (long)n, (long)c, (long)k, double(got_dx[i]), has_res ? double(got_dr[i]) : 0., dx, dr);
         goto ap_done;
       }
     }

@@ -18,6 +18,7 @@ from resfused import functional as RF
 from resfused.bench import __main__ as cli
 from resfused.bench import report, runner
 from resfused.bench.cases import PROVIDERS, select_cases
+from utils import DEVICES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--threads", "1", "--device", "cpu"]
@@ -459,7 +460,31 @@ def test_conv_kernel_report(tmp_path, capsys):
     for r in rec["rows"]:
         assert r["triton_ms"] > 0 and r["library_ms"] > 0 and r["TFLOPs"] > 0 and r["GBps"] > 0
         assert r["max_rel_err"] <= bconv.tolerance(torch.float32 if "tiny" in r["shape"] else torch.bfloat16)
+        if torch.cuda.is_available():  # the GPU's own times, and the rates taken from them
+            assert r["triton_gpu_ms"] > 0 and r["library_gpu_ms"] > 0 and r["rates_from"] == "gpu", r
+            assert r["gpu_speedup"] == pytest.approx(r["library_gpu_ms"] / r["triton_gpu_ms"])
+        else:
+            assert r["triton_gpu_ms"] is None and r["rates_from"] == "call" and "no CUDA device" in r["no_gpu_time"]
     assert "| shape | kernel |" in (tmp_path / "k.md").read_text()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_ms_times_the_gpu_alone(device):
+    """device_ms replays a call from a CUDA graph: the GPU's own time; a call that cannot be
+    captured (it copies to the host) and a CPU device give None with the reason."""
+    from resfused.bench.runner import device_ms
+
+    dev = torch.device(device)
+    x = torch.randn(256, 256, device=dev)
+    ms, why = device_ms(lambda: x @ x, dev, 5)
+    if dev.type == "cuda":
+        assert ms is not None and ms > 0 and why == ""
+        ms, why = device_ms(lambda: (x @ x).sum().item(), dev, 5)
+        assert ms is None and "CUDA graph" in why
+        ms, why = device_ms(lambda: x @ x, dev, 5)  # capture state left clean after a failed capture
+        assert ms is not None and ms > 0
+    else:
+        assert ms is None and why == "no CUDA device"
 
 
 @pytest.mark.parametrize("argv, msg", [

@@ -15,6 +15,10 @@ stride-2 conv2), three kernels, each timed side by side with its library counter
   wgrad  Triton: weight gradient, a recomputed from y_prev in the prologue
          library: bn_act_fwd (recompute a) + aten.convolution_backward (weight)
 
+Each pair is timed twice: a call with CUDA events around it, as a model step sees it (the
+host's time where launching the call takes longer than running it), and the GPU's own time,
+the call replayed from a CUDA graph. TFLOP/s and GB/s use the GPU time.
+
 Ceilings, measured in the same run: a large matmul in the case dtype (TFLOP/s; TF32 for
 fp32 only with --tf32) and a large device copy (GB/s, read + write). GB/s counts each
 tensor a kernel must touch once (x and w read, y written; dgrad also reads y_prev).
@@ -89,6 +93,7 @@ def measure_shape(name: str, shape, batch: int, dtype: torch.dtype, device: torc
                   reps: int, warmup: int) -> List[dict]:
     from ..ops import bn_act as ops
     from ..triton import conv as tconv
+    from .runner import device_ms
 
     cin, cout, k, stride, hw = shape
     pad = k // 2
@@ -135,16 +140,31 @@ def measure_shape(name: str, shape, batch: int, dtype: torch.dtype, device: torc
         rows = []
         for kname, (tri, lib) in fns.items():
             t = _time({"triton": tri, "library": lib}, device, reps, warmup)
+            gpu = {k: device_ms(f, device, 5 * reps) for k, f in (("triton", tri), ("library", lib))}
             moved = {"fwd": (n_in + n_out) * elt + n_w * elt,
                      "dgrad": (n_out + 2 * n_in) * elt + n_w * elt,
                      "wgrad": (n_out + n_in) * elt + n_w * 4}[kname]
-            rows.append({"shape": name, "kernel": kname, "batch": batch, "cin": cin, "cout": cout, "k": k,
-                         "stride": stride, "hw": hw, "triton_ms": t["triton"], "library_ms": t["library"],
-                         "speedup": t["library"] / t["triton"], "TFLOPs": flops / (t["triton"] / 1e3) / 1e12,
-                         "GBps": moved / (t["triton"] / 1e3) / 1e9, "max_rel_err": errs[kname]})
+            rows.append(_row(name, kname, batch, shape, t, {k: v[0] for k, v in gpu.items()},
+                             "; ".join(f"{k}: {v[1]}" for k, v in gpu.items() if v[1]), flops, moved, errs[kname]))
         return rows
     finally:
         torch.backends.cudnn.allow_tf32 = prev_cudnn
+
+
+def _row(name: str, kname: str, batch: int, shape, call: Dict[str, float], gpu: Dict[str, Optional[float]],
+         why_no_gpu: str, flops: float, moved: float, err: float) -> dict:
+    """One kernel's row. ``*_ms``: a call timed with events around it (the host's time where
+    the host is slower than the GPU); ``*_gpu_ms``: the GPU's own time (CUDA graph replay,
+    None without one). TFLOP/s and GB/s use the Triton call's GPU time where there is one."""
+    cin, cout, k, stride, hw = shape
+    t = gpu["triton"] if gpu["triton"] is not None else call["triton"]
+    both = gpu["triton"] is not None and gpu["library"] is not None
+    return {"shape": name, "kernel": kname, "batch": batch, "cin": cin, "cout": cout, "k": k, "stride": stride,
+            "hw": hw, "triton_ms": call["triton"], "library_ms": call["library"],
+            "speedup": call["library"] / call["triton"], "triton_gpu_ms": gpu["triton"],
+            "library_gpu_ms": gpu["library"], "gpu_speedup": gpu["library"] / gpu["triton"] if both else None,
+            "rates_from": "gpu" if gpu["triton"] is not None else "call", "no_gpu_time": why_no_gpu,
+            "TFLOPs": flops / (t / 1e3) / 1e12, "GBps": moved / (t / 1e3) / 1e9, "max_rel_err": err}
 
 
 def tolerance(dtype: torch.dtype, tf32: bool = False) -> float:
@@ -156,15 +176,31 @@ def tolerance(dtype: torch.dtype, tf32: bool = False) -> float:
 
 
 def markdown(rows: List[dict], ceil: Dict[str, float], meta: dict) -> str:
+    def ms(v: Optional[float]) -> str:
+        return "–" if v is None else f"{v:.3f}"
+
+    def ratio(v: Optional[float]) -> str:
+        return "–" if v is None else f"{v:.2f}x"
+
     lines = [f"Triton conv kernels vs library path — {meta['device']}, {meta['dtype']}, batch {meta['batch']}, "
              f"channels_last; ceilings: matmul {ceil['matmul_TFLOPs']:.1f} TFLOP/s, copy {ceil['copy_GBps']:.0f} GB/s",
              "",
-             "| shape | kernel | triton ms | library ms | speed-up | TFLOP/s (% of matmul) | GB/s (% of copy) | max rel err |",
+             "call: one call timed with CUDA events around it (host-bound where the host is the slower); "
+             "GPU: the GPU's own time, the call replayed from a CUDA graph. TFLOP/s and GB/s: from the "
+             "Triton call's GPU time where there is one, else its call time.",
+             "",
+             "| shape | kernel | triton ms call / GPU | library ms call / GPU | speed-up call / GPU "
+             "| TFLOP/s (% of matmul) | GB/s (% of copy) | max rel err |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['kernel']} | {r['triton_ms']:.3f} | {r['library_ms']:.3f} | "
-                     f"{r['speedup']:.2f}x | {r['TFLOPs']:.1f} ({100 * r['TFLOPs'] / ceil['matmul_TFLOPs']:.0f}%) | "
+        lines.append(f"| {r['shape']} | {r['kernel']} | {ms(r['triton_ms'])} / {ms(r.get('triton_gpu_ms'))} | "
+                     f"{ms(r['library_ms'])} / {ms(r.get('library_gpu_ms'))} | "
+                     f"{ratio(r['speedup'])} / {ratio(r.get('gpu_speedup'))} | "
+                     f"{r['TFLOPs']:.1f} ({100 * r['TFLOPs'] / ceil['matmul_TFLOPs']:.0f}%) | "
                      f"{r['GBps']:.0f} ({100 * r['GBps'] / ceil['copy_GBps']:.0f}%) | {r['max_rel_err']:.1e} |")
+    why = sorted({r["no_gpu_time"] for r in rows if r.get("no_gpu_time")})
+    if why:
+        lines += ["", "No GPU time: " + " / ".join(why)]
     return "\n".join(lines)
 
 
@@ -223,8 +259,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in names:
         rows += measure_shape(name, table[name], batch, dtype, device, args.tf32, reps, 1 if args.tiny else 3)
         r = rows[-3:]
-        print(f"{name}: " + ", ".join(f"{x['kernel']} {x['speedup']:.2f}x ({x['TFLOPs']:.1f} TFLOP/s)" for x in r),
-              flush=True)
+        print(f"{name}: " + ", ".join(f"{x['kernel']} {x['speedup']:.2f}x call"
+                                      + (f", {x['gpu_speedup']:.2f}x GPU" if x["gpu_speedup"] is not None else "")
+                                      + f" ({x['TFLOPs']:.1f} TFLOP/s)" for x in r), flush=True)
     meta = {"device": device_name(device), "dtype": args.dtype, "batch": batch, "tf32": args.tf32,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **context(device)}
     md = markdown(rows, ceil, meta)

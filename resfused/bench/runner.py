@@ -328,6 +328,45 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device,
     return samples
 
 
+def device_ms(fn: Callable[[], object], device: torch.device, reps: int) -> Tuple[Optional[float], str]:
+    """The GPU's own time for one call of ``fn``, in ms, without the host's: ``fn`` is
+    captured once in a CUDA graph and the graph replayed ``reps`` times back to back
+    between two events, so no Python, launch or allocator work sits between its kernels.
+    A call timed with events around it (``time_interleaved``) measures whichever of the
+    host and the GPU is slower; the two side by side say which one a call is bound by.
+    Returns (ms, "") or (None, why not): not a CUDA device, or ``fn`` cannot be captured
+    (it synchronizes, or copies to the host)."""
+    if device.type != "cuda":
+        return None, "no CUDA device"
+    from .._backend import on_device
+
+    with on_device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()  # compile, autotune and allocate outside the capture
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                fn()
+        except Exception as exc:  # noqa: BLE001 - the caller reports why
+            torch.cuda.synchronize(device)
+            return None, f"not capturable in a CUDA graph ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        graph.replay()
+        torch.cuda.synchronize(device)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(max(reps, 1)):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize(device)
+        ms = begin.elapsed_time(end) / max(reps, 1)
+        del graph
+        return ms, ""
+
+
 def summarize(samples: List[float]) -> dict:
     ms = sorted(1e3 * s for s in samples)
     med = statistics.median(ms)

@@ -252,6 +252,37 @@ def _stats_finalize(ws_ptr, mean_ptr, var_ptr, P, C, count,
     tl.store(var_ptr + cols, var, mask=cmask)
 
 
+@triton.jit(do_not_specialize=UNSPECIALIZED[None])
+def _tile_stats_finalize(ws_ptr, mean_ptr, var_ptr, P, C, count, rows,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # ws [P, 2, C]: per tile of ``rows`` values (the last tile: the rest of ``count``),
+    # (sum y, sum (y - tile mean)^2). Chan's merge, in float64: mean = sum / count,
+    # var = (sum M2_p + sum n_p (mean_p - mean)^2) / count (biased), clamped at 0.
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    s1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
+    for p0 in range(0, P, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        m = (ps < P)[:, None] & cmask[None, :]
+        s1 += tl.load(ws_ptr + (ps.to(tl.int64) * 2 * C)[:, None] + cols[None, :], mask=m, other=0).to(tl.float64)
+    total = count.to(tl.float64)
+    mean = tl.sum(s1, axis=0) / total
+    q = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
+    for p0 in range(0, P, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        m = (ps < P)[:, None] & cmask[None, :]
+        offs = (ps.to(tl.int64) * 2 * C)[:, None] + cols[None, :]
+        t1 = tl.load(ws_ptr + offs, mask=m, other=0).to(tl.float64)
+        m2 = tl.load(ws_ptr + offs + C, mask=m, other=0).to(tl.float64)
+        n = tl.maximum(tl.minimum(count - ps * rows, rows), 1).to(tl.float64)[:, None]
+        d = t1 / n - mean[None, :]
+        q += tl.where(m, m2 + n * d * d, 0)
+    var = tl.sum(q, axis=0) / total
+    var = tl.where(var < 0, 0, var)  # keeps NaN (tl.maximum would drop it)
+    tl.store(mean_ptr + cols, mean.to(mean_ptr.dtype.element_ty), mask=cmask)
+    tl.store(var_ptr + cols, var.to(var_ptr.dtype.element_ty), mask=cmask)
+
+
 @triton.jit(do_not_specialize=("has_w", "has_b", "update"))
 def _bn_coef(mean_ptr, var_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, aff_ptr, st_ptr, C, momentum, keep, eps, unbias,
              has_w, has_b, update, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -526,6 +557,7 @@ KERNELS: Dict[str, KernelSpec] = {
         KernelSpec("stats_part_nchw", _stats_part_nchw, "nchw", 8, True),
         KernelSpec("stats_part_nhwc", _stats_part_nhwc, "nhwc", 8, True),
         KernelSpec("stats_finalize", _stats_finalize, None, 4, False),
+        KernelSpec("tile_stats_finalize", _tile_stats_finalize, None, 4, False),
         KernelSpec("colsum", _colsum, None, 4, False),
         KernelSpec("bn_coef", _bn_coef, None, 4, False),
         KernelSpec("fwd_nchw", _fwd_nchw, "nchw", 8, True),
@@ -712,6 +744,20 @@ def bn_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
     mean = torch.empty((C,), dtype=acc, device=x.device)
     var = torch.empty((C,), dtype=acc, device=x.device)
     _launch("stats_finalize", (_cdiv(C, FIN_BLOCK_C),), (ws, mean, var, P, C, geo.M))
+    return mean, var
+
+
+def tile_stats(ws: Tensor, count: int, rows: int) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance from per-tile partials ``ws[p] = (Σy,
+    Σ(y - ȳ_p)²)`` (``[P, 2, C]``, ``rows`` values per tile, the last one the rest of
+    ``count``), merged by Chan's formula in float64 in one launch; results in ws's dtype."""
+    P, two, C = ws.shape
+    if two != 2 or not ws.is_contiguous() or P != _cdiv(count, rows):
+        raise ValueError(f"resfused triton tile_stats: ws must be a contiguous [cdiv(count, rows), 2, C] tensor, got "
+                         f"{tuple(ws.shape)} for count {count}, rows {rows}")
+    mean = torch.empty((C,), dtype=ws.dtype, device=ws.device)
+    var = torch.empty((C,), dtype=ws.dtype, device=ws.device)
+    _launch("tile_stats_finalize", (_cdiv(C, FIN_BLOCK_C),), (ws, mean, var, P, C, count, rows))
     return mean, var
 
 

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from .._backend import on_device
 from ..ops.conv import out_size
-from .bn_act import _cast_out
+from .bn_act import _cast_out, tile_stats
 
 # --------------------------------------------------------------------------------------
 # variants
@@ -461,15 +461,9 @@ def _check_dtype(dtype: torch.dtype) -> None:
 
 def stats_finalize(ws: Tensor, M: int, block_m: int) -> Tuple[Tensor, Tensor]:
     """Mean and biased variance from per-tile partials ``ws[p] = (Σy, Σ(y - ȳ_p)²)`` of
-    tiles of ``block_m`` rows (the last one shorter): Chan's parallel merge in float64."""
-    P = ws.shape[0]
-    cnt = torch.full((P, 1), float(block_m), dtype=torch.float64, device=ws.device)
-    cnt[-1] = float(M - (P - 1) * block_m)
-    w = ws.to(torch.float64)
-    s1, m2 = w[:, 0], w[:, 1]
-    mean = s1.sum(0) / M
-    var = (m2.sum(0) + (cnt * (s1 / cnt - mean) ** 2).sum(0)) / M
-    return mean.to(torch.float32), var.clamp_min(0).to(torch.float32)
+    tiles of ``block_m`` rows (the last one shorter): Chan's parallel merge in float64,
+    one launch."""
+    return tile_stats(ws, M, block_m)
 
 
 def conv_fwd(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
@@ -622,9 +616,9 @@ def conv_wgrad(grad_out: Tensor, x: Tensor, weight_shape: Sequence[int], stride:
     _per_channel("prologue", prologue, 2, Cin)
     sxn, sxh, sxw = _pixel_strides("x", x)
     M = N * OH * OW
-    dw = torch.zeros((Cout, KH, KW, Cin), dtype=torch.float32, device=x.device)
     if M == 0:
-        return dw.permute(0, 3, 1, 2)
+        return torch.zeros((Cout, KH, KW, Cin), dtype=torch.float32, device=x.device).permute(0, 3, 1, 2)
+    dw = torch.empty((Cout, KH, KW, Cin), dtype=torch.float32, device=x.device)  # every element written
     config = _pick_config("wgrad", x.dtype, Cout, KH * KW * Cin, x, (Cin, Cout, sxn, sxh, sxw))
     cfg = CONFIGS["wgrad"][width_key(x.dtype)][config]
     tiles = _cdiv(Cout, cfg.block_m) * KH * KW * _cdiv(Cin, cfg.block_n)

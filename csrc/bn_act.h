@@ -57,6 +57,11 @@ std::tuple<at::Tensor, at::Tensor> bn_coef_cpu(const at::Tensor& mean, const at:
 //   coef [4, C] = (mean, scale, sum_dz / n, sum_dz_xhat * invstd / n)
 // with the last two rows zero when not training (running statistics are constants), such
 // that dx = (dz - coef[2] - (x - coef[0]) * coef[3]) * coef[1] (one launch on a GPU).
+// relu(x*scale + shift) then max pooling (dilation 1, floor), one pass over x (NCHW):
+// (out, indices) as bn_act_fwd followed by aten::max_pool2d_with_indices gives them.
+std::tuple<at::Tensor, at::Tensor> bn_relu_maxpool_cpu(const at::Tensor& x, const at::Tensor& affine,
+                                                       at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                                       at::IntArrayRef padding);
 at::Tensor bn_grad_coef_cpu(const at::Tensor& stats, const at::Tensor& affine, const at::Tensor& sums, int64_t row,
                             bool training, int64_t count);
 

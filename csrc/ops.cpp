@@ -23,6 +23,7 @@ TORCH_LIBRARY(resfused_C, m) {
       "bn_coef(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, float momentum, float eps, float unbias) -> (Tensor, Tensor)");
   m.def("bn_grad_coef(Tensor stats, Tensor affine, Tensor sums, int row, bool training, int count) -> Tensor");
+  m.def("bn_relu_maxpool(Tensor x, Tensor affine, int[2] kernel_size, int[2] stride, int[2] padding) -> (Tensor, Tensor)");
   m.def(
       "bn_stats_coef(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "bool training, float momentum, float eps) -> (Tensor, Tensor)");
@@ -66,6 +67,7 @@ TORCH_LIBRARY_IMPL(resfused_C, CPU, m) {
   m.impl("bn_act_bwd_apply_acc", &resfused::bn_act_bwd_apply_acc_cpu);
   m.impl("bn_coef", &resfused::bn_coef_cpu);
   m.impl("bn_grad_coef", &resfused::bn_grad_coef_cpu);
+  m.impl("bn_relu_maxpool", &resfused::bn_relu_maxpool_cpu);
 }
 
 #ifdef RESFUSED_WITH_CUDA

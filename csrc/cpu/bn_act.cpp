@@ -16,6 +16,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -63,7 +64,8 @@ void run_slots(int64_t n, const std::function<void(int64_t)>& f) {
 }
 
 const KernelTable* kernels_default() {
-  static const KernelTable t{&generic::k_stats, &generic::k_fwd, &generic::k_bwd_reduce, &generic::k_bwd_apply};
+  static const KernelTable t{&generic::k_stats, &generic::k_fwd, &generic::k_bwd_reduce, &generic::k_bwd_apply,
+                             &generic::k_relu_maxpool};
   return &t;
 }
 
@@ -223,6 +225,53 @@ at::Tensor bn_act_fwd_cpu(const at::Tensor& x_, const at::Tensor& affine_, const
   }
   cpu::pick()->fwd(a);
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_relu_maxpool_cpu(const at::Tensor& x, const at::Tensor& affine_,
+                                                       at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                                       at::IntArrayRef padding) {
+  const char* op = "resfused cpu bn_relu_maxpool";
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(), op,
+              ": x must be an NCHW-contiguous 4-D CPU tensor");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": unsupported dtype ", dt);
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2, op,
+              ": kernel_size, stride and padding must have two values each");
+  std::array<int64_t, 6> win{kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1]};
+  for (int d = 0; d < 2; ++d) {
+    TORCH_CHECK(win[d] > 0 && win[2 + d] > 0 && win[4 + d] >= 0 && win[4 + d] <= win[d] / 2, op,
+                ": needs kernel_size > 0, stride > 0 and 0 <= padding <= kernel_size / 2, got kernel_size ",
+                kernel_size, ", stride ", stride, ", padding ", padding);
+  }
+  const at::Tensor affine = cpu::chan(affine_, x, 2, "affine");
+  const int64_t OH = (x.size(2) + 2 * win[4] - win[0]) / win[2] + 1;
+  const int64_t OW = (x.size(3) + 2 * win[5] - win[1]) / win[3] + 1;
+  TORCH_CHECK(OH > 0 && OW > 0, op, ": the output would be empty (input ", x.sizes(), ", kernel_size ", kernel_size,
+              ")");
+  at::Tensor out = at::empty({x.size(0), x.size(1), OH, OW}, x.options());
+  at::Tensor idx = at::empty({x.size(0), x.size(1), OH, OW}, x.options().dtype(at::kLong));
+  if (out.numel() == 0) return std::make_tuple(out, idx);
+  cpu::PoolArgs a;
+  a.dtype = dt;
+  a.N = x.size(0);
+  a.C = x.size(1);
+  a.H = x.size(2);
+  a.W = x.size(3);
+  a.OH = OH;
+  a.OW = OW;
+  a.kH = win[0];
+  a.kW = win[1];
+  a.sH = win[2];
+  a.sW = win[3];
+  a.pH = win[4];
+  a.pW = win[5];
+  a.x = x.const_data_ptr();
+  a.scale = affine.const_data_ptr();
+  a.out = out.mutable_data_ptr();
+  a.idx = idx.mutable_data_ptr<int64_t>();
+  cpu::pick()->relu_maxpool(a);
+  return std::make_tuple(out, idx);
 }
 
 namespace cpu {

@@ -63,7 +63,8 @@ const KernelTable* kernels_avx2() {
     __builtin_cpu_init();
     if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
       return nullptr;
-    static const KernelTable k{&avx2::k_stats, &avx2::k_fwd, &avx2::k_bwd_reduce, &avx2::k_bwd_apply};
+    static const KernelTable k{&avx2::k_stats, &avx2::k_fwd, &avx2::k_bwd_reduce, &avx2::k_bwd_apply,
+                               &avx2::k_relu_maxpool};
     return &k;
   }();
   return t;

@@ -43,11 +43,23 @@ struct BnArgs {
   bool acc = false;
 };
 
+// relu(x*scale + shift) then max pooling with indices (dilation 1, floor), NCHW.
+struct PoolArgs {
+  c10::ScalarType dtype = c10::ScalarType::Float;
+  int64_t N = 0, C = 0, H = 0, W = 0, OH = 0, OW = 0;
+  int64_t kH = 1, kW = 1, sH = 1, sW = 1, pH = 0, pW = 0;
+  const void* x = nullptr;
+  const void* scale = nullptr;  // [C] then shift [C], accumulation dtype
+  void* out = nullptr;          // [N, C, OH, OW], x's dtype
+  int64_t* idx = nullptr;       // [N, C, OH, OW]: ih * W + iw of each maximum
+};
+
 struct KernelTable {
   void (*stats)(const BnArgs&);
   void (*fwd)(const BnArgs&);
   void (*bwd_reduce)(const BnArgs&);
   void (*bwd_apply)(const BnArgs&);
+  void (*relu_maxpool)(const PoolArgs&);
 };
 
 // Number of work slots for `work` elements (1 when small, nested, or single-threaded).

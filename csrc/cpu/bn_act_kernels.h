@@ -915,6 +915,98 @@ void k_bwd_apply(const BnArgs& a) {
   })
 }
 
+// ---------------------------------------------------------------- BN-ReLU + max pool
+// One (image, channel) plane per step. Each input row a window reaches is written as
+// a = relu(x*scale + shift) by the forward apply's own code (K::fwd_vec / fwd_one: the
+// values bn_act_fwd writes, rounded to x's dtype), then split into sW column phases in
+// the compute dtype, padded with -inf, so that tap (kh, kw) of the outputs ow..ow+L-1 is
+// one contiguous vector. Each output keeps the first maximum of its window in row-major
+// order, a NaN winning (the last one), as ATen's CPU max pooling: `v > best || isnan(v)`.
+template <typename scalar_t>
+void relu_maxpool(const PoolArgs& args) {
+  using Kt = K<scalar_t>;
+  using acc_t = typename Kt::acc_t;
+  using V = typename Kt::V;
+  constexpr int64_t L = Kt::L, B = Kt::B;
+  constexpr int NV = Kt::NV;
+  const int64_t planes = args.N * args.C;
+  const int64_t nslots = std::min<int64_t>(planes, num_slots(planes * args.H * args.W));
+  run_slots(nslots, [&args, planes, nslots](int64_t k) {
+    const PoolArgs a = args;  // by value: see "Locals" at the top
+    const int64_t C = a.C, H = a.H, W = a.W, OH = a.OH, OW = a.OW, kH = a.kH, kW = a.kW, sH = a.sH, sW = a.sW,
+                  pH = a.pH, pW = a.pW;
+    const scalar_t* xp = static_cast<const scalar_t*>(a.x);
+    const acc_t* scale = static_cast<const acc_t*>(a.scale);
+    const acc_t* shift = scale + C;
+    scalar_t* op = static_cast<scalar_t*>(a.out);
+    int64_t* ip = a.idx;
+    const int64_t OWv = (OW + L - 1) / L * L;       // outputs per row, vector-padded
+    const int64_t span = OWv + (kW - 1) / sW + 1;   // phase length: every tap of every padded output
+    std::vector<scalar_t> row(static_cast<size_t>(W));
+    std::vector<acc_t> phases(static_cast<size_t>(kH * sW * span));
+    std::vector<acc_t> best_buf(static_cast<size_t>(OWv)), sel_buf(static_cast<size_t>(OWv));
+    acc_t* ph = phases.data();
+    acc_t* bb = best_buf.data();
+    acc_t* sb = sel_buf.data();
+    const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+    const int64_t q0 = planes * k / nslots, q1 = planes * (k + 1) / nslots;
+    for (int64_t p = q0; p < q1; ++p) {
+      const acc_t s = scale[p % C], b = shift[p % C];
+      V sv[NV], bv[NV];
+      for (int j = 0; j < NV; ++j) {
+        sv[j] = V(s);
+        bv[j] = V(b);
+      }
+      const scalar_t* xq = xp + p * H * W;
+      for (int64_t oh = 0; oh < OH; ++oh) {
+        const int64_t ih0 = std::max<int64_t>(oh * sH - pH, 0), ih1 = std::min(oh * sH - pH + kH, H);
+        for (int64_t ih = ih0; ih < ih1; ++ih) {
+          const scalar_t* src = xq + ih * W;
+          scalar_t* dst = row.data();
+          int64_t i = 0;
+          for (; i + B <= W; i += B) Kt::template fwd_vec<false, true>(src + i, nullptr, dst + i, sv, bv, sv, bv);
+          for (; i < W; ++i) Kt::template fwd_one<false, true>(src + i, nullptr, dst + i, s, b, s, b);
+          // phase q, element j: padded column j*sW + q, input column j*sW + q - pW
+          acc_t* rp = ph + (ih - ih0) * sW * span;
+          for (int64_t q = 0; q < sW; ++q) {
+            acc_t* dq = rp + q * span;
+            for (int64_t j = 0; j < span; ++j) {
+              const int64_t iw = j * sW + q - pW;
+              dq[j] = (iw >= 0 && iw < W) ? static_cast<acc_t>(dst[iw]) : ninf;
+            }
+          }
+        }
+        const int64_t rows_in = ih1 - ih0;
+        for (int64_t ow = 0; ow < OWv; ow += L) {
+          V best(ninf), sel(0);
+          for (int64_t r = 0; r < rows_in; ++r) {
+            const acc_t* rp = ph + r * sW * span;
+            for (int64_t kw = 0; kw < kW; ++kw) {
+              const V v = V::loadu(rp + (kw % sW) * span + kw / sW + ow);
+              const V take = (v > best) | v.isnan();
+              best = V::blendv(best, v, take);
+              sel = V::blendv(sel, V(static_cast<acc_t>(r * kW + kw)), take);
+            }
+          }
+          best.store(bb + ow);
+          sel.store(sb + ow);
+        }
+        scalar_t* orow = op + (p * OH + oh) * OW;
+        int64_t* irow = ip + (p * OH + oh) * OW;
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          const int64_t t = static_cast<int64_t>(sb[ow]);
+          orow[ow] = static_cast<scalar_t>(bb[ow]);
+          irow[ow] = (ih0 + t / kW) * W + ow * sW - pW + t % kW;
+        }
+      }
+    }
+  });
+}
+
+void k_relu_maxpool(const PoolArgs& a) {
+  RESFUSED_DISPATCH_DTYPE(a.dtype, [&] { relu_maxpool<scalar_t>(a); })
+}
+
 #undef RESFUSED_DISPATCH_DTYPE
 
 }  // namespace

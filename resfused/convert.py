@@ -20,6 +20,7 @@ from .nn.bn_act import BatchNormAct2d, _exporting
 from .nn.block import (FusedBasicBlock, FusedBottleneck, _autocast_dtype, _bn_args, _bn_supported, _no_autocast,
                        conv_key, conv_tf32, select_conv, triton_conv_reason)
 from .nn.dense import FusedDenseBlock, FusedDenseLayer, FusedTransition
+from .nn.stem import FusedResNet
 from .ops import bn_act as ops
 from .ops import conv as conv_ops
 
@@ -37,8 +38,10 @@ def convert(model: nn.Module, memory_efficient: bool = True, sync_bn: bool = Fal
     """Swap every torchvision ``Bottleneck``/``BasicBlock`` in ``model`` (the model itself
     included) for ``FusedBottleneck``/``FusedBasicBlock``, and every DenseNet ``_DenseLayer``/
     ``_DenseBlock``/``_Transition`` for ``FusedDenseLayer``/``FusedDenseBlock``/
-    ``FusedTransition``, in place. Returns ``model``. ``memory_efficient`` applies to the
-    ResNet blocks; dense blocks always share storage and recompute.
+    ``FusedTransition``, in place, and a torchvision ``ResNet`` itself becomes a
+    ``FusedResNet`` (its stem's BN, ReLU and max pooling as one node). Returns ``model``.
+    ``memory_efficient`` applies to the ResNet blocks; dense blocks always share storage
+    and recompute.
 
     ``sync_bn=True``: the fused blocks synchronize their batch statistics across processes
     over ``process_group`` (None: the default group), as ``nn.SyncBatchNorm``; the model's
@@ -52,7 +55,9 @@ def convert(model: nn.Module, memory_efficient: bool = True, sync_bn: bool = Fal
     for module in model.modules():
         fused = _FUSED.get(type(module))
         dense = _DENSE_FUSED.get(type(module))
-        if dense is not None:
+        if type(module) is ResNet:
+            module.__class__ = FusedResNet  # (the stem: bn1, relu and maxpool as one node)
+        elif dense is not None:
             module.__class__ = dense
         elif fused is not None:
             module.__class__ = fused
@@ -87,7 +92,8 @@ def _sync_other_batch_norms(module: nn.Module, process_group) -> None:
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Undo ``convert``: fused blocks become torchvision's again, in place. Returns ``model``."""
+    """Undo ``convert``: fused blocks (and a ``FusedResNet``) become torchvision's again, in
+    place. Returns ``model``."""
     for module in model.modules():
         if type(module) is BatchNormAct2d and module.__dict__.pop("_resfused_sync_of_bn", False):
             module.__class__ = nn.BatchNorm2d  # a BatchNorm2d that convert(sync_bn=True) synchronized
@@ -96,6 +102,9 @@ def revert(model: nn.Module) -> nn.Module:
             continue
         if isinstance(module, BatchNormAct2d) and module.__dict__.pop("_resfused_synced", False):
             module.sync_bn, module.process_group = False, None  # a BatchNormAct2d it synchronized
+            continue
+        if type(module) is FusedResNet:
+            module.__class__ = ResNet
             continue
         dense = _DENSE_PLAIN.get(type(module))
         if dense is not None:

@@ -122,7 +122,8 @@ def test_builders_take_torchvisions_positional_arguments(name):
             warnings.simplefilter("ignore")
             tv = getattr(torchvision.models, name)(*args)
             mine = getattr(resfused.models, name)(*args)
-        assert type(mine) is type(tv) and list(mine.state_dict()) == list(tv.state_dict())
+        assert isinstance(mine, type(tv)) and list(mine.state_dict()) == list(tv.state_dict())
+        assert type(mine) is (resfused.nn.FusedResNet if name.startswith("resnet") else type(tv))
 
 
 def test_state_dict_loads_both_ways_and_keeps_keys():

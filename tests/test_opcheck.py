@@ -35,6 +35,9 @@ def samples(device, layout, residual_bn):
         "bn_coef": (stats[0], stats[1], None if not residual_bn else torch.rand(3, device=device), affine[1],
                     torch.randn(3, device=device) if residual_bn else None,
                     torch.rand(3, device=device) + 0.5 if residual_bn else None, 0.1, 1e-5, 3),
+        # (residual_bn: a window that does not tile the input, padding on one axis only)
+        "bn_relu_maxpool": (x, affine, [3, 2] if residual_bn else [3, 3], [2, 1] if residual_bn else [2, 2],
+                            [1, 0] if residual_bn else [1, 1]),
     }
 
 

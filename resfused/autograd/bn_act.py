@@ -279,3 +279,40 @@ class BatchNormActFunction(torch.autograd.Function):
         drb = (sums[0].clone() if needs[2] else sums[0]).to(rb_dtype) if needs[7] else None  # not db's tensor
         return (dx, dw, db, None, None, dres, drw, drb, None, None,
                 None, None, None, None, None, None, None, None, None, None)
+
+
+class BatchNormReluPoolFunction(torch.autograd.Function):
+    """``out = max_pool2d(relu(bn(x)))`` (dilation 1, floor) as one node: a ResNet's stem
+    after its first convolution. Saves x, the pooling indices and the per-channel vectors,
+    not ``relu(bn(x))`` (eager keeps it for the pooling's backward and the ReLU's): backward
+    routes the gradient to the maxima as aten's pooling backward does, then runs the
+    BN-ReLU backward with the ReLU mask recomputed from x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training: bool, momentum: float, eps: float,
+                kernel_size, stride, padding, backend: str):
+        backend = ops.resolve(backend, x)
+        affine, stats = bn_coefficients(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                                        backend)
+        out, indices = ops.bn_relu_maxpool(x, affine, list(kernel_size), list(stride), list(padding), backend)
+        ctx.settings = (training, backend, list(kernel_size), list(stride), list(padding))
+        ctx.triton = backend == "triton"  # (see first_order)
+        ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(x, indices, affine, stats)
+        return out
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_out):
+        training, backend, kernel_size, stride, padding = ctx.settings
+        x, indices, affine, stats = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_a = torch.ops.aten.max_pool2d_with_indices_backward.default(
+            grad_out.contiguous(memory_format=ops.memory_format_of(x)), x, kernel_size, stride, padding, [1, 1],
+            False, indices)
+        dx, _, sums = bn_act_backward(grad_a, x, None, affine, stats, training, True, backend, need_dx=needs[0],
+                                      need_sums=training or needs[1] or needs[2])
+        w_dtype, b_dtype = ctx.param_dtypes
+        dw = sums[1].to(w_dtype) if needs[1] else None
+        db = sums[0].to(b_dtype) if needs[2] else None
+        return dx if needs[0] else None, dw, db, None, None, None, None, None, None, None, None, None

@@ -2,6 +2,7 @@
 from .bn_act import BatchNormAct2d
 from .block import FusedBasicBlock, FusedBottleneck
 from .dense import FusedDenseBlock, FusedDenseLayer, FusedTransition
+from .stem import FusedResNet
 
 __all__ = ["BatchNormAct2d", "FusedBasicBlock", "FusedBottleneck", "FusedDenseBlock", "FusedDenseLayer",
-           "FusedTransition"]
+           "FusedResNet", "FusedTransition"]

@@ -105,11 +105,7 @@ def runs_unfused(module: nn.Module, x) -> bool:
     submodule's forward was replaced on its instance. The fused path reads the
     submodules' parameters directly and calls none of them."""
     xs = x if isinstance(x, (list, tuple)) else (x,)
-    if torch.jit.is_tracing() or any(isinstance(t, torch.fx.Proxy) for t in xs) or _functorch_active():
-        return True
-    if torch.autograd.forward_ad._current_level >= 0:  # forward-mode AD (dual tensors): torchvision's ops have a jvp
-        return True
-    if _exporting():
+    if traced_or_transformed(xs):
         return True
     if any(isinstance(t, Tensor) and t.device.type == "meta" for t in xs):
         # (a module elsewhere gets the fused path's clear device-mismatch error)
@@ -125,20 +121,41 @@ def runs_unfused(module: nn.Module, x) -> bool:
                                "cannot call; restore that submodule's forward, or convert the model without "
                                "sync_bn")
         return False
-    glob = nn.modules.module
-    if any(getattr(glob, d, None) for d in _GLOBAL_HOOK_DICTS) and next(module.children(), None) is not None:
+    if global_hooks() and next(module.children(), None) is not None:
         return True
     return _hooked_below(module)
 
 
+def traced_or_transformed(xs) -> bool:
+    """The call conditions under which a fused module runs torchvision's own forward
+    whatever its submodules (see ``runs_unfused``): FX symbolic tracing (a Proxy among
+    ``xs``), ``torch.jit.trace``, a torch.func transform, forward-mode AD, torch.export or
+    an ONNX export."""
+    if torch.jit.is_tracing() or any(isinstance(t, torch.fx.Proxy) for t in xs) or _functorch_active():
+        return True
+    if torch.autograd.forward_ad._current_level >= 0:  # forward-mode AD (dual tensors): torchvision's ops have a jvp
+        return True
+    return _exporting()
+
+
+def global_hooks() -> bool:
+    """Whether a global module hook is registered (it would fire for each submodule call)."""
+    glob = nn.modules.module
+    return any(getattr(glob, d, None) for d in _GLOBAL_HOOK_DICTS)
+
+
+def hooked(m: nn.Module) -> bool:
+    """Whether ``m`` has a hook of its own (forward, pre-forward, backward) or a forward
+    replaced on its instance (``m.forward = ...``, as accelerate's ``add_hook_to_module``
+    does): a fused path reading its parameters instead of calling it would skip them."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None) or "forward" in m.__dict__)
+
+
 def _hooked_below(module: nn.Module) -> bool:
-    """Whether a hook sits on any module below ``module`` (its own hooks do not count), or
-    a forward replaced on a submodule's instance (``m.forward = ...``, as accelerate's
-    ``add_hook_to_module`` does), which the fused path would not call either."""
+    """Whether any module below ``module`` is ``hooked`` (its own hooks do not count)."""
     for m in module._modules.values():
-        if m is not None and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                              or getattr(m, "_backward_pre_hooks", None) or "forward" in m.__dict__
-                              or _hooked_below(m)):
+        if m is not None and (hooked(m) or _hooked_below(m)):
             return True
     return False
 

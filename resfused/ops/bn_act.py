@@ -9,7 +9,9 @@ A fifth, ``bn_act_bwd_apply_acc``, is the apply pass adding its input gradient i
 tensor in place (a dense block's gradient buffer) instead of writing a new one. A sixth,
 ``bn_coef``, is the per-channel step between the statistics and apply passes (scale,
 shift, invstd, and the running-statistics update) in one launch: as a dozen [C]-sized
-tensor ops it was most of the host time a BN spent on a GPU.
+tensor ops it was most of the host time a BN spent on a GPU. A seventh,
+``bn_relu_maxpool``, is the apply pass followed by max pooling with indices (a ResNet's
+stem): one pass on the cpu backend (NCHW), the two ops in turn elsewhere.
 
 Each op takes a ``backend`` argument (``"auto"`` or a backend name); the autograd
 layer resolves it once per forward and hands the same name to backward. Before
@@ -19,7 +21,7 @@ channels_last, contiguous) and checks the dtype is one the backend supports.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -27,7 +29,8 @@ from torch import Tensor
 from .. import _backend
 from . import eager
 
-OPS = ("bn_stats", "bn_act_fwd", "bn_act_bwd_reduce", "bn_act_bwd_apply", "bn_act_bwd_apply_acc", "bn_coef")
+OPS = ("bn_stats", "bn_act_fwd", "bn_act_bwd_reduce", "bn_act_bwd_apply", "bn_act_bwd_apply_acc", "bn_coef",
+       "bn_relu_maxpool")
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
@@ -336,6 +339,39 @@ def _(mean, var, weight, bias, running_mean, running_var, momentum, eps, count, 
     return mean.new_empty((2, c)), mean.new_empty((2, c))
 
 
+def pool_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Max pooling's output extent (dilation 1, floor)."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _bn_relu_maxpool_impl(x: Tensor, affine: Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
+                          backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """``max_pool2d_with_indices(relu(x*scale + shift), kernel_size, stride, padding)``
+    (dilation 1, floor): (out, indices) in x's dtype and layout. The cpu backend does it in
+    one pass over an NCHW x, writing no full-size activation; elsewhere the apply pass
+    writes it and aten's pooling reads it (both give the same values and indices)."""
+    fmt = memory_format_of(x)
+    name, xk = _kernel_x(x, fmt, backend)
+    if name == "cpu" and fmt == torch.contiguous_format and xk.is_contiguous():
+        return _native_op("bn_relu_maxpool")(xk, _per_channel(affine), list(kernel_size), list(stride),
+                                             list(padding))
+    a = _backend_impl(name, "bn_act_fwd")(xk, _per_channel(affine), None, None, True)
+    return torch.ops.aten.max_pool2d_with_indices.default(a, list(kernel_size), list(stride), list(padding))
+
+
+bn_relu_maxpool_op = torch.library.custom_op("resfused::bn_relu_maxpool", mutates_args=())(_bn_relu_maxpool_impl)
+
+
+@bn_relu_maxpool_op.register_fake
+def _(x, affine, kernel_size, stride, padding, backend="auto"):
+    n, c, h, w = x.shape
+    shape = (n, c, pool_output_size(h, kernel_size[0], stride[0], padding[0]),
+             pool_output_size(w, kernel_size[1], stride[1], padding[1]))
+    fmt = memory_format_of(x)
+    return (x.new_empty(shape).contiguous(memory_format=fmt),
+            x.new_empty(shape, dtype=torch.int64).contiguous(memory_format=fmt))
+
+
 def _compiling() -> bool:
     is_compiling = getattr(torch.compiler, "is_compiling", None)
     return bool(is_compiling and is_compiling())
@@ -358,6 +394,7 @@ bn_act_bwd_reduce = _fast(bn_act_bwd_reduce_op, _bn_act_bwd_reduce_impl)
 bn_act_bwd_apply = _fast(bn_act_bwd_apply_op, _bn_act_bwd_apply_impl)
 bn_act_bwd_apply_acc = _fast(bn_act_bwd_apply_acc_op, _bn_act_bwd_apply_acc_impl)
 bn_coef = _fast(bn_coef_op, _bn_coef_impl)
+bn_relu_maxpool = _fast(bn_relu_maxpool_op, _bn_relu_maxpool_impl)
 
 # The registered ops (torch.ops.resfused.*), by name.
 BY_NAME: Dict[str, Callable] = {
@@ -367,4 +404,5 @@ BY_NAME: Dict[str, Callable] = {
     "bn_act_bwd_apply": bn_act_bwd_apply_op,
     "bn_act_bwd_apply_acc": bn_act_bwd_apply_acc_op,
     "bn_coef": bn_coef_op,
+    "bn_relu_maxpool": bn_relu_maxpool_op,
 }

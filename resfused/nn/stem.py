@@ -1,0 +1,96 @@
+"""``FusedResNet``: torchvision's ``ResNet`` whose stem runs ``maxpool(relu(bn1(conv1(x))))``
+with BatchNorm, ReLU and max pooling as one autograd node.
+
+``resfused.convert`` (and so every ``resfused.models`` ResNet) swaps a torchvision
+``ResNet``'s class for this subclass, as it does the blocks': no parameter, buffer,
+submodule or state_dict key changes, and ``resfused.revert`` swaps it back. The stem's
+modules stay what they are (``model.relu`` is still an ``nn.ReLU``, ``model.maxpool`` an
+``nn.MaxPool2d``); the fused forward reads their settings and runs them only when it
+cannot stand in for them.
+
+The fused stem keeps the BN's input, the pooling indices and per-channel vectors for
+backward, not the BN-ReLU output eager keeps (a quarter of the stem's saved bytes at
+224x224), and on the cpu backend computes ``relu(bn(y))`` and the pooling in one pass over
+an NCHW ``y``. Outputs, indices, gradients and running statistics are those of
+``bn_act_fwd`` followed by aten's max pooling.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+from torchvision.models.resnet import ResNet
+
+from .. import functional as RF
+from ..autograd.bn_act import BatchNormReluPoolFunction
+from ..ops.bn_act import pool_output_size
+from ..ops.bn_act import resolve as resolve_backend
+from .bn_act import (advance_batch_norm, batch_norm_args, global_hooks, hooked, module_attr, plain_relu,
+                     traced_or_transformed)
+
+
+def pool_window(pool: nn.Module, x: Tensor):
+    """``(kernel_size, stride, padding)`` of ``pool`` as pairs when the fused stem can stand
+    in for it on ``x`` (an ``nn.MaxPool2d`` with dilation 1, floor mode, no indices returned,
+    padding at most half the window, a non-empty output), else None."""
+    if type(pool) is not nn.MaxPool2d or pool.return_indices or pool.ceil_mode or _pair(pool.dilation) != (1, 1):
+        return None
+    k, s, p = _pair(pool.kernel_size), _pair(pool.stride if pool.stride is not None else pool.kernel_size), \
+        _pair(pool.padding)
+    for d in range(2):
+        if not (k[d] > 0 and s[d] > 0 and 0 <= p[d] <= k[d] // 2
+                and pool_output_size(x.shape[2 + d], k[d], s[d], p[d]) > 0):
+            return None
+    return list(k), list(s), list(p)
+
+
+def stem_fusable(bn: nn.Module, relu: nn.Module, pool: nn.Module, y) -> bool:
+    """Whether ``pool(relu(bn(y)))`` may run as one fused node: a plain ``nn.BatchNorm2d``
+    (a subclass, a frozen or synchronized BN runs its own forward), ReLU's own forward, a
+    pooling ``pool_window`` takes; no hook on the three modules and no global one; a 4-D
+    tensor off the meta device; not traced, exported or under a torch.func transform."""
+    if type(bn) is not nn.BatchNorm2d or not plain_relu(relu) or not isinstance(y, Tensor):
+        return False
+    if y.dim() != 4 or y.device.type == "meta" or traced_or_transformed((y,)) or global_hooks():
+        return False
+    return not (hooked(bn) or hooked(relu) or hooked(pool)) and pool_window(pool, y) is not None
+
+
+def bn_relu_pool(bn: nn.BatchNorm2d, pool: nn.MaxPool2d, y: Tensor) -> Tensor:
+    """``pool(relu(bn(y)))`` as one node (call only where ``stem_fusable``): the BN's checks
+    first, then its batch count, exactly once, as ``nn.BatchNorm2d`` counts it."""
+    bn._check_input_dim(y)
+    if y.shape[1] != bn.num_features:
+        raise ValueError(f"{type(bn).__name__}({bn.num_features}) expected input with {bn.num_features} channels, "
+                         f"got input of shape {tuple(y.shape)}")
+    running_mean, running_var, weight, bias, bn_training = batch_norm_args(bn)
+    if bn.momentum is not None:
+        RF._check_number("momentum", bn.momentum)
+    RF.check_eps("eps", bn.eps, bn_training)
+    RF.check_bn_input(y, running_mean, running_var, weight, bias, bn_training)
+    kernel_size, stride, padding = pool_window(pool, y)
+    backend = resolve_backend("auto", y)  # a forced backend that cannot run raises here, before the count
+    momentum = advance_batch_norm(bn)
+    return BatchNormReluPoolFunction.apply(y, weight, bias, running_mean, running_var, bn_training, momentum, bn.eps,
+                                           kernel_size, stride, padding, backend)
+
+
+class FusedResNet(ResNet):
+    """torchvision's ``ResNet`` (same constructor, modules and state_dict) whose stem
+    ``maxpool(relu(bn1(conv1(x))))`` runs BatchNorm, ReLU and max pooling as one node
+    whenever ``stem_fusable`` allows, and torchvision's modules one by one otherwise."""
+
+    def stem(self, y: Tensor) -> Tensor:
+        """``maxpool(relu(bn1(y)))`` of ``y = conv1(x)``: one node where ``stem_fusable``."""
+        bn, relu, pool = module_attr(self, "bn1"), module_attr(self, "relu"), module_attr(self, "maxpool")
+        return bn_relu_pool(bn, pool, y) if stem_fusable(bn, relu, pool, y) else pool(relu(bn(y)))
+
+    def _forward_impl(self, x: Tensor) -> Tensor:
+        x = self.stem(module_attr(self, "conv1")(x))
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x)

@@ -187,3 +187,45 @@ def test_feature_extraction_sees_the_stem_modules():
     ref = create_feature_extractor(tv, {"relu": "relu", "maxpool": "pool"})(x)
     assert feats["relu"].shape == ref["relu"].shape and feats["pool"].shape == ref["pool"].shape
     assert_close(feats["pool"], ref["pool"], 1e-9, 1e-9, "pool")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "eager"])
+@pytest.mark.parametrize("window, msg", [
+    (([4, 1], [2, 1], [1, 0]), "output would be empty"),   # floor((1 + 2 - 4) / 2) + 1 = 0 rows
+    (([3, 3], [2, 2], [2, 1]), "padding <= kernel_size / 2"),
+    (([3, 3], [0, 2], [1, 1]), "stride > 0"),
+    (([3], [2, 2], [1, 1]), "kernel_size must have two values"),
+])
+def test_bn_relu_maxpool_bad_window(backend, window, msg):
+    """A window aten's pooling refuses: a ValueError naming the argument, from every path
+    (the cpu kernel, the apply pass + aten, the fake kernel), never a result of another
+    shape."""
+    x = torch.randn(1, 2, 1, 5)
+    aff = torch.stack([torch.ones(2), torch.zeros(2)])
+    with pytest.raises(ValueError, match=msg):
+        ops.bn_relu_maxpool(x, aff, *window, backend)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), pytest.raises(ValueError, match=msg):
+        torch.ops.resfused.bn_relu_maxpool(torch.empty(1, 2, 1, 5), torch.empty(2, 2), *window, backend)
+
+
+def test_bn_relu_maxpool_window_past_2_24_elements():
+    """A window of more than 2**24 elements (the cpu kernel numbers them in fp32) takes the
+    apply pass + aten's pooling: the index of the maximum is exact."""
+    K = (1 << 24) + 3
+    x = torch.zeros(1, 1, 1, K)
+    x[0, 0, 0, K - 2] = 5.0
+    out, idx = ops.bn_relu_maxpool(x, torch.tensor([[1.0], [0.0]]), [1, K], [1, 1], [0, 0], "cpu")
+    assert int(idx) == K - 2 and float(out) == 5.0
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(3, stride=[], padding=1), nn.MaxPool2d([3], [2], [1]),
+                                  nn.MaxPool2d((3, 2), (2, 1), (1, 0))], ids=["empty-stride", "one-value", "pairs"])
+def test_fused_stem_takes_torchvisions_pooling_argument_forms(pool):
+    """Pooling arguments as aten takes them (an empty stride is the kernel size; one value
+    stands for both dimensions): the fused stem runs and matches torchvision."""
+    tv, fused, x = _stems("cpu", "nchw")
+    tv.maxpool, fused.maxpool = pool, copy.deepcopy(pool)
+    assert stem_fusable(fused.bn1, fused.relu, fused.maxpool, fused.conv1(x))
+    assert_close(fused(x), tv(x), 1e-9, 1e-9, "logits")

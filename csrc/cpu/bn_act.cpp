@@ -244,11 +244,17 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_maxpool_cpu(const at::Tensor& x, cons
                 ": needs kernel_size > 0, stride > 0 and 0 <= padding <= kernel_size / 2, got kernel_size ",
                 kernel_size, ", stride ", stride, ", padding ", padding);
   }
+  // (the kernel numbers a window's elements in the compute dtype: exact up to 2^24)
+  TORCH_CHECK(win[0] * win[1] <= (int64_t{1} << 24), op, ": a window of at most 2^24 elements, got kernel_size ",
+              kernel_size);
   const at::Tensor affine = cpu::chan(affine_, x, 2, "affine");
-  const int64_t OH = (x.size(2) + 2 * win[4] - win[0]) / win[2] + 1;
-  const int64_t OW = (x.size(3) + 2 * win[5] - win[1]) / win[3] + 1;
+  auto extent = [](int64_t size, int64_t k, int64_t s, int64_t p) {  // floor division, as aten's
+    const int64_t span = size + 2 * p - k;
+    return (span >= 0 ? span / s : -((-span + s - 1) / s)) + 1;
+  };
+  const int64_t OH = extent(x.size(2), win[0], win[2], win[4]), OW = extent(x.size(3), win[1], win[3], win[5]);
   TORCH_CHECK(OH > 0 && OW > 0, op, ": the output would be empty (input ", x.sizes(), ", kernel_size ", kernel_size,
-              ")");
+              ", stride ", stride, ", padding ", padding, ")");
   at::Tensor out = at::empty({x.size(0), x.size(1), OH, OW}, x.options());
   at::Tensor idx = at::empty({x.size(0), x.size(1), OH, OW}, x.options().dtype(at::kLong));
   if (out.numel() == 0) return std::make_tuple(out, idx);

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
 from torchvision.models.resnet import ResNet
 
 from .. import functional as RF
@@ -29,14 +28,27 @@ from .bn_act import (advance_batch_norm, batch_norm_args, global_hooks, hooked, 
                      traced_or_transformed)
 
 
+def _two(v):
+    """A pooling argument as a pair (an int or a one-value sequence stands for both
+    dimensions, as aten takes it), None for any other length."""
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    return (v[0], v[0]) if len(v) == 1 else v if len(v) == 2 else None
+
+
 def pool_window(pool: nn.Module, x: Tensor):
     """``(kernel_size, stride, padding)`` of ``pool`` as pairs when the fused stem can stand
     in for it on ``x`` (an ``nn.MaxPool2d`` with dilation 1, floor mode, no indices returned,
     padding at most half the window, a non-empty output), else None."""
-    if type(pool) is not nn.MaxPool2d or pool.return_indices or pool.ceil_mode or _pair(pool.dilation) != (1, 1):
+    if type(pool) is not nn.MaxPool2d or pool.return_indices or pool.ceil_mode:
         return None
-    k, s, p = _pair(pool.kernel_size), _pair(pool.stride if pool.stride is not None else pool.kernel_size), \
-        _pair(pool.padding)
+    stride = pool.stride
+    if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0):
+        stride = pool.kernel_size  # (aten's meaning of an empty stride)
+    k, s, p, dil = (_two(v) for v in (pool.kernel_size, stride, pool.padding, pool.dilation))
+    if None in (k, s, p) or dil != (1, 1):
+        return None
     for d in range(2):
         if not (k[d] > 0 and s[d] > 0 and 0 <= p[d] <= k[d] // 2
                 and pool_output_size(x.shape[2 + d], k[d], s[d], p[d]) > 0):

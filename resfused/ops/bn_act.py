@@ -344,15 +344,44 @@ def pool_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+#: the cpu kernel numbers a window's elements in fp32 vectors: exact up to 2**24
+_MAX_NATIVE_WINDOW = 1 << 24
+
+
+def pool_shape(x_shape, kernel_size, stride, padding) -> Tuple[int, int, int, int]:
+    """The output shape of ``bn_relu_maxpool`` (aten's max pooling, dilation 1, floor
+    mode), after aten's own conditions on the window; a ValueError naming the argument
+    otherwise."""
+    for name, v in (("kernel_size", kernel_size), ("stride", stride), ("padding", padding)):
+        if len(v) != 2:
+            raise ValueError(f"bn_relu_maxpool: {name} must have two values, got {list(v)}")
+    n, c, h, w = x_shape
+    out = []
+    for d, size in enumerate((h, w)):
+        k, s, p = kernel_size[d], stride[d], padding[d]
+        if k <= 0 or s <= 0 or p < 0 or p > k // 2:
+            raise ValueError(f"bn_relu_maxpool: needs kernel_size > 0, stride > 0 and 0 <= padding <= "
+                             f"kernel_size / 2, got kernel_size {list(kernel_size)}, stride {list(stride)}, "
+                             f"padding {list(padding)}")
+        o = pool_output_size(size, k, s, p)
+        if o <= 0:
+            raise ValueError(f"bn_relu_maxpool: the output would be empty: input {h}x{w}, kernel_size "
+                             f"{list(kernel_size)}, stride {list(stride)}, padding {list(padding)}")
+        out.append(o)
+    return n, c, out[0], out[1]
+
+
 def _bn_relu_maxpool_impl(x: Tensor, affine: Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
                           backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """``max_pool2d_with_indices(relu(x*scale + shift), kernel_size, stride, padding)``
     (dilation 1, floor): (out, indices) in x's dtype and layout. The cpu backend does it in
     one pass over an NCHW x, writing no full-size activation; elsewhere the apply pass
     writes it and aten's pooling reads it (both give the same values and indices)."""
+    pool_shape(x.shape, kernel_size, stride, padding)
     fmt = memory_format_of(x)
     name, xk = _kernel_x(x, fmt, backend)
-    if name == "cpu" and fmt == torch.contiguous_format and xk.is_contiguous():
+    if name == "cpu" and fmt == torch.contiguous_format and xk.is_contiguous() and \
+            kernel_size[0] * kernel_size[1] <= _MAX_NATIVE_WINDOW:
         return _native_op("bn_relu_maxpool")(xk, _per_channel(affine), list(kernel_size), list(stride),
                                              list(padding))
     a = _backend_impl(name, "bn_act_fwd")(xk, _per_channel(affine), None, None, True)
@@ -364,9 +393,7 @@ bn_relu_maxpool_op = torch.library.custom_op("resfused::bn_relu_maxpool", mutate
 
 @bn_relu_maxpool_op.register_fake
 def _(x, affine, kernel_size, stride, padding, backend="auto"):
-    n, c, h, w = x.shape
-    shape = (n, c, pool_output_size(h, kernel_size[0], stride[0], padding[0]),
-             pool_output_size(w, kernel_size[1], stride[1], padding[1]))
+    shape = pool_shape(x.shape, kernel_size, stride, padding)
     fmt = memory_format_of(x)
     return (x.new_empty(shape).contiguous(memory_format=fmt),
             x.new_empty(shape, dtype=torch.int64).contiguous(memory_format=fmt))

@@ -66,6 +66,10 @@ BLOCKS = {"nchw": (64, 256, 1024), "nhwc": (32, 64, 128)}
 #: tile of the finalize kernels ([BLOCK_P partials, BLOCK_C channels])
 FIN_BLOCK_P = 16
 FIN_BLOCK_C = 128
+#: tile_stats: above this many partials, chunks of at least this many are merged by one
+#: program each (about TILE_STATS_CHUNKS programs per channel block), then the chunks
+TILE_STATS_CHUNK = 64
+TILE_STATS_CHUNKS = 64
 #: data dtypes the kernels are compiled for
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 #: programs per SM aimed at by the partial-reduction grids
@@ -90,7 +94,7 @@ FLOAT_ARGS = frozenset({"momentum", "keep", "eps", "unbias"})
 UNSPECIALIZED = {
     "nchw": tuple(sorted(FLAG_ARGS | {"N", "C", "XC", "n_hwb", "n_units", "units_per_prog"})),
     "nhwc": tuple(sorted(FLAG_ARGS | {"M", "rows_per_prog"})),
-    None: ("P", "count"),
+    None: ("P", "count", "per_prog"),
 }
 
 
@@ -253,34 +257,48 @@ def _stats_finalize(ws_ptr, mean_ptr, var_ptr, P, C, count,
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED[None])
-def _tile_stats_finalize(ws_ptr, mean_ptr, var_ptr, P, C, count, rows,
+def _tile_stats_finalize(ws_ptr, out_ptr, var_ptr, P, C, count, rows, per_prog,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # ws [P, 2, C]: per tile of ``rows`` values (the last tile: the rest of ``count``),
-    # (sum y, sum (y - tile mean)^2). Chan's merge, in float64: mean = sum / count,
-    # var = (sum M2_p + sum n_p (mean_p - mean)^2) / count (biased), clamped at 0.
+    # (sum y, sum (y - tile mean)^2). Program (channel block, k) merges tiles
+    # [k*per_prog, (k+1)*per_prog) by Chan's formula, in float64: mean = sum / n,
+    # M2 = sum M2_p + sum n_p (mean_p - mean)^2. With one program along k it writes the
+    # mean to out and the biased variance (clamped at 0) to var; with several, its chunk's
+    # own partial (sum y, M2) to out[k] ([S, 2, C]): tiles of per_prog*rows values, which a
+    # second launch merges the same way.
+    k = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
+    p_lo = k * per_prog
+    p_hi = tl.minimum(P, p_lo + per_prog)
+    n_all = (tl.minimum(count, p_hi * rows) - p_lo * rows).to(tl.float64)
     s1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
-    for p0 in range(0, P, BLOCK_P):
+    for p0 in range(p_lo, p_hi, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
-        m = (ps < P)[:, None] & cmask[None, :]
+        m = (ps < p_hi)[:, None] & cmask[None, :]
         s1 += tl.load(ws_ptr + (ps.to(tl.int64) * 2 * C)[:, None] + cols[None, :], mask=m, other=0).to(tl.float64)
-    total = count.to(tl.float64)
-    mean = tl.sum(s1, axis=0) / total
+    total = tl.sum(s1, axis=0)
+    mean = total / n_all
     q = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
-    for p0 in range(0, P, BLOCK_P):
+    for p0 in range(p_lo, p_hi, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
-        m = (ps < P)[:, None] & cmask[None, :]
+        m = (ps < p_hi)[:, None] & cmask[None, :]
         offs = (ps.to(tl.int64) * 2 * C)[:, None] + cols[None, :]
         t1 = tl.load(ws_ptr + offs, mask=m, other=0).to(tl.float64)
         m2 = tl.load(ws_ptr + offs + C, mask=m, other=0).to(tl.float64)
         n = tl.maximum(tl.minimum(count - ps * rows, rows), 1).to(tl.float64)[:, None]
         d = t1 / n - mean[None, :]
         q += tl.where(m, m2 + n * d * d, 0)
-    var = tl.sum(q, axis=0) / total
-    var = tl.where(var < 0, 0, var)  # keeps NaN (tl.maximum would drop it)
-    tl.store(mean_ptr + cols, mean.to(mean_ptr.dtype.element_ty), mask=cmask)
-    tl.store(var_ptr + cols, var.to(var_ptr.dtype.element_ty), mask=cmask)
+    m2_all = tl.sum(q, axis=0)
+    if tl.num_programs(1) == 1:
+        var = m2_all / n_all
+        var = tl.where(var < 0, 0, var)  # keeps NaN (tl.maximum would drop it)
+        tl.store(out_ptr + cols, mean.to(out_ptr.dtype.element_ty), mask=cmask)
+        tl.store(var_ptr + cols, var.to(var_ptr.dtype.element_ty), mask=cmask)
+    else:
+        base = out_ptr + k.to(tl.int64) * 2 * C + cols
+        tl.store(base, total.to(out_ptr.dtype.element_ty), mask=cmask)
+        tl.store(base + C, m2_all.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit(do_not_specialize=("has_w", "has_b", "update"))
@@ -750,14 +768,22 @@ def bn_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
 def tile_stats(ws: Tensor, count: int, rows: int) -> Tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance from per-tile partials ``ws[p] = (Σy,
     Σ(y - ȳ_p)²)`` (``[P, 2, C]``, ``rows`` values per tile, the last one the rest of
-    ``count``), merged by Chan's formula in float64 in one launch; results in ws's dtype."""
+    ``count``), merged by Chan's formula in float64; results in ws's dtype. Many tiles
+    (a conv's output tiles: thousands) are first merged in chunks, one program each, then
+    the chunks' partials in one program: two short launches instead of one long serial one."""
     P, two, C = ws.shape
     if two != 2 or not ws.is_contiguous() or P != _cdiv(count, rows):
         raise ValueError(f"resfused triton tile_stats: ws must be a contiguous [cdiv(count, rows), 2, C] tensor, got "
                          f"{tuple(ws.shape)} for count {count}, rows {rows}")
+    if P > TILE_STATS_CHUNK:
+        per_prog = max(TILE_STATS_CHUNK, _cdiv(P, TILE_STATS_CHUNKS))
+        S = _cdiv(P, per_prog)
+        part = torch.empty((S, 2, C), dtype=ws.dtype, device=ws.device)
+        _launch("tile_stats_finalize", (_cdiv(C, FIN_BLOCK_C), S), (ws, part, part, P, C, count, rows, per_prog))
+        ws, P, rows = part, S, per_prog * rows
     mean = torch.empty((C,), dtype=ws.dtype, device=ws.device)
     var = torch.empty((C,), dtype=ws.dtype, device=ws.device)
-    _launch("tile_stats_finalize", (_cdiv(C, FIN_BLOCK_C),), (ws, mean, var, P, C, count, rows))
+    _launch("tile_stats_finalize", (_cdiv(C, FIN_BLOCK_C), 1), (ws, mean, var, P, C, count, rows, P))
     return mean, var
 
 

@@ -229,3 +229,19 @@ def test_fused_stem_takes_torchvisions_pooling_argument_forms(pool):
     tv.maxpool, fused.maxpool = pool, copy.deepcopy(pool)
     assert stem_fusable(fused.bn1, fused.relu, fused.maxpool, fused.conv1(x))
     assert_close(fused(x), tv(x), 1e-9, 1e-9, "logits")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_folded_stem_runs_relu_and_pooling_in_one_pass_for_inference(device):
+    """fold() folds bn1 into conv1 (bn1 becomes nn.Identity): without gradients the stem's
+    ReLU and pooling run as one pass (scale 1, shift 0), equal to ReLU then max pooling;
+    with a gradient wanted, torchvision's modules."""
+    tv, fused, x = _stems(device, "nchw")
+    folded = resfused.fold(fused)
+    y = folded.conv1(x)
+    assert type(folded.bn1) is nn.Identity
+    assert not stem_fusable(folded.bn1, folded.relu, folded.maxpool, y.detach().requires_grad_())
+    with torch.no_grad():
+        assert stem_fusable(folded.bn1, folded.relu, folded.maxpool, y)
+        assert torch.equal(folded.stem(y), folded.maxpool(torch.relu(y)))
+        assert_close(folded(x), tv.eval()(x), 1e-9, 1e-9, "folded logits")

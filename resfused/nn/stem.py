@@ -22,6 +22,7 @@ from torchvision.models.resnet import ResNet
 
 from .. import functional as RF
 from ..autograd.bn_act import BatchNormReluPoolFunction
+from ..ops import bn_act as ops
 from ..ops.bn_act import pool_output_size
 from ..ops.bn_act import resolve as resolve_backend
 from .bn_act import (advance_batch_norm, batch_norm_args, global_hooks, hooked, module_attr, plain_relu,
@@ -58,19 +59,28 @@ def pool_window(pool: nn.Module, x: Tensor):
 
 def stem_fusable(bn: nn.Module, relu: nn.Module, pool: nn.Module, y) -> bool:
     """Whether ``pool(relu(bn(y)))`` may run as one fused node: a plain ``nn.BatchNorm2d``
-    (a subclass, a frozen or synchronized BN runs its own forward), ReLU's own forward, a
+    (a subclass, a frozen or synchronized BN runs its own forward), or an ``nn.Identity``
+    (``resfused.fold``'s stem, BN folded into conv1) when no gradient is wanted; ReLU's own forward, a
     pooling ``pool_window`` takes; no hook on the three modules and no global one; a 4-D
     tensor off the meta device; not traced, exported or under a torch.func transform."""
-    if type(bn) is not nn.BatchNorm2d or not plain_relu(relu) or not isinstance(y, Tensor):
+    if type(bn) not in (nn.BatchNorm2d, nn.Identity) or not plain_relu(relu) or not isinstance(y, Tensor):
         return False
+    if type(bn) is nn.Identity and torch.is_grad_enabled() and y.requires_grad:
+        return False  # (fold's stem, bn1 folded into conv1: fused for inference only)
     if y.dim() != 4 or y.device.type == "meta" or traced_or_transformed((y,)) or global_hooks():
         return False
     return not (hooked(bn) or hooked(relu) or hooked(pool)) and pool_window(pool, y) is not None
 
 
-def bn_relu_pool(bn: nn.BatchNorm2d, pool: nn.MaxPool2d, y: Tensor) -> Tensor:
+def bn_relu_pool(bn: nn.Module, pool: nn.MaxPool2d, y: Tensor) -> Tensor:
     """``pool(relu(bn(y)))`` as one node (call only where ``stem_fusable``): the BN's checks
-    first, then its batch count, exactly once, as ``nn.BatchNorm2d`` counts it."""
+    first, then its batch count, exactly once, as ``nn.BatchNorm2d`` counts it. An
+    ``nn.Identity`` bn: the ReLU and the pooling in one pass (scale 1, shift 0)."""
+    if type(bn) is nn.Identity:
+        acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+        c = y.shape[1]
+        unit = torch.stack([torch.ones(c, dtype=acc, device=y.device), torch.zeros(c, dtype=acc, device=y.device)])
+        return ops.bn_relu_maxpool(y, unit, *pool_window(pool, y), resolve_backend("auto", y))[0]
     bn._check_input_dim(y)
     if y.shape[1] != bn.num_features:
         raise ValueError(f"{type(bn).__name__}({bn.num_features}) expected input with {bn.num_features} channels, "

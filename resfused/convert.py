@@ -13,14 +13,14 @@ from typing import Dict, Optional, Tuple, Type
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.densenet import _DenseBlock, _DenseLayer, _Transition
+from torchvision.models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Transition
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .nn.bn_act import BatchNormAct2d, _exporting
 from .nn.block import (FusedBasicBlock, FusedBottleneck, _autocast_dtype, _bn_args, _bn_supported, _no_autocast,
                        conv_key, conv_tf32, select_conv, triton_conv_reason)
 from .nn.dense import FusedDenseBlock, FusedDenseLayer, FusedTransition
-from .nn.stem import FusedResNet
+from .nn.stem import FusedDenseNet, FusedResNet
 from .ops import bn_act as ops
 from .ops import conv as conv_ops
 
@@ -38,8 +38,8 @@ def convert(model: nn.Module, memory_efficient: bool = True, sync_bn: bool = Fal
     """Swap every torchvision ``Bottleneck``/``BasicBlock`` in ``model`` (the model itself
     included) for ``FusedBottleneck``/``FusedBasicBlock``, and every DenseNet ``_DenseLayer``/
     ``_DenseBlock``/``_Transition`` for ``FusedDenseLayer``/``FusedDenseBlock``/
-    ``FusedTransition``, in place, and a torchvision ``ResNet`` itself becomes a
-    ``FusedResNet`` (its stem's BN, ReLU and max pooling as one node). Returns ``model``.
+    ``FusedTransition``, in place, and a torchvision ``ResNet`` (``DenseNet``) itself becomes a
+    ``FusedResNet`` (``FusedDenseNet``): its stem's BN, ReLU and max pooling as one node. Returns ``model``.
     ``memory_efficient`` applies to the ResNet blocks; dense blocks always share storage
     and recompute.
 
@@ -57,6 +57,8 @@ def convert(model: nn.Module, memory_efficient: bool = True, sync_bn: bool = Fal
         dense = _DENSE_FUSED.get(type(module))
         if type(module) is ResNet:
             module.__class__ = FusedResNet  # (the stem: bn1, relu and maxpool as one node)
+        elif type(module) is DenseNet:
+            module.__class__ = FusedDenseNet  # (the stem: norm0, relu0 and pool0)
         elif dense is not None:
             module.__class__ = dense
         elif fused is not None:
@@ -92,7 +94,7 @@ def _sync_other_batch_norms(module: nn.Module, process_group) -> None:
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Undo ``convert``: fused blocks (and a ``FusedResNet``) become torchvision's again, in
+    """Undo ``convert``: fused blocks (and a ``FusedResNet``/``FusedDenseNet``) become torchvision's again, in
     place. Returns ``model``."""
     for module in model.modules():
         if type(module) is BatchNormAct2d and module.__dict__.pop("_resfused_sync_of_bn", False):
@@ -103,8 +105,8 @@ def revert(model: nn.Module) -> nn.Module:
         if isinstance(module, BatchNormAct2d) and module.__dict__.pop("_resfused_synced", False):
             module.sync_bn, module.process_group = False, None  # a BatchNormAct2d it synchronized
             continue
-        if type(module) is FusedResNet:
-            module.__class__ = ResNet
+        if type(module) in (FusedResNet, FusedDenseNet):
+            module.__class__ = ResNet if type(module) is FusedResNet else DenseNet
             continue
         dense = _DENSE_PLAIN.get(type(module))
         if dense is not None:

@@ -245,3 +245,41 @@ def test_folded_stem_runs_relu_and_pooling_in_one_pass_for_inference(device):
         assert stem_fusable(folded.bn1, folded.relu, folded.maxpool, y)
         assert torch.equal(folded.stem(y), folded.maxpool(torch.relu(y)))
         assert_close(folded(x), tv.eval()(x), 1e-9, 1e-9, "folded logits")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_fused_densenet_stem_matches_torchvision(case):
+    """FusedDenseNet runs features' norm0 → relu0 → pool0 as one node: logits, gradients
+    and running statistics as torchvision's (two training steps); with a hook on
+    ``features`` torchvision's Sequential runs (the hook fires), with the same values."""
+    from resfused.nn.stem import run_sequential
+
+    backend, device = case
+    dtype = torch.float32 if interpreted(*case) else torch.float64
+    torch.manual_seed(5)
+    tv = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2,
+                                     num_classes=3).to(device, dtype)
+    fused = resfused.convert(copy.deepcopy(tv))
+    assert type(fused) is resfused.nn.FusedDenseNet
+    x = torch.randn(2, 3, 24, 20, device=device, dtype=dtype)
+    seq = fused.features
+    assert stem_fusable(seq.norm0, seq.relu0, seq.pool0, seq.conv0(x))
+    tol, gtol = TOLERANCES[dtype]["fwd"], TOLERANCES[dtype]["bwd"]
+    with resfused.use_backend(backend):
+        for step in range(2):
+            out_tv, out_f = tv(x), fused(x)
+            assert_close(out_f, out_tv, *tol, f"logits, step {step}")
+            out_tv.sum().backward()
+            out_f.sum().backward()
+            for name in ("features.conv0.weight", "features.norm0.weight", "features.norm0.bias"):
+                assert_close(fused.get_parameter(name).grad, tv.get_parameter(name).grad, *gtol, name)
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                assert_close(getattr(fused.features.norm0, name), getattr(tv.features.norm0, name), *tol, name)
+        seen = []
+        h = fused.features.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        assert_close(fused(x), tv(x), *tol, "with a hook on features")
+        h.remove()
+    assert seen == [torch.Size([2, 16, 3, 2])]
+    assert_close(run_sequential(seq, x), tv.features(x), *tol, "run_sequential")
+    resfused.revert(fused)
+    assert type(fused) is torchvision.models.DenseNet

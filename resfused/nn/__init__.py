@@ -2,7 +2,7 @@
 from .bn_act import BatchNormAct2d
 from .block import FusedBasicBlock, FusedBottleneck
 from .dense import FusedDenseBlock, FusedDenseLayer, FusedTransition
-from .stem import FusedResNet
+from .stem import FusedDenseNet, FusedResNet
 
 __all__ = ["BatchNormAct2d", "FusedBasicBlock", "FusedBottleneck", "FusedDenseBlock", "FusedDenseLayer",
-           "FusedResNet", "FusedTransition"]
+           "FusedDenseNet", "FusedResNet", "FusedTransition"]

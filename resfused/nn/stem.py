@@ -1,8 +1,9 @@
-"""``FusedResNet``: torchvision's ``ResNet`` whose stem runs ``maxpool(relu(bn1(conv1(x))))``
-with BatchNorm, ReLU and max pooling as one autograd node.
+"""``FusedResNet`` and ``FusedDenseNet``: torchvision's ``ResNet`` whose stem runs
+``maxpool(relu(bn1(conv1(x))))`` with BatchNorm, ReLU and max pooling as one autograd
+node, and torchvision's ``DenseNet`` whose ``features`` run ``pool0(relu0(norm0(...)))`` so.
 
-``resfused.convert`` (and so every ``resfused.models`` ResNet) swaps a torchvision
-``ResNet``'s class for this subclass, as it does the blocks': no parameter, buffer,
+``resfused.convert`` (and so every ``resfused.models`` ResNet and DenseNet) swaps a torchvision
+``ResNet``'s (``DenseNet``'s) class for this subclass, as it does the blocks': no parameter, buffer,
 submodule or state_dict key changes, and ``resfused.revert`` swaps it back. The stem's
 modules stay what they are (``model.relu`` is still an ``nn.ReLU``, ``model.maxpool`` an
 ``nn.MaxPool2d``); the fused forward reads their settings and runs them only when it
@@ -17,7 +18,9 @@ an NCHW ``y``. Outputs, indices, gradients and running statistics are those of
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.densenet import DenseNet
 from torchvision.models.resnet import ResNet
 
 from .. import functional as RF
@@ -116,3 +119,34 @@ class FusedResNet(ResNet):
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.fc(x)
+
+
+def run_sequential(seq: nn.Module, x: Tensor) -> Tensor:
+    """``seq(x)`` for an ``nn.Sequential``, with each BatchNorm2d → ReLU → MaxPool2d run of
+    its modules that ``stem_fusable`` allows as one node; the Sequential called as it is
+    when it is another kind of module or has a hook of its own (or a global one)."""
+    if type(seq) is not nn.Sequential or hooked(seq) or global_hooks() or not isinstance(x, Tensor):
+        return seq(x)
+    mods = [m for m in seq._modules.values() if m is not None]
+    i = 0
+    while i < len(mods):
+        if i + 2 < len(mods) and stem_fusable(mods[i], mods[i + 1], mods[i + 2], x):
+            x = bn_relu_pool(mods[i], mods[i + 2], x)
+            i += 3
+        else:
+            x = mods[i](x)
+            i += 1
+    return x
+
+
+class FusedDenseNet(DenseNet):
+    """torchvision's ``DenseNet`` (same constructor, modules and state_dict) whose
+    ``features`` run ``pool0(relu0(norm0(...)))`` as one node whenever ``stem_fusable``
+    allows (``run_sequential``), and torchvision's modules one by one otherwise."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = run_sequential(module_attr(self, "features"), x)
+        out = F.relu(features, inplace=True)
+        out = F.adaptive_avg_pool2d(out, (1, 1))
+        out = torch.flatten(out, 1)
+        return self.classifier(out)

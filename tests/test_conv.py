@@ -778,3 +778,28 @@ def test_one_by_one_spatial_input_counts_as_channels_last(device):
     with resfused.use_conv("library"):
         ref = lib(x)
     assert_close(out, ref, 1e-5, 1e-4, "1x1 block output")  # BN over 4 values: mildly ill-conditioned
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("P", [1, 17, 65, 4097])
+def test_tile_stats_merge_keeps_float64_precision_about_a_pivot(device, P):
+    """The conv statistics merge (one launch up to 64 tiles, chunks and then their merge
+    above): the variance of values around 1e4 within fp32 rounding of a float64 Chan merge
+    of the same per-tile partials, a short last tile included."""
+    from resfused.triton.bn_act import tile_stats
+
+    torch.manual_seed(P)
+    rows, C = 64, 130
+    count = (P - 1) * rows + 37
+    y = 1e4 + torch.randn(count, C, dtype=torch.float64)
+    n = torch.full((P, 1), float(rows), dtype=torch.float64)
+    n[-1] = count - (P - 1) * rows
+    tiles = [y[p * rows:(p + 1) * rows].float().double() for p in range(P)]
+    s1 = torch.stack([t.sum(0) for t in tiles]).float()
+    m2 = torch.stack([((t - t.sum(0) / len(t)) ** 2).sum(0) for t in tiles]).float()
+    mean, var = tile_stats(torch.stack([s1, m2], 1).to(device), count, rows)
+    w1, w2 = s1.double(), m2.double()
+    ref_mean = w1.sum(0) / count
+    ref_var = (w2.sum(0) + (n * (w1 / n - ref_mean) ** 2).sum(0)) / count
+    assert_close(var.cpu(), ref_var, 0.0, 3e-7, "var")
+    assert_close(mean.cpu(), ref_mean, 0.0, 1e-7, "mean")

@@ -283,3 +283,17 @@ def test_fused_densenet_stem_matches_torchvision(case):
     assert_close(run_sequential(seq, x), tv.features(x), *tol, "run_sequential")
     resfused.revert(fused)
     assert type(fused) is torchvision.models.DenseNet
+
+
+def test_run_sequential_keeps_sequential_semantics():
+    """A None slot in features raises nn.Sequential's own error (nothing is skipped); an
+    integer input to a folded stem's ReLU and pooling runs torchvision's modules."""
+    from resfused.nn.stem import run_sequential
+
+    seq = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2))
+    seq[1] = None
+    with pytest.raises(TypeError):
+        run_sequential(seq, torch.randn(2, 3, 4, 4))
+    y = torch.randint(-5, 5, (1, 2, 4, 4))
+    with torch.no_grad():
+        assert not stem_fusable(nn.Identity(), nn.ReLU(), nn.MaxPool2d(2), y)

@@ -68,6 +68,8 @@ def stem_fusable(bn: nn.Module, relu: nn.Module, pool: nn.Module, y) -> bool:
     tensor off the meta device; not traced, exported or under a torch.func transform."""
     if type(bn) not in (nn.BatchNorm2d, nn.Identity) or not plain_relu(relu) or not isinstance(y, Tensor):
         return False
+    if y.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        return False  # (what max pooling takes, the fused kernels do not)
     if type(bn) is nn.Identity and torch.is_grad_enabled() and y.requires_grad:
         return False  # (fold's stem, bn1 folded into conv1: fused for inference only)
     if y.dim() != 4 or y.device.type == "meta" or traced_or_transformed((y,)) or global_hooks():
@@ -125,9 +127,9 @@ def run_sequential(seq: nn.Module, x: Tensor) -> Tensor:
     """``seq(x)`` for an ``nn.Sequential``, with each BatchNorm2d → ReLU → MaxPool2d run of
     its modules that ``stem_fusable`` allows as one node; the Sequential called as it is
     when it is another kind of module or has a hook of its own (or a global one)."""
-    if type(seq) is not nn.Sequential or hooked(seq) or global_hooks() or not isinstance(x, Tensor):
-        return seq(x)
-    mods = [m for m in seq._modules.values() if m is not None]
+    mods = list(seq._modules.values()) if type(seq) is nn.Sequential else []
+    if not mods or hooked(seq) or global_hooks() or not isinstance(x, Tensor) or any(m is None for m in mods):
+        return seq(x)  # (a None slot: nn.Sequential's own error)
     i = 0
     while i < len(mods):
         if i + 2 < len(mods) and stem_fusable(mods[i], mods[i + 1], mods[i + 2], x):

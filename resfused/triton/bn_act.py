@@ -84,7 +84,7 @@ DATA_PTRS = frozenset({"x_ptr", "g_ptr", "res_ptr", "out_ptr", "dx_ptr", "dres_p
 JIT_HELPERS = frozenset({"_relu_keep", "_x_term", "_cast_out", "_nchw_tile"})
 #: runtime 0/1 (relu_mode: 0/1/2) flag arguments; every other non-constexpr scalar is a size
 FLAG_ARGS = frozenset({"has_res", "res_aff", "relu", "use_res", "res_st", "res_coef", "relu_mode", "write_dz",
-                       "accum", "has_w", "has_b", "update"})
+                       "accum", "has_w", "has_b", "update", "shifted"})
 #: float scalar arguments (fp32: the JIT passes a Python float as one)
 FLOAT_ARGS = frozenset({"momentum", "keep", "eps", "unbias"})
 #: integer arguments the JIT must not specialise (on == 1 or % 16 == 0): the flags, and
@@ -94,7 +94,7 @@ FLOAT_ARGS = frozenset({"momentum", "keep", "eps", "unbias"})
 UNSPECIALIZED = {
     "nchw": tuple(sorted(FLAG_ARGS | {"N", "C", "XC", "n_hwb", "n_units", "units_per_prog"})),
     "nhwc": tuple(sorted(FLAG_ARGS | {"M", "rows_per_prog"})),
-    None: ("P", "count", "per_prog"),
+    None: ("P", "count", "per_prog", "piv_count"),
 }
 
 
@@ -257,43 +257,52 @@ def _stats_finalize(ws_ptr, mean_ptr, var_ptr, P, C, count,
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED[None])
-def _tile_stats_finalize(ws_ptr, out_ptr, var_ptr, P, C, count, rows, per_prog,
+def _tile_stats_finalize(ws_ptr, piv_ptr, out_ptr, var_ptr, P, C, count, rows, per_prog, piv_count, shifted,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # ws [P, 2, C]: per tile of ``rows`` values (the last tile: the rest of ``count``),
-    # (sum y, sum (y - tile mean)^2). Program (channel block, k) merges tiles
-    # [k*per_prog, (k+1)*per_prog) by Chan's formula, in float64: mean = sum / n,
-    # M2 = sum M2_p + sum n_p (mean_p - mean)^2. With one program along k it writes the
-    # mean to out and the biased variance (clamped at 0) to var; with several, its chunk's
-    # own partial (sum y, M2) to out[k] ([S, 2, C]): tiles of per_prog*rows values, which a
-    # second launch merges the same way.
+    # (sum y, sum (y - tile mean)^2); with ``shifted``, sums of (y - pivot) instead (a
+    # first launch's chunks). The pivot, per channel, is the first tile's mean:
+    # piv[0, c] / piv_count (piv: the original tiles). Program (channel block, k) merges
+    # tiles [k*per_prog, (k+1)*per_prog) by Chan's formula in float64 on y - pivot (no
+    # cancellation however large the mean): mean = sum / n, M2 = sum M2_p +
+    # sum n_p (mean_p - mean)^2. With one program along k it writes pivot + mean to out
+    # and the biased variance (clamped at 0) to var; with several, its chunk's partial
+    # (sum (y - pivot), M2) to out[k] ([S, 2, C]), which a second launch (shifted = 1,
+    # rows = per_prog*rows) merges the same way.
     k = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    p_lo = k * per_prog
+    pivot = tl.load(piv_ptr + cols, mask=cmask, other=0).to(tl.float64) / piv_count.to(tl.float64)
+    unshift = tl.where(shifted != 0, 0.0, 1.0).to(tl.float64)
+    cnt = count.to(tl.int64)
+    rw = rows.to(tl.int64)
+    p_lo = k.to(tl.int64) * per_prog
     p_hi = tl.minimum(P, p_lo + per_prog)
-    n_all = (tl.minimum(count, p_hi * rows) - p_lo * rows).to(tl.float64)
+    n_all = (tl.minimum(cnt, p_hi * rw) - p_lo * rw).to(tl.float64)
     s1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
     for p0 in range(p_lo, p_hi, BLOCK_P):
-        ps = p0 + tl.arange(0, BLOCK_P)
+        ps = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
         m = (ps < p_hi)[:, None] & cmask[None, :]
-        s1 += tl.load(ws_ptr + (ps.to(tl.int64) * 2 * C)[:, None] + cols[None, :], mask=m, other=0).to(tl.float64)
+        n = tl.maximum(tl.minimum(cnt - ps * rw, rw), 1).to(tl.float64)[:, None]
+        t1 = tl.load(ws_ptr + (ps * 2 * C)[:, None] + cols[None, :], mask=m, other=0).to(tl.float64)
+        s1 += tl.where(m, t1 - unshift * n * pivot[None, :], 0)
     total = tl.sum(s1, axis=0)
     mean = total / n_all
     q = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
     for p0 in range(p_lo, p_hi, BLOCK_P):
-        ps = p0 + tl.arange(0, BLOCK_P)
+        ps = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
         m = (ps < p_hi)[:, None] & cmask[None, :]
-        offs = (ps.to(tl.int64) * 2 * C)[:, None] + cols[None, :]
-        t1 = tl.load(ws_ptr + offs, mask=m, other=0).to(tl.float64)
+        offs = (ps * 2 * C)[:, None] + cols[None, :]
+        n = tl.maximum(tl.minimum(cnt - ps * rw, rw), 1).to(tl.float64)[:, None]
+        t1 = tl.load(ws_ptr + offs, mask=m, other=0).to(tl.float64) - unshift * n * pivot[None, :]
         m2 = tl.load(ws_ptr + offs + C, mask=m, other=0).to(tl.float64)
-        n = tl.maximum(tl.minimum(count - ps * rows, rows), 1).to(tl.float64)[:, None]
         d = t1 / n - mean[None, :]
         q += tl.where(m, m2 + n * d * d, 0)
     m2_all = tl.sum(q, axis=0)
     if tl.num_programs(1) == 1:
         var = m2_all / n_all
         var = tl.where(var < 0, 0, var)  # keeps NaN (tl.maximum would drop it)
-        tl.store(out_ptr + cols, mean.to(out_ptr.dtype.element_ty), mask=cmask)
+        tl.store(out_ptr + cols, (pivot + mean).to(out_ptr.dtype.element_ty), mask=cmask)
         tl.store(var_ptr + cols, var.to(var_ptr.dtype.element_ty), mask=cmask)
     else:
         base = out_ptr + k.to(tl.int64) * 2 * C + cols
@@ -775,15 +784,18 @@ def tile_stats(ws: Tensor, count: int, rows: int) -> Tuple[Tensor, Tensor]:
     if two != 2 or not ws.is_contiguous() or P != _cdiv(count, rows):
         raise ValueError(f"resfused triton tile_stats: ws must be a contiguous [cdiv(count, rows), 2, C] tensor, got "
                          f"{tuple(ws.shape)} for count {count}, rows {rows}")
+    first = min(count, rows)  # values in the first tile, whose mean is the pivot
+    src, shifted = ws, 0
     if P > TILE_STATS_CHUNK:
         per_prog = max(TILE_STATS_CHUNK, _cdiv(P, TILE_STATS_CHUNKS))
         S = _cdiv(P, per_prog)
         part = torch.empty((S, 2, C), dtype=ws.dtype, device=ws.device)
-        _launch("tile_stats_finalize", (_cdiv(C, FIN_BLOCK_C), S), (ws, part, part, P, C, count, rows, per_prog))
-        ws, P, rows = part, S, per_prog * rows
+        _launch("tile_stats_finalize", (_cdiv(C, FIN_BLOCK_C), S),
+                (src, ws, part, part, P, C, count, rows, per_prog, first, 0))
+        src, shifted, P, rows = part, 1, S, per_prog * rows
     mean = torch.empty((C,), dtype=ws.dtype, device=ws.device)
     var = torch.empty((C,), dtype=ws.dtype, device=ws.device)
-    _launch("tile_stats_finalize", (_cdiv(C, FIN_BLOCK_C), 1), (ws, mean, var, P, C, count, rows, P))
+    _launch("tile_stats_finalize", (_cdiv(C, FIN_BLOCK_C), 1), (src, ws, mean, var, P, C, count, rows, P, first, shifted))
     return mean, var
 
 

@@ -31,6 +31,9 @@ _PLAIN: Dict[Type[nn.Module], Type[nn.Module]] = {v: k for k, v in _FUSED.items(
 _DENSE_FUSED: Dict[Type[nn.Module], Type[nn.Module]] = {_DenseLayer: FusedDenseLayer, _DenseBlock: FusedDenseBlock,
                                                         _Transition: FusedTransition}
 _DENSE_PLAIN: Dict[Type[nn.Module], Type[nn.Module]] = {v: k for k, v in _DENSE_FUSED.items()}
+# Whole models: the fused stem (bn1/norm0, relu, max pooling as one node)
+_MODEL_FUSED: Dict[Type[nn.Module], Type[nn.Module]] = {ResNet: FusedResNet, DenseNet: FusedDenseNet}
+_MODEL_PLAIN: Dict[Type[nn.Module], Type[nn.Module]] = {v: k for k, v in _MODEL_FUSED.items()}
 
 
 def convert(model: nn.Module, memory_efficient: bool = True, sync_bn: bool = False,
@@ -55,10 +58,8 @@ def convert(model: nn.Module, memory_efficient: bool = True, sync_bn: bool = Fal
     for module in model.modules():
         fused = _FUSED.get(type(module))
         dense = _DENSE_FUSED.get(type(module))
-        if type(module) is ResNet:
-            module.__class__ = FusedResNet  # (the stem: bn1, relu and maxpool as one node)
-        elif type(module) is DenseNet:
-            module.__class__ = FusedDenseNet  # (the stem: norm0, relu0 and pool0)
+        if type(module) in _MODEL_FUSED:
+            module.__class__ = _MODEL_FUSED[type(module)]
         elif dense is not None:
             module.__class__ = dense
         elif fused is not None:
@@ -105,8 +106,8 @@ def revert(model: nn.Module) -> nn.Module:
         if isinstance(module, BatchNormAct2d) and module.__dict__.pop("_resfused_synced", False):
             module.sync_bn, module.process_group = False, None  # a BatchNormAct2d it synchronized
             continue
-        if type(module) in (FusedResNet, FusedDenseNet):
-            module.__class__ = ResNet if type(module) is FusedResNet else DenseNet
+        if type(module) in _MODEL_PLAIN:
+            module.__class__ = _MODEL_PLAIN[type(module)]
             continue
         dense = _DENSE_PLAIN.get(type(module))
         if dense is not None:

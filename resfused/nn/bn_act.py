@@ -209,18 +209,10 @@ class BatchNormAct2d(SyncBNMixin, nn.BatchNorm2d):
                 out = super().forward(x)
             out = out if residual is None else out + residual
             return torch.relu(out) if self.activation == "relu" else out
-        self._check_input_dim(x)
-        if x.shape[1] != self.num_features:
-            raise ValueError(f"{type(self).__name__}({self.num_features}) expected input with {self.num_features} "
-                             f"channels, got input of shape {tuple(x.shape)}")
-        running_mean, running_var, weight, bias, bn_training = batch_norm_args(self)
         # Validate everything before num_batches_tracked moves: a call that raises changes nothing.
         relu = RF._check_activation(self.activation)
-        if self.momentum is not None:
-            RF._check_number("momentum", self.momentum)
-        RF.check_eps("eps", self.eps, bn_training)
-        group = self._group(bn_training and self.training)
-        RF.check_bn_input(x, running_mean, running_var, weight, bias, bn_training, synced=group is not None)
+        running_mean, running_var, weight, bias, bn_training, group = checked_bn_args(
+            self, x, lambda bn_training: self._group(bn_training and self.training))
         if residual is not None:
             RF.check_residual(x, residual)
         backend = resolve_backend("auto", x)  # a forced backend that cannot run raises here, before the count
@@ -240,6 +232,25 @@ def module_attr(m: nn.Module, name: str):
         if name in table:
             return table[name]
     return getattr(m, name)
+
+
+def checked_bn_args(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, group_of=None):
+    """The checks of one fused call of ``bn`` on ``x`` before anything moves (input
+    dimensions and channels, momentum, eps, the input against the statistics): a call
+    that raises changes nothing. ``group_of(use_batch_stats)``: the process group the
+    batch statistics are synchronized over, or None (the default: not synchronized).
+    Returns ``batch_norm_args(bn)`` and that group."""
+    bn._check_input_dim(x)
+    if x.shape[1] != bn.num_features:
+        raise ValueError(f"{type(bn).__name__}({bn.num_features}) expected input with {bn.num_features} "
+                         f"channels, got input of shape {tuple(x.shape)}")
+    running_mean, running_var, weight, bias, bn_training = batch_norm_args(bn)
+    if bn.momentum is not None:
+        RF._check_number("momentum", bn.momentum)
+    RF.check_eps("eps", bn.eps, bn_training)
+    group = group_of(bn_training) if group_of is not None else None
+    RF.check_bn_input(x, running_mean, running_var, weight, bias, bn_training, synced=group is not None)
+    return running_mean, running_var, weight, bias, bn_training, group
 
 
 def batch_norm_args(bn: nn.modules.batchnorm._BatchNorm):

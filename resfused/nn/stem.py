@@ -23,12 +23,11 @@ from torch import Tensor, nn
 from torchvision.models.densenet import DenseNet
 from torchvision.models.resnet import ResNet
 
-from .. import functional as RF
 from ..autograd.bn_act import BatchNormReluPoolFunction
 from ..ops import bn_act as ops
-from ..ops.bn_act import pool_output_size
+from ..ops.bn_act import pool_shape
 from ..ops.bn_act import resolve as resolve_backend
-from .bn_act import (advance_batch_norm, batch_norm_args, global_hooks, hooked, module_attr, plain_relu,
+from .bn_act import (advance_batch_norm, checked_bn_args, global_hooks, hooked, module_attr, plain_relu,
                      traced_or_transformed)
 
 
@@ -53,10 +52,10 @@ def pool_window(pool: nn.Module, x: Tensor):
     k, s, p, dil = (_two(v) for v in (pool.kernel_size, stride, pool.padding, pool.dilation))
     if None in (k, s, p) or dil != (1, 1):
         return None
-    for d in range(2):
-        if not (k[d] > 0 and s[d] > 0 and 0 <= p[d] <= k[d] // 2
-                and pool_output_size(x.shape[2 + d], k[d], s[d], p[d]) > 0):
-            return None
+    try:
+        pool_shape(x.shape, k, s, p)  # (the op's own conditions on the window)
+    except ValueError:
+        return None
     return list(k), list(s), list(p)
 
 
@@ -86,15 +85,7 @@ def bn_relu_pool(bn: nn.Module, pool: nn.MaxPool2d, y: Tensor) -> Tensor:
         c = y.shape[1]
         unit = torch.stack([torch.ones(c, dtype=acc, device=y.device), torch.zeros(c, dtype=acc, device=y.device)])
         return ops.bn_relu_maxpool(y, unit, *pool_window(pool, y), resolve_backend("auto", y))[0]
-    bn._check_input_dim(y)
-    if y.shape[1] != bn.num_features:
-        raise ValueError(f"{type(bn).__name__}({bn.num_features}) expected input with {bn.num_features} channels, "
-                         f"got input of shape {tuple(y.shape)}")
-    running_mean, running_var, weight, bias, bn_training = batch_norm_args(bn)
-    if bn.momentum is not None:
-        RF._check_number("momentum", bn.momentum)
-    RF.check_eps("eps", bn.eps, bn_training)
-    RF.check_bn_input(y, running_mean, running_var, weight, bias, bn_training)
+    running_mean, running_var, weight, bias, bn_training, _ = checked_bn_args(bn, y)
     kernel_size, stride, padding = pool_window(pool, y)
     backend = resolve_backend("auto", y)  # a forced backend that cannot run raises here, before the count
     momentum = advance_batch_norm(bn)

@@ -777,9 +777,11 @@ def bn_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
 def tile_stats(ws: Tensor, count: int, rows: int) -> Tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance from per-tile partials ``ws[p] = (Σy,
     Σ(y - ȳ_p)²)`` (``[P, 2, C]``, ``rows`` values per tile, the last one the rest of
-    ``count``), merged by Chan's formula in float64; results in ws's dtype. Many tiles
-    (a conv's output tiles: thousands) are first merged in chunks, one program each, then
-    the chunks' partials in one program: two short launches instead of one long serial one."""
+    ``count``), merged by Chan's formula in float64 about a pivot (the first tile's mean,
+    so a large mean costs no precision); results in ws's dtype. Many tiles (a conv's output
+    tiles: thousands) are first merged in chunks, one program each, into partials about the
+    same pivot, then the chunks in one program: two short launches instead of one long
+    serial one."""
     P, two, C = ws.shape
     if two != 2 or not ws.is_contiguous() or P != _cdiv(count, rows):
         raise ValueError(f"resfused triton tile_stats: ws must be a contiguous [cdiv(count, rows), 2, C] tensor, got "

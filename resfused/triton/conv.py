@@ -461,8 +461,8 @@ def _check_dtype(dtype: torch.dtype) -> None:
 
 def stats_finalize(ws: Tensor, M: int, block_m: int) -> Tuple[Tensor, Tensor]:
     """Mean and biased variance from per-tile partials ``ws[p] = (Σy, Σ(y - ȳ_p)²)`` of
-    tiles of ``block_m`` rows (the last one shorter): Chan's parallel merge in float64,
-    one launch."""
+    tiles of ``block_m`` rows (the last one shorter): ``bn_act.tile_stats``, Chan's merge
+    in float64 (one launch, two with many tiles)."""
     return tile_stats(ws, M, block_m)
 
 
